@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs everything on a fresh machine (.venv, CPU torch first), then runs the test suite.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh tests/unit -k config`.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash launch/install.sh dev
+export PYTHONUNBUFFERED=1
+# pytest's own exit code is passed through: 5 ("no tests collected") fails the run.
+exec .venv/bin/python -m pytest -q --durations=15 "$@"
