@@ -1,0 +1,193 @@
+"""What every model family provides, and the parts they share.
+
+A family maps a HuggingFace config to a Megatron ``TransformerConfig`` (plus the GPTModel
+arguments) and owns the HF <-> Megatron parameter map. Families are looked up by the HF
+``model_type`` (an explicit table, not string-order-dependent dispatch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moe_rl.models.param_map import Entry, ParamMap
+from moe_rl.parallel.dims import ModelShape, ParallelDims
+
+
+class Family:
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ per family
+    def moe_layers(self, hf) -> list[bool]:
+        """Which layers (global index) are MoE layers."""
+        return [False] * hf.num_hidden_layers
+
+    def num_experts(self, hf) -> int:
+        return 0
+
+    def moe_ffn_hidden_size(self, hf) -> int:
+        return 0
+
+    def moe_kwargs(self, hf) -> dict[str, Any]:
+        """TransformerConfig fields for the MoE layers (router, experts)."""
+        return {}
+
+    def attention_kwargs(self, hf) -> dict[str, Any]:
+        return dict(
+            num_query_groups=hf.num_key_value_heads,
+            kv_channels=self.head_dim(hf),
+            add_qkv_bias=bool(getattr(hf, "attention_bias", False)),
+        )
+
+    def head_dim(self, hf) -> int:
+        return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+    def qk_layernorm(self, hf) -> bool:
+        return False
+
+    def config_class(self):
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        return TransformerConfig
+
+    def layer_entries(self, hf, l: int) -> list[Entry]:
+        """Parameter map entries of global layer ``l``."""
+        return self.attention_entries(hf, l) + self.mlp_entries(hf, l)
+
+    def mlp_entries(self, hf, l: int) -> list[Entry]:
+        p, m = f"model.layers.{l}.", f"decoder.layers.{l}."
+        return [
+            Entry(m + "mlp.linear_fc1.weight", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), "glu"),
+            Entry(m + "mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",)),
+        ]
+
+    # ------------------------------------------------------------------ shared
+    def rope_theta(self, hf) -> float:
+        rp = getattr(hf, "rope_parameters", None) or {}
+        return float(rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+
+    def shape(self, hf) -> ModelShape:
+        return ModelShape(
+            num_layers=hf.num_hidden_layers,
+            num_attention_heads=hf.num_attention_heads,
+            num_query_groups=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+            num_experts=self.num_experts(hf),
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size(hf),
+            ffn_hidden_size=hf.intermediate_size,
+        )
+
+    def padded_vocab_size(self, hf, dims: ParallelDims) -> int:
+        v, tp = hf.vocab_size, dims.tp
+        return -(-v // tp) * tp
+
+    def transformer_config(self, hf, dims: ParallelDims, *, params_dtype=torch.float32,
+                           on_cpu: bool | None = None, **overrides):
+        """Megatron ``TransformerConfig`` equivalent to ``hf`` at layout ``dims``."""
+        if on_cpu is None:
+            on_cpu = not torch.cuda.is_available()
+        moe = any(self.moe_layers(hf))
+        kw: dict[str, Any] = dict(
+            num_layers=hf.num_hidden_layers,
+            hidden_size=hf.hidden_size,
+            num_attention_heads=hf.num_attention_heads,
+            ffn_hidden_size=hf.intermediate_size,
+            normalization="RMSNorm",
+            layernorm_epsilon=hf.rms_norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            qk_layernorm=self.qk_layernorm(hf),
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            attention_softmax_in_fp32=True,
+            apply_query_key_layer_scaling=False,
+            params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            pipeline_dtype=params_dtype,
+            tensor_model_parallel_size=dims.tp,
+            pipeline_model_parallel_size=dims.pp,
+            expert_model_parallel_size=dims.ep,
+            expert_tensor_parallel_size=dims.etp,
+            sequence_parallel=dims.sp,
+            # Fused kernels are CUDA/Triton only; the unfused paths are Megatron's own.
+            bias_dropout_fusion=not on_cpu,
+            apply_rope_fusion=False,
+            masked_softmax_fusion=not on_cpu,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+            use_cpu_initialization=on_cpu,
+            perform_initialization=True,
+            init_method_std=getattr(hf, "initializer_range", 0.02),
+            variable_seq_lengths=True,
+            # Megatron checks the dispatcher against variable_seq_lengths even for dense models.
+            moe_token_dispatcher_type="alltoall",
+        )
+        kw.update(self.attention_kwargs(hf))
+        if moe:
+            kw.update(
+                num_moe_experts=self.num_experts(hf),
+                moe_ffn_hidden_size=self.moe_ffn_hidden_size(hf),
+                moe_router_dtype="fp32",
+                moe_grouped_gemm=False,
+                moe_permute_fusion=False,
+                moe_layer_freq=[1 if x else 0 for x in self.moe_layers(hf)],
+            )
+            aux = float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0)
+            kw.update(moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
+                      moe_aux_loss_coeff=aux)
+            kw.update(self.moe_kwargs(hf))
+        kw.update(overrides)
+        return self.config_class()(**kw)
+
+    def gpt_kwargs(self, hf) -> dict[str, Any]:
+        """Arguments of ``GPTModel`` beyond config and spec."""
+        return dict(
+            max_sequence_length=hf.max_position_embeddings,
+            share_embeddings_and_output_weights=bool(getattr(hf, "tie_word_embeddings", False)),
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=self.rope_theta(hf),
+        )
+
+    def param_map(self, hf) -> ParamMap:
+        entries = [Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab=True),
+                   Entry("decoder.final_layernorm.weight", ("model.norm.weight",))]
+        tied = bool(getattr(hf, "tie_word_embeddings", False))
+        entries.append(Entry("output_layer.weight",
+                             ("model.embed_tokens.weight",) if tied else ("lm_head.weight",), vocab=True))
+        for l in range(hf.num_hidden_layers):
+            entries += self.layer_entries(hf, l)
+        return ParamMap(entries, hf.vocab_size)
+
+    def attention_entries(self, hf, l: int) -> list[Entry]:
+        p, m = f"model.layers.{l}.", f"decoder.layers.{l}."
+        a = p + "self_attn."
+        qkv = (hf.num_attention_heads, hf.num_key_value_heads, self.head_dim(hf))
+        out = [
+            Entry(m + "input_layernorm.weight", (p + "input_layernorm.weight",)),
+            Entry(m + "pre_mlp_layernorm.weight", (p + "post_attention_layernorm.weight",)),
+            Entry(m + "self_attention.linear_qkv.weight",
+                  (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), "qkv", qkv),
+            Entry(m + "self_attention.linear_proj.weight", (a + "o_proj.weight",)),
+        ]
+        if getattr(hf, "attention_bias", False):
+            out.append(Entry(m + "self_attention.linear_qkv.bias",
+                             (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"), "qkv", qkv))
+        if self.qk_layernorm(hf):
+            out += [Entry(m + "self_attention.q_layernorm.weight", (a + "q_norm.weight",)),
+                    Entry(m + "self_attention.k_layernorm.weight", (a + "k_norm.weight",))]
+        return out
+
+    def expert_entries(self, m: str, experts_prefix: str, n: int, names=("gate_proj", "up_proj", "down_proj")) -> list[Entry]:
+        g, u, d = names
+        out = []
+        for e in range(n):
+            x = f"{experts_prefix}{e}."
+            out += [Entry(f"{m}mlp.experts.local_experts.{e}.linear_fc1.weight",
+                          (x + f"{g}.weight", x + f"{u}.weight"), "glu"),
+                    Entry(f"{m}mlp.experts.local_experts.{e}.linear_fc2.weight", (x + f"{d}.weight",))]
+        return out

@@ -1,0 +1,6 @@
+"""Parallel degrees (pure), process groups (the one place that touches Megatron's
+``parallel_state``) and the CPU platform layer."""
+
+from moe_rl.parallel.dims import ModelShape, ParallelConfig, ParallelDims
+
+__all__ = ["ModelShape", "ParallelConfig", "ParallelDims"]

@@ -1,0 +1,135 @@
+"""Process groups: torch.distributed start-up and Megatron's ``parallel_state``.
+
+This is the only module that touches ``megatron.core.parallel_state`` (a process-global
+registry). Everything else receives a :class:`Groups` object, so code below it can be
+called with explicit groups and tested without the globals.
+
+Collective semantics: :func:`setup` and :func:`teardown` must be called by every rank of the
+world, in the same order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_rl.parallel.dims import ParallelDims
+
+
+@dataclass
+class Groups:
+    """This rank's coordinates and groups for one layout."""
+
+    dims: ParallelDims
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    ep_rank: int
+    etp_rank: int
+    dp_rank: int
+    tp_group: Any
+    pp_group: Any
+    ep_group: Any
+    etp_group: Any
+    dp_group: Any
+    """Dense data-parallel group (gradient all-reduce of non-expert params)."""
+    mp_group: Any
+    """Model-parallel group (TP x PP): the ranks that hold one copy of the model."""
+    pg_collection: Any
+    """Megatron's ``ProcessGroupCollection`` for modules that take groups explicitly."""
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.dims.pp - 1
+
+
+def backend_for_device() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(timeout_minutes: int = 10) -> None:
+    """Start torch.distributed from torchrun's environment (or a 1-rank world without it)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = backend_for_device()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(dims: ParallelDims, *, seed: int = 1234) -> Groups:
+    """Create Megatron's model-parallel groups for ``dims`` and seed the model-parallel RNG.
+
+    Call on every rank after :func:`init_distributed`. Calling it again with another layout
+    first tears the previous one down (several layouts can run in one launch).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if dims.world_size != dist.get_world_size():
+        raise ValueError(f"layout {dims.describe()} needs {dims.world_size} ranks, "
+                         f"the job has {dist.get_world_size()}")
+    if ps.model_parallel_is_initialized():
+        teardown()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        expert_model_parallel_size=dims.ep,
+        expert_tensor_parallel_size=dims.etp,
+        create_gloo_process_groups=backend_for_device() != "gloo",
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return Groups(
+        dims=dims,
+        rank=dist.get_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        mp_group=ps.get_model_parallel_group(),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+
+
+def teardown() -> None:
+    """Destroy the model-parallel groups and Megatron's process-global MoE replay registry."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    ps.destroy_model_parallel()
+    RouterReplay.clear_global_router_replay_instances()
+
+
+def pipeline_first_last_ranks(groups: Groups) -> tuple[int, int]:
+    """Global ranks of the first and last pipeline stage in this rank's pipeline."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_first_rank(), ps.get_pipeline_model_parallel_last_rank()

@@ -1,0 +1,1 @@
+"""The Megatron side: policy/reference build, log-probs, forward/backward, optimizer."""

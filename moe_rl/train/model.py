@@ -1,0 +1,113 @@
+"""Build the policy (or, by the same code, a frozen reference) at a layout and load HF weights.
+
+Parallel semantics: every rank of the job calls :func:`build_model` with the same arguments;
+each rank builds only its pipeline stage and its experts and reads only its own shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_rl.models import Family, family_for
+from moe_rl.models.hf_checkpoint import HFCheckpoint
+from moe_rl.models.param_map import ParamMap, canonical_name, shard
+from moe_rl.models.spec import decoder_block_spec
+from moe_rl.parallel.groups import Groups
+
+
+@dataclass
+class BuiltModel:
+    module: torch.nn.Module
+    """The GPTModel of this rank's pipeline stage (unwrapped)."""
+    family: Family
+    hf_config: Any
+    param_map: ParamMap
+    layer_offset: int
+    expert_offset: int
+    padded_vocab_size: int
+
+
+def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, **config_overrides) -> BuiltModel:
+    from megatron.core.models.gpt import GPTModel
+
+    family = family_for(hf_config)
+    dims = groups.dims
+    dims.check_model(family.shape(hf_config))
+    tc = family.transformer_config(hf_config, dims, params_dtype=params_dtype, **config_overrides)
+    spec = decoder_block_spec(tc, pp_rank=groups.pp_rank)
+    padded = family.padded_vocab_size(hf_config, dims)
+    model = GPTModel(
+        config=tc,
+        transformer_layer_spec=spec,
+        vocab_size=padded,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
+        parallel_output=True,
+        **family.gpt_kwargs(hf_config),
+    )
+    layers = model.decoder.layers
+    layer_offset = layers[0].layer_number - 1 if len(layers) else 0
+    n_exp = family.num_experts(hf_config)
+    expert_offset = groups.ep_rank * (n_exp // dims.ep) if n_exp else 0
+    return BuiltModel(model, family, hf_config, family.param_map(hf_config), layer_offset,
+                      expert_offset, padded)
+
+
+def _is_expert(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def local_tensors(built: BuiltModel):
+    """(local name, canonical name, tensor) for every parameter and mapped buffer of this rank."""
+    for local, t in built.module.state_dict(keep_vars=True).items():
+        if local.endswith("_extra_state"):
+            continue
+        canon = canonical_name(local, layer_offset=built.layer_offset, expert_offset=built.expert_offset)
+        yield local, canon, t
+
+
+def partition_of(t: torch.Tensor) -> int | None:
+    return t.partition_dim if getattr(t, "tensor_model_parallel", False) else None
+
+
+@torch.no_grad()
+def load_hf_weights(built: BuiltModel, ckpt: HFCheckpoint | str, groups: Groups) -> int:
+    """Copy HF weights into this rank's shards. Returns the number of tensors loaded.
+
+    Every parameter must be covered by the family's map (an unmapped parameter is an error,
+    never silently left at its random init); buffers outside the map are Megatron state.
+    """
+    if not isinstance(ckpt, HFCheckpoint):
+        ckpt = HFCheckpoint(ckpt)
+    params = {n for n, _ in built.module.named_parameters()}
+    loaded = 0
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = ckpt.get(name)
+        return cache[name]
+
+    for local, canon, t in local_tensors(built):
+        if canon not in built.param_map:
+            if local in params:
+                raise KeyError(f"parameter {local} (canonical {canon}) has no HF mapping in "
+                               f"family {built.family.name}")
+            continue
+        entry = built.param_map[canon]
+        full = entry.to_mcore(get, built.padded_vocab_size)
+        if _is_expert(canon) and "shared_experts" not in canon:
+            rank, size = groups.etp_rank, groups.dims.etp
+        else:
+            rank, size = groups.tp_rank, groups.dims.tp
+        part = shard(full, entry, partition_dim=partition_of(t), rank=rank, size=size)
+        if tuple(part.shape) != tuple(t.shape):
+            raise ValueError(f"{local}: HF gives shape {tuple(part.shape)} for this rank, the "
+                             f"model has {tuple(t.shape)}")
+        t.copy_(part.to(t.dtype))
+        loaded += 1
+        cache.clear()
+    return loaded
