@@ -1,0 +1,51 @@
+"""Global loss denominators of one optimizer step, counted before the first backward.
+
+The aggregation modes (``moe_rl.algorithms.aggregation``) divide by the number of valid
+tokens / responses of the whole step: every micro-batch on every data-parallel rank.
+Each rank counts its own micro-batches and one all-reduce (SUM over ``dp_group``) gives
+the step totals. Every rank of ``dp_group`` must call ``count_global`` with the masks it
+will train on (after overlong filtering and any other mask edits), and they all receive
+the same ``GlobalCounts``. ``dp_group=None`` means a single process (no communication).
+
+The process group is passed in; this module never reads Megatron's ``parallel_state``.
+With pipeline parallelism only the ranks that compute the loss need the counts, but every
+DP replica must contribute its micro-batches, so pass the data-parallel group of the
+last pipeline stage (or count on all stages with their own DP group: the data is the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# B responses, T tokens
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """Step-wide denominators, identical on every rank of the data-parallel group."""
+
+    num_tokens: int  # valid (loss-masked) response tokens over all micro-batches and DP ranks
+    num_seqs: int  # responses with at least one valid token over all micro-batches and DP ranks
+
+    def as_kwargs(self) -> Dict[str, int]:
+        """Keyword arguments for ``aggregate`` / ``actor_loss``."""
+        return {"num_global_tokens": self.num_tokens, "num_global_seqs": self.num_seqs}
+
+
+def count_global(masks_BT: Sequence[Tensor], *, dp_group: Optional[dist.ProcessGroup] = None) -> GlobalCounts:
+    """Sum valid tokens and non-empty responses over this rank's micro-batch masks, then over ``dp_group``."""
+    device = masks_BT[0].device if len(masks_BT) else torch.device("cpu")
+    local = torch.zeros(2, dtype=torch.int64, device=device)
+    for mask_BT in masks_BT:
+        m = mask_BT.bool()
+        local[0] += m.sum()
+        local[1] += m.any(-1).sum()
+    if dp_group is not None:
+        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=dp_group)
+    tokens, seqs = local.tolist()
+    return GlobalCounts(num_tokens=int(tokens), num_seqs=int(seqs))

@@ -1,0 +1,93 @@
+"""Megatron's DDP, optimizer (plain or distributed), gradient clipping and LR schedule.
+
+Parallel semantics: every rank calls :func:`wrap_for_training` with its own model chunk;
+gradients of dense parameters are averaged over the dense DP group, expert parameters over
+the expert DP group, both scaled by 1/DP (Megatron's convention, which
+``moe_rl.train.schedule`` compensates so that losses normalised by *global* counts give the
+exact gradient of the global loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_rl.parallel.groups import Groups, backend_for_device
+from moe_rl.train.config import OptimConfig
+
+
+@dataclass
+class TrainState:
+    model: Any
+    """The DDP-wrapped model chunk."""
+    optimizer: Any
+    scheduler: Any
+    step: int = 0
+
+
+def wrap_for_training(module: torch.nn.Module, cfg: OptimConfig, groups: Groups) -> TrainState:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    tc = module.config
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=tc, ddp_config=ddp_cfg, module=module)
+    tc.finalize_model_grads_func = finalize_model_grads
+    if cfg.overlap_grad_reduce:
+        tc.no_sync_func = ddp.no_sync
+        tc.grad_sync_func = ddp.start_grad_sync
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        bf16=tc.bf16,
+        fp16=tc.fp16,
+        params_dtype=tc.params_dtype,
+    )
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp],
+                                       use_gloo_process_groups=backend_for_device() != "gloo")
+    decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps > 0 else max(cfg.lr_warmup_steps, 1) + 1
+    style = cfg.lr_decay_style if cfg.lr_decay_steps > 0 else "constant"
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_steps,
+        lr_decay_steps=max(decay_steps, cfg.lr_warmup_steps + 1),
+        lr_decay_style=style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+    return TrainState(ddp, optimizer, scheduler)
+
+
+def optimizer_step(state: TrainState) -> dict[str, float]:
+    """Apply the accumulated gradients: clip, step, advance the LR schedule, zero grads.
+
+    Returns ``train/grad_norm``, ``train/lr`` and whether the step was skipped (non-finite).
+    """
+    ok, grad_norm, _ = state.optimizer.step()
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.scheduler.step(increment=1)
+    state.model.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    state.step += 1
+    return {"train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/lr": float(lr), "train/skipped": 0.0 if ok else 1.0}

@@ -1,0 +1,65 @@
+"""Parity of our Megatron build against HuggingFace ``transformers``: logits and training.
+
+Used by ``tools/check_parity.py`` and the distributed tests. Parallel semantics: every rank
+calls these with identical inputs; results are reduced so every rank returns the same value.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from moe_rl.parallel.groups import Groups
+from moe_rl.train.model import BuiltModel, build_model, load_hf_weights
+from moe_rl.train.schedule import forward_backward, gather_vocab
+
+# fp32 parity between two different implementations of the same model, logits of |x| ~ 5:
+# measured 2e-6 .. 1.2e-5 (notes/megatron-cpu.md §3, §11 and our own table in README).
+LOGIT_TOLERANCE = 1e-4
+
+
+def sample_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+def _max_over_world(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+@torch.no_grad()
+def megatron_logits(built: BuiltModel, microbatches: Sequence[torch.Tensor], groups: Groups) -> list[torch.Tensor]:
+    """Full-vocab logits [B, S, V] per micro-batch on the last pipeline stage (else [])."""
+    out: list[torch.Tensor] = []
+
+    def keep(logits_BSV, mb):
+        out.append(gather_vocab(logits_BSV.float(), groups)[..., : built.hf_config.vocab_size].clone())
+        return logits_BSV.sum() * 0.0, {}
+
+    built.module.eval()
+    forward_backward(built.module, [{"tokens": t} for t in microbatches], keep, groups, forward_only=True)
+    return out
+
+
+def logit_parity(hf_model, hf_dir: str, groups: Groups, *, batch: int = 2, seq: int = 32,
+                 num_microbatches: int = 2, seed: int = 0) -> dict:
+    """Build at ``groups``' layout, load ``hf_dir``, compare logits with ``hf_model``."""
+    t0 = time.perf_counter()
+    built = build_model(hf_model.config, groups)
+    load_hf_weights(built, hf_dir, groups)
+    t_build = time.perf_counter() - t0
+    mbs = [sample_tokens(hf_model.config.vocab_size, batch, seq, seed + i) for i in range(num_microbatches)]
+    ours = megatron_logits(built, mbs, groups)
+    diff, ref_max = 0.0, 0.0
+    with torch.no_grad():
+        for t, o in zip(mbs, ours):
+            ref = hf_model(t).logits.float()
+            diff = max(diff, (o - ref).abs().max().item())
+            ref_max = max(ref_max, ref.abs().max().item())
+    return {"max_abs_diff": _max_over_world(diff), "max_abs_logit": _max_over_world(ref_max),
+            "build_load_s": t_build}

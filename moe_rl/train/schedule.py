@@ -1,0 +1,94 @@
+"""Micro-batches forward and backward through Megatron's own pipeline schedules.
+
+``forward_backward`` runs ``get_forward_backward_func()`` (no-pipelining at PP=1, 1F1B at
+PP>1) with a pluggable loss: ``loss_fn(logits_BSV, microbatch) -> (loss, metrics)`` where
+``logits_BSV`` is this TP rank's vocabulary shard (B sequences, S tokens, V/TP vocab).
+
+The loss contract: ``loss_fn`` returns its micro-batch's share of the GLOBAL loss, already
+divided by the global denominator of the optimizer step (see
+``moe_rl.train.global_counts``), so that the sum over all micro-batches and DP ranks is
+the loss. Megatron divides each micro-batch loss by the number of micro-batches and
+averages gradients over DP; we multiply by both to cancel that exactly.
+
+Parallel semantics: every rank calls it with the same micro-batches (all stages of a
+pipeline need the batch shapes; only the first reads tokens, only the last runs the loss).
+The returned metrics list is filled on the last pipeline stage only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from moe_rl.parallel.groups import Groups
+
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """Megatron's boolean mask convention: True = masked (future positions)."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
+
+
+def forward_backward(
+    model,
+    microbatches: Sequence[dict[str, Any]],
+    loss_fn: LossFn,
+    groups: Groups,
+    *,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Run all ``microbatches`` of one step; returns the per-micro-batch metrics (last stage).
+
+    Each micro-batch dict holds ``tokens`` [B, S] (int64) and optionally ``position_ids``;
+    everything else is passed to ``loss_fn`` untouched. All micro-batches share B and S.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    B, S = microbatches[0]["tokens"].shape
+    for i, mb in enumerate(microbatches):
+        if tuple(mb["tokens"].shape) != (B, S):
+            raise ValueError(f"micro-batch {i} has shape {tuple(mb['tokens'].shape)}, "
+                             f"micro-batch 0 has {(B, S)}: pad to one shape")
+    if groups.dims.sp and S % groups.dims.tp:
+        raise ValueError(f"sequence length {S} must be divisible by tensor_parallel "
+                         f"({groups.dims.tp}) with sequence parallelism")
+    n = len(microbatches)
+    scale = float(n * groups.dims.dp)
+    mask = causal_mask(S, microbatches[0]["tokens"].device)
+
+    def loss_wrapper(mb, output):
+        loss, metrics = loss_fn(output, mb)
+        return loss * scale, metrics
+
+    def step(data_iterator, chunk):
+        mb = next(data_iterator)
+        tokens = mb["tokens"]
+        pos = mb.get("position_ids")
+        if pos is None:
+            pos = torch.arange(S, device=tokens.device)[None].expand(B, S)
+        out = chunk(tokens, pos, mask)
+        return out, lambda output, _mb=mb: loss_wrapper(_mb, output)
+
+    fwd_bwd = get_forward_backward_func()
+    return fwd_bwd(
+        forward_step_func=step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=n,
+        seq_length=S,
+        micro_batch_size=B,
+        forward_only=forward_only,
+    )
+
+
+def gather_vocab(logits_BSV: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """Full-vocabulary logits from this TP rank's shard (all TP ranks must call)."""
+    if groups.dims.tp == 1:
+        return logits_BSV
+    parts = [torch.empty_like(logits_BSV) for _ in range(groups.dims.tp)]
+    torch.distributed.all_gather(parts, logits_BSV.contiguous(), group=groups.tp_group)
+    return torch.cat(parts, dim=-1)
