@@ -1,0 +1,110 @@
+"""The actor's step loss for one micro-batch: surrogate x mismatch weight, KL, aggregation, metrics.
+
+This composes the axes chosen in an ``AlgorithmConfig``; it has no knowledge of any
+named algorithm. Call it once per micro-batch with the step's global denominators (from
+``moe_rl.train.global_counts``); the returned loss is the micro-batch's share of the step
+loss (see ``aggregation.py``) and the metrics merge exactly across micro-batches and
+ranks (``metrics.py``):
+
+- ``actor/pg_loss``, ``actor/kl_loss``: sums of the shares (the step value once summed);
+- ``actor/entropy``: token mean; ``actor/ppo_kl``: token mean of -(logp - old_logp);
+- ``actor/ratio_mean|min|max``: token ratio for token-level surrogates, sequence ratio
+  (one value per response) for gspo/gspo_token/gmpo;
+- ``actor/clipfrac``, ``actor/clipfrac_low``, ``actor/clipfrac_high``, ``actor/dualclip_frac``:
+  fractions of valid tokens (gspo: a token counts when its response's clipped branch was
+  taken; gmpo: when its own log-ratio was clipped); ``actor/seq_clipfrac``: fraction of
+  responses with a clipped branch taken (sequence-level surrogates only);
+- ``mismatch/*`` when ``rollout_logp_BT`` is given.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from moe_rl.algorithms.aggregation import aggregate
+from moe_rl.algorithms.config import AlgorithmConfig
+from moe_rl.algorithms.kl import kl_estimate
+from moe_rl.algorithms.metrics import Metrics
+from moe_rl.algorithms.mismatch import mismatch_weights
+from moe_rl.algorithms.policy_loss import policy_loss
+
+# B responses, T tokens
+
+
+def actor_loss(
+    cfg: AlgorithmConfig,
+    logp_BT: Tensor,
+    old_logp_BT: Tensor,
+    adv_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    num_global_tokens: float,
+    num_global_seqs: float,
+    ref_logp_BT: Optional[Tensor] = None,
+    rollout_logp_BT: Optional[Tensor] = None,
+    entropy_BT: Optional[Tensor] = None,
+) -> Tuple[Tensor, Metrics]:
+    """(loss share, metrics) for one micro-batch under ``cfg``.
+
+    ``ref_logp_BT`` is required when ``cfg.kl_beta > 0`` and the KL is in the loss;
+    ``rollout_logp_BT`` when ``cfg.mismatch != "none"``.
+    """
+    m = mask_BT.bool()
+    denoms = dict(
+        num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
+        max_response_len=cfg.max_response_len,
+    )
+    out = policy_loss(
+        cfg.policy_loss, logp_BT, old_logp_BT, adv_BT, m,
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c,
+    )
+    loss_BT = out.loss_BT
+    metrics = Metrics()
+    if cfg.mismatch != "none":
+        if rollout_logp_BT is None:
+            raise ValueError(f"mismatch={cfg.mismatch} needs rollout_logp_BT (the engine's log-probs)")
+        weight_BT, mm = mismatch_weights(
+            old_logp_BT, rollout_logp_BT, m, cfg.mismatch, tis_cap=cfg.tis_cap,
+            icepop_low=cfg.icepop_low, icepop_high=cfg.icepop_high,
+            seq_mis_low=cfg.seq_mis_low, seq_mis_high=cfg.seq_mis_high,
+        )
+        loss_BT = loss_BT * weight_BT
+        metrics.merge(mm)
+    elif rollout_logp_BT is not None:
+        metrics.merge(mismatch_weights(old_logp_BT, rollout_logp_BT, m, "none")[1])
+
+    pg = aggregate(loss_BT, m, cfg.loss_agg, **denoms)
+    total = pg
+    metrics.add_sum("actor/pg_loss", pg)
+    if cfg.kl_beta > 0 and cfg.kl_placement == "loss":
+        if ref_logp_BT is None:
+            raise ValueError(f"kl_beta={cfg.kl_beta} with kl_placement=loss needs ref_logp_BT")
+        ratio_BT = None
+        if cfg.kl_ratio_weighted:
+            delta = torch.where(m, logp_BT - old_logp_BT.detach(), torch.zeros_like(logp_BT))
+            ratio_BT = torch.exp(delta.clamp(-20, 20))
+        kl_BT = kl_estimate(logp_BT, ref_logp_BT.detach(), cfg.kl_estimator, ratio_BT=ratio_BT)
+        kl = aggregate(kl_BT, m, cfg.loss_agg, **denoms)
+        total = total + cfg.kl_beta * kl
+        metrics.add_sum("actor/kl_loss", kl)
+
+    if entropy_BT is not None:
+        metrics.add_masked("actor/entropy", entropy_BT, m)
+    delta = torch.where(m, logp_BT - old_logp_BT, torch.zeros_like(logp_BT)).detach()
+    metrics.add_masked("actor/ppo_kl", -delta, m)
+    if out.seq_ratio_B is not None:
+        has_B = m.any(-1)
+        metrics.add_masked("actor/ratio_mean", out.seq_ratio_B, has_B,
+                           min_name="actor/ratio_min", max_name="actor/ratio_max")
+        metrics.add_masked("actor/seq_clipfrac", out.seq_clipped_B.to(torch.float64), has_B)
+    else:
+        metrics.add_masked("actor/ratio_mean", out.ratio_BT, m,
+                           min_name="actor/ratio_min", max_name="actor/ratio_max")
+    metrics.add_masked("actor/clipfrac", (out.clip_low_BT | out.clip_high_BT).to(torch.float64), m)
+    metrics.add_masked("actor/clipfrac_low", out.clip_low_BT.to(torch.float64), m)
+    metrics.add_masked("actor/clipfrac_high", out.clip_high_BT.to(torch.float64), m)
+    metrics.add_masked("actor/dualclip_frac", out.dualclip_BT.to(torch.float64), m)
+    return total, metrics

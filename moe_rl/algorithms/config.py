@@ -1,0 +1,256 @@
+"""``AlgorithmConfig``: every axis of the GRPO family as one typed field.
+
+A named algorithm is only a preset (``presets.py``): a dict of axis values. Resolution
+order, lowest to highest: the base defaults below (``BASE_DEFAULTS``), the preset's
+values, then every field given explicitly (in YAML, on the command line as
+``algorithm.<field>=...`` or in Python). Fields are declared ``Optional[...] = None`` so
+that "not given" can be told apart from "given the default value"; after
+``__post_init__`` every field holds a concrete value.
+
+Nested in a root config loaded by ``moe_rl.config.load_config``, declare it with
+``field(default_factory=AlgorithmConfig.unset)`` (see ``unset``) so that a preset given
+in YAML or on the command line can still set the fields.
+
+String-valued axes are plain ``str`` (OmegaConf structured configs do not accept
+``Literal``) and are checked in ``__post_init__``; a bad value raises ``ValueError`` naming
+the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo")
+POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "gmpo", "pg")
+SEQUENCE_LEVEL_LOSSES = ("gspo", "gmpo")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACEMENTS = ("loss", "reward")
+MISMATCH_MODES = ("none", "tis", "icepop", "seq-mis")
+GFPO_METRICS = ("length", "reward_per_token")
+
+# Values a field takes when neither the preset nor the user sets it.
+BASE_DEFAULTS: Dict[str, Any] = {
+    "advantage": "grpo",
+    "std_eps": 1e-6,
+    "reward_names": [],
+    "reward_weights": [],
+    "process_rewards": False,
+    "policy_loss": "ppo",
+    "clip_low": 0.2,
+    "clip_high": 0.2,
+    "dual_clip_c": 0.0,
+    "loss_agg": "seq-mean-token-mean",
+    "max_response_len": 0,
+    "kl_beta": 0.0,
+    "kl_estimator": "k3",
+    "kl_placement": "loss",
+    "kl_ratio_weighted": False,
+    "dynamic_sampling": False,
+    "max_extra_rounds": 0,
+    "overlong_shaping": False,
+    "overlong_cache_len": 0,
+    "overlong_filter": False,
+    "gfpo_keep": 0,
+    "gfpo_metric": "length",
+    "mismatch": "none",
+    "tis_cap": 2.0,
+    "icepop_low": 0.5,
+    "icepop_high": 5.0,
+    "seq_mis_low": 0.5,
+    "seq_mis_high": 2.0,
+}
+
+
+def _choice(name: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"algorithm.{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class AlgorithmConfig:
+    """One point on the algorithm axes (specs/algorithms.md). None = take from preset/base."""
+
+    preset: str = "grpo"  # named preset applied under explicit fields (presets.PRESETS)
+    # Axis 1: advantage estimator
+    advantage: Optional[str] = None  # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gdpo
+    std_eps: Optional[float] = None  # added to the group std in grpo/gdpo normalization (verl: 1e-6)
+    reward_names: Optional[List[str]] = None  # gdpo: names of the rewards combined (empty = one reward)
+    reward_weights: Optional[List[float]] = None  # gdpo: weight of each reward in reward_names, same order
+    process_rewards: Optional[bool] = None  # per-step rewards, normalized over the group, summed from t on
+    # Axis 2: surrogate / ratio granularity
+    policy_loss: Optional[str] = None  # ppo | gspo | gspo_token | cispo | gmpo | pg
+    # Axis 3: clip width (never one shared epsilon)
+    clip_low: Optional[float] = None  # lower clip bound 1 - clip_low (gmpo: log-space bound -clip_low)
+    clip_high: Optional[float] = None  # upper clip bound 1 + clip_high (DAPO clip-higher: 0.28)
+    dual_clip_c: Optional[float] = None  # dual-clip constant c > 1 for A < 0 (ppo only); 0 = off
+    # Axis 4: aggregation
+    loss_agg: Optional[str] = None  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    max_response_len: Optional[int] = None  # L_max: seq-mean-token-sum-norm constant and overlong shaping limit
+    # Axis 5: KL to the reference policy
+    kl_beta: Optional[float] = None  # KL coefficient; 0 = off and no reference model is built
+    kl_estimator: Optional[str] = None  # k1 | k2 | k3 (k3 clamped: x to +-20, value to <= 10)
+    kl_placement: Optional[str] = None  # loss (beta*KL added to the token loss) | reward (r_t -= beta*k1)
+    kl_ratio_weighted: Optional[bool] = None  # weight k3 by the current ratio rho (DeepSeek-V3.2)
+    # Axis 6: sampling and length shaping
+    dynamic_sampling: Optional[bool] = None  # drop groups whose rewards all equal and regenerate (DAPO)
+    max_extra_rounds: Optional[int] = None  # cap on extra generation rounds for dynamic sampling
+    overlong_shaping: Optional[bool] = None  # add the DAPO soft overlong penalty to the reward
+    overlong_cache_len: Optional[int] = None  # L_c: penalty ramps from L_max - L_c to L_max
+    overlong_filter: Optional[bool] = None  # truncated responses get zero loss weight
+    gfpo_keep: Optional[int] = None  # GFPO: keep this many responses per group (0 = off)
+    gfpo_metric: Optional[str] = None  # GFPO ranking: length (shortest kept) | reward_per_token (highest kept)
+    # Axis 7: training-inference mismatch correction
+    mismatch: Optional[str] = None  # none | tis | icepop | seq-mis
+    tis_cap: Optional[float] = None  # TIS truncation C: loss weight min(w, C)
+    icepop_low: Optional[float] = None  # IcePop: zero tokens with w < icepop_low
+    icepop_high: Optional[float] = None  # IcePop: zero tokens with w > icepop_high
+    seq_mis_low: Optional[float] = None  # seq-mis: drop responses whose geometric-mean w < this
+    seq_mis_high: Optional[float] = None  # seq-mis: drop responses whose geometric-mean w > this
+
+    def __post_init__(self) -> None:
+        from moe_rl.algorithms.presets import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(
+                f"algorithm.preset={self.preset!r} is not one of {', '.join(sorted(PRESETS))}"
+            )
+        values = dict(BASE_DEFAULTS)
+        values.update(PRESETS[self.preset])
+        for f in dataclasses.fields(self):
+            if f.name == "preset":
+                continue
+            given = getattr(self, f.name)
+            value = given if given is not None else values[f.name]
+            if isinstance(value, (list, dict)):
+                value = type(value)(value)
+            setattr(self, f.name, value)
+        self._validate()
+
+    @classmethod
+    def unset(cls) -> "AlgorithmConfig":
+        """An instance with every axis still unset (None), without resolving it.
+
+        Use it as the default factory where this config is nested in a root config that
+        is loaded with OmegaConf: ``algorithm: AlgorithmConfig = field(default_factory=
+        AlgorithmConfig.unset)``. OmegaConf reads the default instance's values; a
+        resolved default would make every grpo value look "given", and
+        ``algorithm.preset=gspo`` could then not change them. Resolution happens when the
+        loader builds the final object (``__post_init__``).
+        """
+        obj = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            object.__setattr__(obj, f.name, f.default)
+        return obj
+
+    @property
+    def reward_weight_map(self) -> Dict[str, float]:
+        """gdpo: reward name -> weight."""
+        return dict(zip(self.reward_names, self.reward_weights))
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a frozen reference policy must be built and run (KL on)."""
+        return self.kl_beta > 0
+
+    @property
+    def needs_rollout_logp(self) -> bool:
+        """Whether the engine's own log-probs are needed (mismatch correction on)."""
+        return self.mismatch != "none"
+
+    @property
+    def sequence_level(self) -> bool:
+        """Whether the surrogate is one value per response (needs per-response A)."""
+        return self.policy_loss in SEQUENCE_LEVEL_LOSSES
+
+    def _validate(self) -> None:
+        _choice("advantage", self.advantage, ADVANTAGES)
+        _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _choice("loss_agg", self.loss_agg, LOSS_AGGS)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("kl_placement", self.kl_placement, KL_PLACEMENTS)
+        _choice("mismatch", self.mismatch, MISMATCH_MODES)
+        _choice("gfpo_metric", self.gfpo_metric, GFPO_METRICS)
+        for name in ("std_eps", "clip_low", "clip_high", "kl_beta", "dual_clip_c"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"algorithm.{name} ({v}) must be finite and >= 0")
+        if self.policy_loss in ("ppo", "gspo", "gspo_token") and self.clip_low >= 1:
+            raise ValueError(
+                f"algorithm.clip_low ({self.clip_low}) must be < 1 for policy_loss={self.policy_loss} "
+                "(the lower bound 1 - clip_low must stay positive)"
+            )
+        if self.dual_clip_c != 0:
+            if self.policy_loss != "ppo":
+                raise ValueError(
+                    f"algorithm.dual_clip_c ({self.dual_clip_c}) applies only to policy_loss=ppo, "
+                    f"got policy_loss={self.policy_loss}"
+                )
+            if self.dual_clip_c <= 1 + self.clip_high:
+                raise ValueError(
+                    f"algorithm.dual_clip_c ({self.dual_clip_c}) must exceed 1 + clip_high "
+                    f"({1 + self.clip_high}), or be 0 to turn dual clip off"
+                )
+        if self.loss_agg == "seq-mean-token-sum-norm" and self.max_response_len <= 0:
+            raise ValueError(
+                "algorithm.max_response_len must be > 0 with loss_agg=seq-mean-token-sum-norm "
+                f"(got {self.max_response_len})"
+            )
+        if self.kl_ratio_weighted and (self.kl_estimator != "k3" or self.kl_placement != "loss"):
+            raise ValueError(
+                "algorithm.kl_ratio_weighted needs kl_estimator=k3 and kl_placement=loss "
+                f"(got kl_estimator={self.kl_estimator}, kl_placement={self.kl_placement})"
+            )
+        if self.kl_placement == "reward" and self.kl_estimator != "k1":
+            raise ValueError(
+                f"algorithm.kl_placement=reward uses the k1 estimator (r_t -= beta*k1); "
+                f"got kl_estimator={self.kl_estimator}"
+            )
+        if len(self.reward_names) != len(self.reward_weights):
+            raise ValueError(
+                f"algorithm.reward_names ({len(self.reward_names)}) and algorithm.reward_weights "
+                f"({len(self.reward_weights)}) must have the same length"
+            )
+        if len(set(self.reward_names)) != len(self.reward_names):
+            raise ValueError(f"algorithm.reward_names has duplicates: {self.reward_names}")
+        if self.advantage == "gdpo":
+            if not self.reward_names:
+                raise ValueError("algorithm.reward_names must name at least one reward for advantage=gdpo")
+        elif len(self.reward_names) > 1:
+            raise ValueError(
+                f"algorithm.reward_names has {len(self.reward_names)} rewards; only advantage=gdpo "
+                f"combines several (got advantage={self.advantage})"
+            )
+        if self.process_rewards:
+            if self.advantage != "grpo":
+                raise ValueError(
+                    f"algorithm.process_rewards needs advantage=grpo (got {self.advantage})"
+                )
+            if self.sequence_level:
+                raise ValueError(
+                    f"algorithm.process_rewards gives per-token advantages; policy_loss={self.policy_loss} "
+                    "needs one advantage per response (use gspo_token)"
+                )
+        if self.max_extra_rounds < 0:
+            raise ValueError(f"algorithm.max_extra_rounds ({self.max_extra_rounds}) must be >= 0")
+        if self.overlong_shaping:
+            if not 0 < self.overlong_cache_len < self.max_response_len:
+                raise ValueError(
+                    "algorithm.overlong_shaping needs 0 < overlong_cache_len < max_response_len "
+                    f"(got {self.overlong_cache_len} and {self.max_response_len})"
+                )
+        if self.gfpo_keep < 0:
+            raise ValueError(f"algorithm.gfpo_keep ({self.gfpo_keep}) must be >= 0")
+        if self.tis_cap <= 0:
+            raise ValueError(f"algorithm.tis_cap ({self.tis_cap}) must be > 0")
+        if not 0 <= self.icepop_low < self.icepop_high:
+            raise ValueError(
+                f"algorithm.icepop_low ({self.icepop_low}) must be >= 0 and < icepop_high ({self.icepop_high})"
+            )
+        if not 0 <= self.seq_mis_low < self.seq_mis_high:
+            raise ValueError(
+                f"algorithm.seq_mis_low ({self.seq_mis_low}) must be >= 0 and < seq_mis_high ({self.seq_mis_high})"
+            )

@@ -1,0 +1,55 @@
+"""Per-token KL estimators to the reference policy (specs/algorithms.md, axis 5).
+
+x = logp - ref_logp on tokens sampled from the (old) policy.
+- k1 = x (unbiased, can be negative)
+- k2 = x^2 / 2
+- k3 = exp(-x) + x - 1 (Schulman's low-variance estimator, >= 0), x clamped to +-20 and
+  the value clamped to <= 10 (as verl's ``low_var_kl``), so one wild token cannot blow up.
+
+Ratio-weighted k3 (DeepSeek-V3.2): the samples come from pi_old, not pi_theta, so the
+estimate of KL(pi_theta || pi_ref) is weighted by rho = pi_theta / pi_old. rho keeps its
+gradient here: d/dtheta E_old[rho * k3] is exactly the gradient of E_theta[k3]; a
+detached rho would drop the score-function term and bias the gradient.
+
+KL in the reward uses k1 on the old policy (no gradient): ``reward_penalty`` gives beta*k1
+per token for ``advantages.*(token_penalty_BT=...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# B responses, T tokens
+
+LOG_RATIO_CLAMP = 20.0
+K3_MAX = 10.0
+
+
+def kl_estimate(
+    logp_BT: Tensor, ref_logp_BT: Tensor, estimator: str, *, ratio_BT: Optional[Tensor] = None
+) -> Tensor:
+    """Per-token KL estimate [B, T]; ``ratio_BT`` (k3 only) weights it by rho."""
+    x = logp_BT - ref_logp_BT
+    if estimator == "k1":
+        kl = x
+    elif estimator == "k2":
+        kl = 0.5 * x * x
+    elif estimator == "k3":
+        xc = x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = (torch.exp(-xc) + xc - 1).clamp(max=K3_MAX)
+    else:
+        raise ValueError(f"kl estimator {estimator!r} is not one of k1, k2, k3")
+    if ratio_BT is not None:
+        if estimator != "k3":
+            raise ValueError(f"ratio weighting applies to k3 only, got {estimator}")
+        kl = ratio_BT * kl
+    return kl
+
+
+def reward_penalty(old_logp_BT: Tensor, ref_logp_BT: Tensor, mask_BT: Tensor, *, beta: float) -> Tensor:
+    """beta * k1 per token (detached), zero on padding: subtract from the token rewards."""
+    pen = beta * (old_logp_BT - ref_logp_BT).detach()
+    return torch.where(mask_BT.bool(), pen, torch.zeros_like(pen))

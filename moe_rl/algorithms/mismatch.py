@@ -1,0 +1,75 @@
+"""Training-inference mismatch correction (specs/algorithms.md, axis 7) and its metrics.
+
+w_{i,t} = exp(old_logp - rollout_logp): the trainer's recomputed log-prob of the sampled
+token over the one the inference engine reported (kernels, precision, MoE routing
+differ). The result is a detached per-token weight that multiplies the token loss:
+- ``tis``: min(w, C) (truncated importance sampling);
+- ``icepop``: 1 where alpha <= w <= beta, else 0 (token masking);
+- ``seq-mis``: 1 for a response whose geometric-mean w lies in [lo, hi], else 0 for all
+  its tokens.
+Masking is a weight of zero on the loss: the aggregation denominators (counted before
+the step, from the response masks) do not change, so a masked token is "no gradient",
+not "not there". That keeps the global counts independent of old_logp, which is only
+known after the old-policy pass. For sequence-level surrogates the per-token weight
+multiplies the broadcast response loss, i.e. a token-weighted correction of l_i.
+
+Metrics (rollout vs trainer, on valid tokens): ``mismatch/k1`` = mean(rollout - old)
+(estimates KL(pi_rollout || pi_old)), ``mismatch/k3`` = mean(w - log w - 1),
+``mismatch/is_weight_mean|max``, ``mismatch/masked_frac`` (tokens whose weight is zero
+under icepop/seq-mis), ``mismatch/extreme_frac`` (|old - rollout| > ln 2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from moe_rl.algorithms.metrics import Metrics
+
+# B responses, T tokens
+
+LOG_RATIO_CLAMP = 20.0
+
+
+def mismatch_weights(
+    old_logp_BT: Tensor,
+    rollout_logp_BT: Tensor,
+    mask_BT: Tensor,
+    mode: str,
+    *,
+    tis_cap: float = 2.0,
+    icepop_low: float = 0.5,
+    icepop_high: float = 5.0,
+    seq_mis_low: float = 0.5,
+    seq_mis_high: float = 2.0,
+) -> Tuple[Tensor, Metrics]:
+    """Detached loss weights [B, T] for ``mode`` (none | tis | icepop | seq-mis) and metrics."""
+    m = mask_BT.bool()
+    log_w = (old_logp_BT - rollout_logp_BT).detach()
+    log_w = torch.where(m, log_w, torch.zeros_like(log_w))
+    w = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    if mode == "none":
+        weight = torch.ones_like(w)
+    elif mode == "tis":
+        weight = w.clamp(max=tis_cap)
+    elif mode == "icepop":
+        weight = ((w >= icepop_low) & (w <= icepop_high)).to(w.dtype)
+    elif mode == "seq-mis":
+        n_B = m.sum(-1).clamp(min=1).to(w.dtype)
+        geo_B = torch.exp((log_w.sum(-1) / n_B).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        keep_B = (geo_B >= seq_mis_low) & (geo_B <= seq_mis_high)
+        weight = keep_B[:, None].to(w.dtype).expand_as(w).clone()
+    else:
+        raise ValueError(f"mismatch mode {mode!r} is not one of none, tis, icepop, seq-mis")
+    weight = torch.where(m, weight, torch.zeros_like(weight))
+
+    metrics = Metrics()
+    metrics.add_masked("mismatch/k1", -log_w, m)
+    metrics.add_masked("mismatch/k3", w - log_w - 1, m)
+    metrics.add_masked("mismatch/is_weight_mean", w, m, max_name="mismatch/is_weight_max")
+    metrics.add_masked("mismatch/masked_frac", (weight == 0).to(w.dtype), m)
+    metrics.add_masked("mismatch/extreme_frac", (log_w.abs() > math.log(2)).to(w.dtype), m)
+    return weight, metrics

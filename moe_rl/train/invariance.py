@@ -1,0 +1,95 @@
+"""Training invariance: a few optimizer steps at a layout, and the same steps in plain
+``transformers`` + ``torch.optim.AdamW`` as the independent single-process reference.
+
+Both sides see the same global batch (G sequences of S tokens with a loss mask), the token-
+mean cross-entropy over the GLOBAL number of unmasked tokens, global-norm clipping and AdamW
+with the same hyper-parameters. Parallel semantics: every rank calls
+:func:`megatron_train_steps` with the same arguments; every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moe_rl.parallel.groups import Groups
+from moe_rl.train.config import OptimConfig
+from moe_rl.train.model import build_model, load_hf_weights
+from moe_rl.train.optimizer import optimizer_step, wrap_for_training
+from moe_rl.train.parity import sample_tokens
+from moe_rl.train.schedule import forward_backward
+
+
+def make_global_batch(vocab: int, num_seqs: int, seq: int, seed: int = 0):
+    tokens = sample_tokens(vocab, num_seqs, seq + 1, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    # Ragged valid lengths: every sequence keeps a different number of loss tokens.
+    lengths = torch.randint(seq // 2, seq + 1, (num_seqs,), generator=g)
+    mask = (torch.arange(seq)[None] < lengths[:, None]).float()
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
+
+
+def _optim_cfg(lr: float) -> OptimConfig:
+    return OptimConfig(lr=lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-8,
+                       clip_grad=1.0, use_distributed_optimizer=True)
+
+
+def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int = 3, num_seqs: int = 4,
+                         seq: int = 32, micro_batch: int = 1, lr: float = 1e-3, seed: int = 0) -> dict:
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    built = build_model(hf_config, groups)
+    load_hf_weights(built, hf_dir, groups)
+    state = wrap_for_training(built.module, _optim_cfg(lr), groups)
+    state.model.train()
+    tokens, labels, mask = make_global_batch(hf_config.vocab_size, num_seqs, seq, seed)
+    dp, dp_rank = groups.dims.dp, groups.dp_rank
+    if num_seqs % (dp * micro_batch):
+        raise ValueError(f"num_seqs ({num_seqs}) must be divisible by dp ({dp}) x micro_batch ({micro_batch})")
+    global_tokens = float(mask.sum())
+    per_rank = num_seqs // dp
+    lo = dp_rank * per_rank
+    mbs = [{"tokens": tokens[i:i + micro_batch], "labels": labels[i:i + micro_batch],
+            "mask": mask[i:i + micro_batch]} for i in range(lo, lo + per_rank, micro_batch)]
+
+    def loss_fn(logits_BSV, mb):
+        ce_SB = vocab_parallel_cross_entropy(logits_BSV.float().transpose(0, 1).contiguous(),
+                                             mb["labels"].t().contiguous())
+        loss = (ce_SB.t() * mb["mask"]).sum() / global_tokens
+        return loss, {"loss": loss.detach().clone()}
+
+    losses, norms = [], []
+    for _ in range(steps):
+        out = forward_backward(state.model, mbs, loss_fn, groups)
+        local = torch.tensor([sum(float(m["loss"]) for m in out)], dtype=torch.float64)
+        if groups.is_last_stage:
+            dist.all_reduce(local, group=groups.dp_group)
+        else:
+            local.zero_()
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        losses.append(float(local))
+        norms.append(optimizer_step(state)["train/grad_norm"])
+    return {"losses": losses, "grad_norms": norms}
+
+
+def hf_train_steps(hf_model, *, steps: int = 3, num_seqs: int = 4, seq: int = 32, lr: float = 1e-3,
+                   seed: int = 0) -> dict:
+    """The same steps in plain transformers + torch AdamW (one process, no parallelism)."""
+    model = copy.deepcopy(hf_model).train()
+    tokens, labels, mask = make_global_batch(model.config.vocab_size, num_seqs, seq, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+    losses, norms = [], []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        logits = model(tokens).logits.float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        loss = (ce * mask.reshape(-1)).sum() / mask.sum()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        norms.append(float(norm))
+    return {"losses": losses, "grad_norms": norms}

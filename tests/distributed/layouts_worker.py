@@ -1,0 +1,77 @@
+"""Runs under torchrun: many (family, layout) checks in ONE launch, results to a JSON file.
+
+    torchrun --nproc-per-node N tests/distributed/layouts_worker.py OUT.json SPEC.json
+
+SPEC: {"families": {name: hf_dir}, "layouts": [{"tp":..,"pp":..,"ep":..,"etp":..}],
+       "checks": ["parity", "train"], "skip": [[family, layout_name], ...]}
+"""
+
+import json
+import sys
+import time
+import traceback
+
+
+def main():
+    out_path, spec_path = sys.argv[1], sys.argv[2]
+    spec = json.load(open(spec_path))
+    import torch
+    import torch.distributed as dist
+    import transformers
+
+    from moe_rl.models import family_for
+    from moe_rl.parallel import ParallelConfig, ParallelDims
+    from moe_rl.parallel import groups as G
+    from moe_rl.parallel.cpu_platform import activate_cpu_mode
+    from moe_rl.train.invariance import hf_train_steps, megatron_train_steps
+    from moe_rl.train.parity import logit_parity
+
+    torch.set_num_threads(1)
+    activate_cpu_mode()
+    G.init_distributed()
+    world = dist.get_world_size()
+    results = []
+    hf_models = {f: transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+                 for f, d in spec["families"].items()}
+    refs = {}
+    for fam, hf_dir in spec["families"].items():
+        hf = hf_models[fam]
+        for lay in spec["layouts"]:
+            cfg = ParallelConfig(tensor_parallel=lay.get("tp", 1), pipeline_parallel=lay.get("pp", 1),
+                                 expert_parallel=lay.get("ep", 1), expert_tensor_parallel=lay.get("etp"))
+            rec = {"family": fam, "layout": lay}
+            try:
+                dims = ParallelDims.build(cfg, world, family_for(hf.config).shape(hf.config))
+            except ValueError as e:
+                rec["invalid"] = str(e)
+                results.append(rec)
+                continue
+            rec["layout_name"] = dims.describe()
+            for check in spec["checks"]:
+                t0 = time.perf_counter()
+                try:
+                    groups = G.setup(dims)
+                    if check == "parity":
+                        rec["parity"] = logit_parity(hf, hf_dir, groups)
+                    elif check == "train":
+                        if fam not in refs:
+                            refs[fam] = hf_train_steps(hf)
+                        rec["train"] = megatron_train_steps(hf.config, hf_dir, groups)
+                        rec["train_ref"] = refs[fam]
+                except Exception:
+                    rec[f"{check}_error"] = traceback.format_exc()[-3000:]
+                rec[f"{check}_s"] = time.perf_counter() - t0
+                G.teardown()
+                dist.barrier()
+            results.append(rec)
+    if dist.get_rank() == 0:
+        with open(out_path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        import os
+        os.replace(out_path + ".tmp", out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
