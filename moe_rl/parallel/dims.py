@@ -73,13 +73,6 @@ class ParallelDims:
             raise ValueError(
                 f"world_size ({world_size}) must be divisible by expert_tensor_parallel ({etp}) x "
                 f"expert_parallel ({ep}) x pipeline_parallel ({pp}) = {etp * ep * pp}")
-        if etp > tp:
-            # Measured on Megatron-Core 0.16.1 (CPU/gloo, alltoall dispatcher): at TP1 x ETP2 the
-            # forward matches HF but expert gradients are wrong (training diverges at step 2).
-            raise ValueError(
-                f"expert_tensor_parallel ({etp}) > tensor_parallel ({tp}) is not supported: "
-                "expert gradients are wrong in this layout with Megatron-Core 0.16.1; use "
-                "expert_tensor_parallel <= tensor_parallel")
         sp = bool(cfg.sequence_parallel and tp > 1)
         dims = cls(world_size, tp, pp, ep, etp, sp, world_size // (tp * pp), world_size // (etp * ep * pp))
         if model is not None:

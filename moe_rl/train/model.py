@@ -48,12 +48,26 @@ def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, **conf
         parallel_output=True,
         **family.gpt_kwargs(hf_config),
     )
+    _mark_expert_params(model)
     layers = model.decoder.layers
     layer_offset = layers[0].layer_number - 1 if len(layers) else 0
     n_exp = family.num_experts(hf_config)
     expert_offset = groups.ep_rank * (n_exp // dims.ep) if n_exp else 0
     return BuiltModel(model, family, hf_config, family.param_map(hf_config), layer_offset,
                       expert_offset, padded)
+
+
+def _mark_expert_params(model: torch.nn.Module) -> None:
+    """Megatron-Core 0.16.1 tags expert weights ``allreduce=False`` only when EP > 1
+    (``tensor_parallel/layers.py:829,886,1209``, ``moe/experts.py:203``). At EP=1 they are
+    reduced over the DENSE data-parallel group, which is the wrong group whenever
+    expert_tensor_parallel != tensor_parallel: measured TP2 x ETP1 grad norm 4.5254 vs 4.5409
+    (transformers) and diverging losses; TP1 x ETP2 summed different shards' gradients. Tag
+    them always, so DDP reduces them over the expert data-parallel group and the optimizer
+    chain treats them as expert parameters. Applies on GPU too."""
+    for name, p in model.named_parameters():
+        if ".mlp.experts." in name and "shared_experts" not in name:
+            p.allreduce = False
 
 
 def _is_expert(name: str) -> bool:

@@ -25,7 +25,7 @@ TRAIN_RTOL, TRAIN_ATOL = 1e-5, 2e-5
 
 LAYOUTS = {
     1: [{}],
-    2: [{"tp": 2}, {"pp": 2}, {"ep": 2}, {"tp": 2, "etp": 1}, {}],
+    2: [{"tp": 2}, {"pp": 2}, {"ep": 2}, {"etp": 2}, {"tp": 2, "etp": 1}, {}],
     4: [{"tp": 2, "ep": 2}, {"tp": 2, "ep": 2, "etp": 1}, {"pp": 2, "ep": 2}],
 }
 MOE = {"qwen3_moe", "mixtral", "deepseek_v3"}
@@ -39,7 +39,26 @@ def layout_results(tiny_hf_dirs, tmp_path_factory):
         for rec in run_layouts(tmp, nproc, tiny_hf_dirs, layouts, ["parity", "train"]):
             key = (nproc, rec["family"], _name(rec["layout"]))
             results[key] = rec
+    _write_table(results)
     return results
+
+
+def _write_table(results) -> None:
+    """runs/parity_table.md: max |logit diff| and the worst training diff per family x layout."""
+    from conftest import ROOT
+
+    lines = ["| ranks | layout | family | max abs logit diff | max train diff (loss, grad norm) | train s |",
+             "|---|---|---|---|---|---|"]
+    for (n, fam, lay), rec in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        if "invalid" in rec or "parity" not in rec or "train" not in rec:
+            continue
+        tdiff = max(abs(a - b) for k in ("losses", "grad_norms")
+                    for a, b in zip(rec["train"][k], rec["train_ref"][k]))
+        lines.append(f"| {n} | {rec['layout_name'].split(' (')[0]} | {fam} | "
+                     f"{rec['parity']['max_abs_diff']:.1e} | {tdiff:.1e} | {rec['train_s']:.1f} |")
+    out = ROOT / "runs" / "parity_table.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
 
 
 def _name(lay: dict) -> str:

@@ -23,6 +23,7 @@ def P(**kw):
     (P(tp=2, ep=2), 4, MOE, 2, 1, True),
     (P(tp=2, ep=2, etp=1), 4, MOE, 2, 2, True),
     (P(pp=2, ep=2), 4, MOE, 2, 1, False),
+    (P(etp=2), 2, MOE, 2, 1, False),
     (P(tp=2, pp=2), 8, DENSE, 2, 2, True),
 ])
 def test_valid_layouts(cfg, world, model, dp, edp, sp):
@@ -41,7 +42,6 @@ def test_valid_layouts(cfg, world, model, dp, edp, sp):
     (P(ep=2, pp=2), 2, MOE, "world_size (2) must be divisible by expert_tensor_parallel (1) x expert_parallel (2) x pipeline_parallel (2) = 4"),
     (P(tp=2, sp=False), 2, MOE, "MoE with tensor_parallel (2) needs sequence_parallel=true"),
     (P(ep=2), 2, DENSE, "expert_parallel (2) > 1 needs a MoE model"),
-    (P(etp=2), 2, MOE, "expert_tensor_parallel (2) > tensor_parallel (1) is not supported"),
     (P(tp=0), 1, MOE, "tensor_parallel must be a positive integer, got 0"),
     (P(tp=2, etp=1), 2, DENSE, "expert_tensor_parallel (1) set on a dense model"),
     (P(ep=2), 4, ModelShape(4, 4, 2, 8, 63, 128), None),
