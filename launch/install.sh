@@ -27,5 +27,8 @@ echo "[install] moe_rl${extras:+[$extras]}"
 "${pip[@]}" -e "$root${extras:+[$extras]}"
 if [ "$extras" = "dev" ] && [ -f "$root/tests/requirements-test.txt" ]; then
   "${pip[@]}" -r "$root/tests/requirements-test.txt"
+  # SGLang's own request schema, to validate every body our client sends. Only the wheel's
+  # pure-Python files are used; its dependencies (CUDA kernels) are not installed.
+  "${pip[@]}" --no-deps "sglang==0.5.23"
 fi
 echo "$want" > "$stamp"

@@ -1,0 +1,126 @@
+"""Typed configuration of the rollout stage: which engine, how it is launched, how it is called."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class EmbeddedEngineConfig:
+    """The in-process engine (HF model class, continuous batching on a slot KV cache)."""
+
+    model_path: str = ""  # HF checkpoint directory (config.json + safetensors)
+    max_running: int = 32  # sequences decoding at once (KV cache slots)
+    max_context_len: int = 0  # prompt + response tokens per slot; 0 = max_position_embeddings
+    dtype: str = "float32"  # model and KV cache dtype
+    attn_implementation: str = "sdpa"  # HF attention backend ("sdpa" or "eager")
+    capture_routed_experts: bool = True  # record each MoE layer's top-k per token
+    seed: int = 0  # engine RNG seed for requests without sampling_seed
+    weight_version: str = "default"  # initial weight version (SGLang's --weight-version)
+    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1:
+            raise ValueError(f"embedded.max_running ({self.max_running}) must be >= 1")
+        if self.max_context_len < 0:
+            raise ValueError(f"embedded.max_context_len ({self.max_context_len}) must be >= 0")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"embedded.dtype ({self.dtype!r}) must be float32, bfloat16 or float16")
+
+
+@dataclasses.dataclass
+class SGLangConfig:
+    """Real SGLang servers (``python -m sglang.launch_server``); flag names per sglang 0.5.23."""
+
+    model_path: str = ""  # HF checkpoint the servers load first
+    num_servers: int = 1  # independent engines (each one /generate endpoint)
+    tp_size: int = 1  # --tp-size, GPUs per engine
+    ep_size: int = 1  # --ep-size, expert parallel degree inside an engine (divides tp_size)
+    dp_size: int = 1  # --dp-size, data-parallel replicas inside one engine
+    attn_dp_size: int = 1  # --attn-dp-size, DP attention degree (1 = off)
+    mem_fraction_static: float = 0.7  # --mem-fraction-static, GPU memory for weights + KV
+    enable_memory_saver: bool = True  # --enable-memory-saver (release/resume_memory_occupation)
+    enable_weights_cpu_backup: bool = False  # --enable-weights-cpu-backup (colocated offload)
+    enable_return_routed_experts: bool = True  # --enable-return-routed-experts (routing replay)
+    host: str = "127.0.0.1"  # --host each server binds
+    base_port: int = 30000  # server i listens on base_port + i
+    nnodes: int = 1  # --nnodes, nodes one engine spans (multi-node TP/EP)
+    node_rank: int = 0  # --node-rank of this launcher within an engine
+    dist_init_addr: str = ""  # --dist-init-addr host:port of the engine's node 0 (nnodes > 1)
+    base_gpu_id: int = 0  # --base-gpu-id of server 0; server i starts at base_gpu_id + i*tp_size
+    weight_version: str = "default"  # --weight-version at startup
+    random_seed: int | None = None  # --random-seed
+    skip_server_warmup: bool = True  # --skip-server-warmup
+    enable_metrics: bool = True  # --enable-metrics
+    extra_args: list[str] = dataclasses.field(default_factory=list)  # appended verbatim
+    python: str = "python"  # interpreter that has sglang installed
+    startup_timeout_s: float = 900.0  # deadline for every server to answer /health
+    router_port: int = 0  # start sglang-router on this port (0 = no router)
+
+    def __post_init__(self) -> None:
+        for name in ("num_servers", "tp_size", "ep_size", "dp_size", "attn_dp_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sglang.{name} ({getattr(self, name)}) must be >= 1")
+        if self.tp_size % self.ep_size:
+            raise ValueError(f"sglang.ep_size ({self.ep_size}) must divide sglang.tp_size ({self.tp_size})")
+        if self.tp_size % self.attn_dp_size:
+            raise ValueError(
+                f"sglang.attn_dp_size ({self.attn_dp_size}) must divide sglang.tp_size ({self.tp_size})")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(f"sglang.mem_fraction_static ({self.mem_fraction_static}) must be in (0, 1)")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"sglang.node_rank ({self.node_rank}) must be in [0, nnodes={self.nnodes})")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError(f"sglang.dist_init_addr is required when sglang.nnodes ({self.nnodes}) > 1")
+        if self.nnodes > 1 and self.num_servers != 1:
+            raise ValueError(
+                f"sglang.num_servers ({self.num_servers}) must be 1 per launcher when nnodes ({self.nnodes}) > 1")
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    """How the trainer calls the engines over HTTP."""
+
+    server_urls: list[str] = dataclasses.field(default_factory=list)  # every engine, for control calls
+    router_url: str = ""  # send /generate via sglang-router (drops return_routed_experts!)
+    max_concurrency: int = 64  # /generate requests in flight at once, over all servers
+    request_timeout_s: float = 600.0  # one /generate call, then it is retried elsewhere
+    control_timeout_s: float = 300.0  # one control call (pause, update, ...)
+    max_attempts: int = 8  # tries per request (abort and server failure both count)
+    server_cooldown_s: float = 5.0  # a failed server gets no new requests for this long
+    return_routed_experts: bool = True  # ask for routed experts (needs direct server URLs)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"client.max_concurrency ({self.max_concurrency}) must be >= 1")
+        if self.max_attempts < 1:
+            raise ValueError(f"client.max_attempts ({self.max_attempts}) must be >= 1")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"client.request_timeout_s ({self.request_timeout_s}) must be > 0")
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """The rollout stage: engine kind, its settings, and the client's."""
+
+    backend: str = "embedded"  # "embedded" (in-process or HTTP) or "sglang"
+    embedded: EmbeddedEngineConfig = dataclasses.field(default_factory=EmbeddedEngineConfig)
+    sglang: SGLangConfig = dataclasses.field(default_factory=SGLangConfig)
+    client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
+    n_samples_per_prompt: int = 8  # group size
+    max_new_tokens: int = 256  # response budget
+    temperature: float = 1.0  # sampling temperature (also divides the trainer's logits)
+    top_p: float = 1.0  # nucleus sampling mass
+    top_k: int = -1  # top-k sampling (-1 = off)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("embedded", "sglang"):
+            raise ValueError(f"rollout.backend ({self.backend!r}) must be 'embedded' or 'sglang'")
+        if self.n_samples_per_prompt < 1:
+            raise ValueError(f"rollout.n_samples_per_prompt ({self.n_samples_per_prompt}) must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if self.client.router_url and self.client.return_routed_experts:
+            raise ValueError(
+                "rollout.client.router_url is set but client.return_routed_experts is true: "
+                "sglang-router 0.3.2 drops return_routed_experts; use server_urls for routing replay")

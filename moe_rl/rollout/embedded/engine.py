@@ -1,0 +1,420 @@
+"""The embedded engine: continuous batching over the HF model class, in-process.
+
+Legend: B rows in a forward, S KV slots, P prompt tokens, T response tokens, V vocab,
+L MoE layers, K experts per token.
+
+Scheduling (where the speed over ``generate`` comes from):
+- A group (one prompt, ``n`` samples) is prefilled **once**; its prompt KV is copied into
+  each sample's slot and every sample's first token is drawn from the shared last logits.
+- A finished sequence frees its slot at once and the next waiting sample takes it
+  (continuous batching), so a long-tailed budget distribution does not idle the batch.
+- A decode step runs rows ``0..max busy slot``; new samples take the lowest free slot so
+  that range stays dense.
+
+Numerics: log-probs are ``log_softmax(logits / temperature)`` in fp32 of the sampled token
+(see ``sampler.py``); routed experts are the router's own top-k of the forward that
+produced the token (``router_capture.py``).
+
+Threading: the engine is driven by one thread. In-process, :meth:`generate` drives it;
+behind the HTTP server, :meth:`start` runs the loop in a background thread and other
+threads talk to it through :meth:`submit`, :meth:`abort` and :meth:`call` (a function run
+between two steps), so weights never change in the middle of a forward.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import torch
+
+from moe_rl.rollout.config import EmbeddedEngineConfig
+from moe_rl.rollout.embedded.kv_cache import SlotKVCache
+from moe_rl.rollout.embedded.router_capture import RouterCapture
+from moe_rl.rollout.embedded.sampler import RowParams, sample_tokens
+from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample, SamplingParams
+
+
+@dataclasses.dataclass
+class SeqResult:
+    """A finished sequence, in the engine's terms (the server turns it into SGLang JSON)."""
+
+    rid: str
+    prompt_len: int
+    output_ids: list[int]
+    output_logprobs: list[float]
+    routes_NLK: torch.Tensor | None  # [P+T-1, L, K]: routes of positions 0..P+T-2
+    finish: dict[str, Any]  # SGLang finish_reason object
+    weight_version: str
+
+
+class _Group:
+    def __init__(self, prompt_ids: list[int], remaining: int) -> None:
+        self.prompt_ids = prompt_ids
+        self.remaining = remaining  # samples not yet admitted
+        self.prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.last_logits_V: torch.Tensor | None = None
+        self.prompt_routes_PLK: torch.Tensor | None = None
+
+
+class _Seq:
+    def __init__(self, rid: str, group: _Group, params: SamplingParams, future: cf.Future | None) -> None:
+        self.rid = rid
+        self.group = group
+        self.params = params
+        self.gen = None if params.sampling_seed is None else torch.Generator().manual_seed(params.sampling_seed)
+        self.future = future
+        self.slot = -1
+        self.out_ids: list[int] = []
+        self.out_lp: list[float] = []
+        self.routes: list[torch.Tensor] = []  # one [L, K] per response token
+        self.aborted: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.group.prompt_ids)
+
+
+class EmbeddedEngine:
+    """HF causal LM + slot KV cache + continuous-batching scheduler."""
+
+    def __init__(self, cfg: EmbeddedEngineConfig, model: torch.nn.Module | None = None) -> None:
+        import transformers as tf
+
+        self.cfg = cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        dtype = getattr(torch, cfg.dtype)
+        if model is None:
+            if not cfg.model_path:
+                raise ValueError("embedded.model_path is empty")
+            model = tf.AutoModelForCausalLM.from_pretrained(
+                cfg.model_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        self.model = model.eval()
+        self.hf_config = model.config
+        eos = self.hf_config.eos_token_id
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.vocab_size = self.hf_config.vocab_size
+        self.context_len = cfg.max_context_len or int(self.hf_config.max_position_embeddings)
+        self.capture = RouterCapture(model) if cfg.capture_routed_experts else None
+        self.num_hidden_layers = int(self.hf_config.num_hidden_layers)
+        self.top_k_experts = int(getattr(self.hf_config, "num_experts_per_tok", 0) or 0)
+        self.cache = SlotKVCache(cfg.max_running, self.context_len, dtype)
+        self.weight_version = cfg.weight_version
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+        self._slots: list[_Seq | None] = [None] * cfg.max_running
+        self._waiting: list[_Seq] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle_commands: list[tuple[Callable[[], Any], cf.Future]] = []
+        self._abort_lock = threading.Lock()
+        self._abort_rids: set[str] = set()
+        self._abort_all: str | None = None
+        self.paused = False
+        self.released: set[str] = set()  # released memory tags
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._rid_counter = itertools.count()
+        self.num_generated_tokens = 0
+
+    # ---------------------------------------------------------------- public, any thread
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return self.capture.layer_ids if self.capture else []
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | list[SamplingParams],
+               rids: list[str] | None = None) -> list[cf.Future]:
+        """Queue one prompt with ``params.n`` samples (or one sample per entry of a list of
+        params, e.g. different budgets); they share one prefill. One future (-> SeqResult) each."""
+        per_sample = [params] * params.n if isinstance(params, SamplingParams) else list(params)
+        n = len(per_sample)
+        rids = rids or [uuid.uuid4().hex for _ in range(n)]
+        assert len(rids) == n
+        group = _Group(list(prompt_ids), n)
+        futs = [cf.Future() for _ in range(n)]
+        for rid, sp, f in zip(rids, per_sample, futs):
+            self._inbox.put(_Seq(rid, group, sp, f))
+        self._wake.set()
+        return futs
+
+    def abort(self, rid: str = "", abort_all: bool = False, message: str = "Abort requested") -> None:
+        with self._abort_lock:
+            if abort_all:
+                self._abort_all = message
+            elif rid:
+                self._abort_rids.add(rid)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], Any], *, when_idle: bool = False, timeout: float | None = None) -> Any:
+        """Run ``fn`` on the engine thread between steps (``when_idle``: once nothing runs)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            if when_idle:
+                assert not self.num_running, "when_idle call with running sequences and no engine thread"
+            return fn()
+        fut: cf.Future = cf.Future()
+        self._commands.put((fn, fut, when_idle))
+        self._wake.set()
+        return fut.result(timeout=timeout)
+
+    @property
+    def num_running(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + self._inbox.qsize()
+
+    def start(self) -> None:
+        """Run the step loop in a daemon thread (for the HTTP server)."""
+        assert self._thread is None
+        self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------- in-process API
+    def generate(self, requests: list[RolloutRequest]) -> list[Sample]:
+        """Sample every request to completion; returns group-major, sample-minor ``Sample``s."""
+        assert self._thread is None, "generate() drives the engine itself; use submit() with start()"
+        futs = [(r, i, f) for r in requests for i, f in enumerate(self.submit(r.prompt_ids, r.sampling))]
+        while any(not f.done() for _, _, f in futs):
+            self.step()
+        out = []
+        for r, i, f in futs:
+            res: SeqResult = f.result()
+            routes = None
+            if res.routes_NLK is not None:
+                routes = res.routes_NLK[res.prompt_len - 1:]
+            out.append(Sample(
+                group_id=r.group_id, sample_index=i, prompt_ids=list(r.prompt_ids),
+                response_ids=res.output_ids,
+                rollout_logprobs_T=torch.tensor(res.output_logprobs, dtype=torch.float32),
+                routed_experts_TLK=routes, finish_reason=FinishReason(res.finish["type"]),
+                weight_version=res.weight_version))
+        return out
+
+    # ------------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                self._run_commands()
+                if self._has_work():
+                    self.step()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception as e:  # noqa: BLE001 - keep serving; fail what was running
+                import traceback
+
+                traceback.print_exc()
+                self._fail_all(f"engine error: {type(e).__name__}: {e}")
+        self._fail_all("engine stopped")
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut, when_idle = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if when_idle:
+                self._idle_commands.append((fn, fut))
+                continue
+            self._run_one(fn, fut)
+        if self._idle_commands and self.num_running == 0:
+            cmds, self._idle_commands = self._idle_commands, []
+            for fn, fut in cmds:
+                self._run_one(fn, fut)
+
+    @staticmethod
+    def _run_one(fn, fut: cf.Future) -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(e)
+
+    def _has_work(self) -> bool:
+        self._drain_inbox()
+        if self._abort_all is not None or self._abort_rids:
+            return True
+        if self.paused or "weights" in self.released or "kv_cache" in self.released:
+            return False
+        return bool(self._waiting) or self.num_running > 0
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _fail_all(self, message: str) -> None:
+        self._drain_inbox()
+        for s in [s for s in self._slots if s is not None] + self._waiting:
+            self._finish(s, {"type": "abort", "message": message, "status_code": 500, "err_type": None})
+        self._waiting = []
+
+    # ------------------------------------------------------------------- one step
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply aborts, admit waiting samples into free slots, decode one token for all."""
+        self._drain_inbox()
+        self._apply_aborts()
+        if self.paused or "weights" in self.released or "kv_cache" in self.released:
+            return
+        if not self._idle_commands:
+            self._admit()
+        if self.num_running:
+            self._decode()
+
+    def _apply_aborts(self) -> None:
+        with self._abort_lock:
+            msg_all, self._abort_all = self._abort_all, None
+            rids, self._abort_rids = self._abort_rids, set()
+        if msg_all is None and not rids:
+            return
+        for s in [s for s in self._slots if s is not None] + list(self._waiting):
+            if msg_all is not None or s.rid in rids:
+                self._finish(s, {"type": "abort", "message": msg_all or "Abort requested",
+                                 "status_code": None, "err_type": None})
+        self._waiting = [s for s in self._waiting if s.future is not None and not s.future.done()]
+
+    def _admit(self) -> None:
+        admitted: list[_Seq] = []
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        while free and self._waiting:
+            seq = self._waiting.pop(0)
+            if seq.params.max_new_tokens == 0:
+                self._finish(seq, {"type": "length", "length": 0})
+                continue
+            g = seq.group
+            if g.prompt_kv is None:
+                self._prefill(g)
+            slot = free.pop(0)
+            self.cache.load_prompt(slot, g.prompt_kv)  # type: ignore[arg-type]
+            seq.slot = slot
+            self._slots[slot] = seq
+            g.remaining -= 1
+            if g.remaining == 0:  # every sample has its copy: drop the shared prompt KV
+                g.prompt_kv = None
+            admitted.append(seq)
+        if not admitted:
+            return
+        logits_BV = torch.stack([s.group.last_logits_V for s in admitted])  # type: ignore[misc]
+        routes = [s.group.prompt_routes_PLK[-1] if s.group.prompt_routes_PLK is not None else None
+                  for s in admitted]
+        self._take_tokens(admitted, logits_BV, routes)
+
+    def _prefill(self, g: _Group) -> None:
+        P = len(g.prompt_ids)
+        ids_1P = torch.tensor([g.prompt_ids])
+        pos_1P = torch.arange(P)[None]
+        causal_PP = torch.ones(P, P, dtype=torch.bool).tril()
+        mask = torch.zeros(1, 1, P, P, dtype=self.cache.dtype).masked_fill(
+            ~causal_PP, torch.finfo(self.cache.dtype).min)
+        captured = self.cache.plan_capture()
+        out = self.model(input_ids=ids_1P, position_ids=pos_1P, attention_mask=mask,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        g.prompt_kv = dict(captured)
+        g.last_logits_V = out.logits[0, -1].float()
+        if self.capture is not None and self.capture.num_moe_layers:
+            g.prompt_routes_PLK = self.capture.stacked()  # [P, L, K]
+
+    def _decode(self) -> None:
+        B = max(i for i, s in enumerate(self._slots) if s is not None) + 1
+        rows = self._slots[:B]
+        ids_B = torch.zeros(B, dtype=torch.long)
+        pos_B = torch.zeros(B, dtype=torch.long)
+        for i, s in enumerate(rows):
+            if s is not None:
+                ids_B[i] = s.out_ids[-1]
+                pos_B[i] = s.prompt_len + len(s.out_ids) - 1
+        kv_len = int(pos_B.max()) + 1
+        allowed_BL = torch.arange(kv_len)[None, :] <= pos_B[:, None]
+        mask = torch.zeros(B, 1, 1, kv_len, dtype=self.cache.dtype).masked_fill(
+            ~allowed_BL[:, None, None, :], torch.finfo(self.cache.dtype).min)
+        self.cache.plan_decode(pos_B, kv_len)
+        out = self.model(input_ids=ids_B[:, None], position_ids=pos_B[:, None], attention_mask=mask,
+                         past_key_values=self.cache, use_cache=True)
+        live = [i for i, s in enumerate(rows) if s is not None]
+        live_t = torch.tensor(live)
+        logits_BV = out.logits[live_t, -1]
+        routes = [None] * len(live)
+        if self.capture is not None and self.capture.num_moe_layers:
+            routes_BLK = self.capture.stacked()[live_t]
+            routes = list(routes_BLK.unbind(0))
+        self._take_tokens([rows[i] for i in live], logits_BV, routes)  # type: ignore[misc]
+
+    def _take_tokens(self, seqs: list[_Seq], logits_BV: torch.Tensor, routes: list) -> None:
+        params = RowParams(
+            temperature_B=torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32),
+            top_p_B=torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32),
+            top_k_B=torch.tensor([s.params.top_k for s in seqs], dtype=torch.long),
+            min_p_B=torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32),
+            generators=[s.gen for s in seqs])
+        tok_B, lp_B = sample_tokens(logits_BV, params, self.gen)
+        self.num_generated_tokens += len(seqs)
+        for s, tok, lp, r in zip(seqs, tok_B.tolist(), lp_B.tolist(), routes):
+            s.out_ids.append(tok)
+            s.out_lp.append(lp)
+            if r is not None:
+                s.routes.append(r)
+            if (tok in self.eos_ids and not s.params.ignore_eos) or tok in s.params.stop_token_ids:
+                self._finish(s, {"type": "stop", "matched": tok})
+            elif len(s.out_ids) >= s.params.max_new_tokens or s.prompt_len + len(s.out_ids) >= self.context_len:
+                self._finish(s, {"type": "length", "length": len(s.out_ids)})
+
+    def _finish(self, s: _Seq, finish: dict[str, Any]) -> None:
+        if s.slot >= 0:
+            self._slots[s.slot] = None
+            s.slot = -1
+        if s in self._waiting:
+            self._waiting.remove(s)
+            s.group.remaining -= 1
+            if s.group.remaining == 0:
+                s.group.prompt_kv = None
+        routes = None
+        g = s.group
+        if g.prompt_routes_PLK is not None:
+            P = s.prompt_len
+            parts = [g.prompt_routes_PLK[: P - 1]]
+            if s.routes:
+                parts.append(torch.stack(s.routes))
+            routes = torch.cat(parts)
+        res = SeqResult(rid=s.rid, prompt_len=s.prompt_len, output_ids=s.out_ids, output_logprobs=s.out_lp,
+                        routes_NLK=routes, finish=finish, weight_version=self.weight_version)
+        if s.future is not None and not s.future.done():
+            s.future.set_result(res)
+
+    # ------------------------------------------------------------------- control (engine thread)
+    def pause(self, mode: str = "abort") -> None:
+        if mode == "abort":
+            self.abort(abort_all=True, message="Generation paused (abort)")
+            self._apply_aborts()
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._wake.set()
+
+    def new_rid(self) -> str:
+        return f"{uuid.uuid4().hex[:16]}{next(self._rid_counter)}"
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.num_running or self.num_waiting:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True

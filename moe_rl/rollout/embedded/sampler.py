@@ -1,0 +1,67 @@
+"""Pick the next token of every row and its log-prob, exactly as the trainer scores it.
+
+Legend: B rows, V vocab.
+
+The log-prob of a sampled token is ``log_softmax(logits / temperature)`` in fp32, over the
+full vocabulary: top-k/top-p/min-p only restrict *which* tokens can be drawn, they do not
+renormalise the reported log-prob (the trainer has no truncation, so renormalising would
+make the rollout and training log-probs disagree). Temperature 0 means greedy, scored with
+temperature 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from moe_rl.rollout.types import TOP_K_ALL
+
+
+@dataclasses.dataclass
+class RowParams:
+    """Sampling parameters of the rows of one step, as tensors."""
+
+    temperature_B: torch.Tensor  # fp32
+    top_p_B: torch.Tensor  # fp32
+    top_k_B: torch.Tensor  # int64
+    min_p_B: torch.Tensor  # fp32
+    generators: list[torch.Generator | None]  # per-row RNG (None = engine RNG)
+
+
+def sample_tokens(logits_BV: torch.Tensor, p: RowParams, engine_gen: torch.Generator):
+    """Returns ``(token_B int64, logprob_B fp32)``."""
+    logits_BV = logits_BV.float()
+    greedy_B = p.temperature_B == 0
+    temp_B = torch.where(greedy_B, torch.ones_like(p.temperature_B), p.temperature_B)
+    logprobs_BV = torch.log_softmax(logits_BV / temp_B[:, None], dim=-1)
+
+    if bool(greedy_B.all()):
+        tok_B = logits_BV.argmax(-1)
+    else:
+        masked_BV = logprobs_BV
+        V = logits_BV.shape[-1]
+        need_sort = bool(((p.top_k_B < V) & (p.top_k_B < TOP_K_ALL)).any() or (p.top_p_B < 1).any())
+        if need_sort:
+            sorted_lp, order = logprobs_BV.sort(dim=-1, descending=True)
+            rank_V = torch.arange(V)
+            drop = rank_V[None, :] >= p.top_k_B[:, None]
+            cum = sorted_lp.exp().cumsum(-1)
+            # drop a token when the mass before it already reaches top_p (keeps >= 1 token)
+            drop |= (cum - sorted_lp.exp()) >= p.top_p_B[:, None]
+            drop_sorted = drop
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            masked_BV = logprobs_BV.masked_fill(drop, float("-inf"))
+        if bool((p.min_p_B > 0).any()):
+            thresh_B = logprobs_BV.max(-1).values + torch.log(p.min_p_B.clamp_min(1e-30))
+            masked_BV = masked_BV.masked_fill((logprobs_BV < thresh_B[:, None]) & (p.min_p_B[:, None] > 0),
+                                              float("-inf"))
+        # Gumbel-max: argmax(logp + G) is a draw from softmax(logp); per-row seeds stay reproducible.
+        u_BV = torch.rand(logits_BV.shape, generator=engine_gen)
+        for b, g in enumerate(p.generators):
+            if g is not None:
+                u_BV[b] = torch.rand(V, generator=g)
+        gumbel_BV = -torch.log(-torch.log(u_BV.clamp(1e-20, 1.0 - 1e-7)))
+        tok_B = torch.where(greedy_B, logits_BV.argmax(-1), (masked_BV + gumbel_BV).argmax(-1))
+    lp_B = logprobs_BV.gather(-1, tok_B[:, None])[:, 0]
+    return tok_B, lp_B

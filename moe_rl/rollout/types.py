@@ -1,0 +1,118 @@
+"""Contracts between rollout and the rest of the loop: what goes in, what comes out.
+
+Legend: P prompt tokens, T response tokens, L MoE layers, K experts per token (top-k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import torch
+
+# SGLang's "all tokens" sentinel for top_k (api_types.py default).
+TOP_K_ALL = 1 << 30
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sample stopped; values are SGLang's ``finish_reason.type`` strings."""
+
+    STOP = "stop"  # a stop token / EOS was sampled (it is part of the response)
+    LENGTH = "length"  # max_new_tokens reached
+    ABORT = "abort"  # aborted (pause, abort_request, shutdown): the client retries it
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """Per-request sampling knobs; the subset of SGLang's ``sampling_params`` RL needs."""
+
+    max_new_tokens: int = 128  # response budget in tokens
+    temperature: float = 1.0  # 0 = greedy; log-probs then use temperature 1
+    top_p: float = 1.0  # nucleus mass kept (1 = off)
+    top_k: int = TOP_K_ALL  # keep the k most likely tokens (TOP_K_ALL = off)
+    min_p: float = 0.0  # drop tokens below min_p * max prob (0 = off)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # extra stop tokens
+    ignore_eos: bool = False  # do not stop at the model's EOS
+    n: int = 1  # samples per prompt (a group)
+    sampling_seed: int | None = None  # per-request RNG seed (None = engine RNG)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature ({self.temperature}) must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
+        if self.top_k < 1 and self.top_k != -1:
+            raise ValueError(f"top_k ({self.top_k}) must be >= 1 (or -1 for all)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p ({self.min_p}) must be in [0, 1]")
+        if self.n < 1:
+            raise ValueError(f"n ({self.n}) must be >= 1")
+        if self.top_k == -1:
+            self.top_k = TOP_K_ALL
+
+    def to_sglang(self) -> dict[str, Any]:
+        """The ``sampling_params`` dict SGLang's schema accepts (only non-default keys)."""
+        out: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+        }
+        if self.min_p:
+            out["min_p"] = self.min_p
+        if self.stop_token_ids:
+            out["stop_token_ids"] = list(self.stop_token_ids)
+        if self.ignore_eos:
+            out["ignore_eos"] = True
+        if self.n != 1:
+            out["n"] = self.n
+        if self.sampling_seed is not None:
+            out["sampling_seed"] = self.sampling_seed
+        return out
+
+
+@dataclasses.dataclass
+class RolloutRequest:
+    """One prompt to sample ``sampling.n`` responses for (one GRPO group)."""
+
+    prompt_ids: list[int]  # [P] token ids, P >= 1
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    group_id: int = 0  # caller's id of this prompt; copied into every Sample
+
+    def __post_init__(self) -> None:
+        if len(self.prompt_ids) == 0:
+            raise ValueError(f"prompt_ids of group {self.group_id} is empty")
+
+
+@dataclasses.dataclass
+class Sample:
+    """One sampled response, everything the trainer needs from the rollout.
+
+    ``routed_experts_TLK[t]`` are the experts each MoE layer chose in the forward pass that
+    *produced* response token ``t`` (position P-1+t of the sequence), so row 0 comes from the
+    last prompt position. That is exactly the routing the trainer's forward over
+    prompt+response uses to score token ``t``.
+    """
+
+    group_id: int  # RolloutRequest.group_id
+    sample_index: int  # 0..n-1 within the group
+    prompt_ids: list[int]  # [P]
+    response_ids: list[int]  # [T], includes the stop token when finish_reason is STOP
+    rollout_logprobs_T: torch.Tensor  # [T] fp32, log_softmax(logits / temperature) at the token
+    routed_experts_TLK: torch.Tensor | None  # [T, L, K] int32 expert ids, or None if not captured
+    finish_reason: FinishReason
+    weight_version: str  # engine's weight version when the sample finished
+
+    def __post_init__(self) -> None:
+        T = len(self.response_ids)
+        assert self.rollout_logprobs_T.shape == (T,), (self.rollout_logprobs_T.shape, T)
+        if self.routed_experts_TLK is not None:
+            assert self.routed_experts_TLK.dim() == 3 and self.routed_experts_TLK.shape[0] == T, (
+                self.routed_experts_TLK.shape, T)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)

@@ -1,0 +1,105 @@
+"""SGLang backend without a GPU: the launch command line, and every /generate body the
+client sends checked against SGLang 0.5.23's own request schema (``sglang/api/v1/api_types.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from moe_rl.rollout.client import generate_body
+from moe_rl.rollout.config import ClientConfig, RolloutConfig, SGLangConfig
+from moe_rl.rollout.sglang_backend import launch_command, launch_commands, router_command
+from moe_rl.rollout.types import RolloutRequest, SamplingParams
+
+
+def _flag(argv, name):
+    i = argv.index(name)
+    return argv[i + 1]
+
+
+def test_launch_command_flags():
+    cfg = SGLangConfig(model_path="/ckpt", num_servers=2, tp_size=4, ep_size=4, mem_fraction_static=0.6,
+                       base_port=31000, weight_version="7", random_seed=3, extra_args=["--log-level", "info"])
+    specs = launch_commands(cfg)
+    a = specs[1].argv
+    assert a[:3] == ["python", "-m", "sglang.launch_server"]
+    assert _flag(a, "--model-path") == "/ckpt" and _flag(a, "--port") == "31001"
+    assert _flag(a, "--tp-size") == "4" and _flag(a, "--ep-size") == "4" and _flag(a, "--dp-size") == "1"
+    assert _flag(a, "--mem-fraction-static") == "0.6" and _flag(a, "--weight-version") == "7"
+    assert _flag(a, "--base-gpu-id") == "4" and specs[1].gpu_ids == [4, 5, 6, 7]
+    assert _flag(a, "--host") == "127.0.0.1" and specs[1].url == "http://127.0.0.1:31001"
+    for f in ("--enable-memory-saver", "--enable-return-routed-experts", "--skip-server-warmup", "--enable-metrics"):
+        assert f in a
+    assert "--enable-ep-moe" not in a and "--enable-dp-attention" not in a and "--nnodes" not in a
+    assert a[-2:] == ["--log-level", "info"]
+    multi = launch_command(SGLangConfig(model_path="/c", tp_size=16, ep_size=16, attn_dp_size=16, nnodes=2,
+                                        node_rank=1, dist_init_addr="10.0.0.1:5000"))
+    assert _flag(multi.argv, "--nnodes") == "2" and _flag(multi.argv, "--node-rank") == "1"
+    assert _flag(multi.argv, "--dist-init-addr") == "10.0.0.1:5000" and _flag(multi.argv, "--attn-dp-size") == "16"
+    assert multi.gpu_ids == list(range(8))
+    r = router_command(["http://a:1", "http://b:2"], port=9000)
+    assert _flag(r, "--host") == "127.0.0.1" and _flag(r, "--prometheus-host") == "127.0.0.1"
+    assert r[r.index("--worker-urls") + 1:r.index("--worker-urls") + 3] == ["http://a:1", "http://b:2"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(tp_size=4, ep_size=3), "ep_size (3) must divide sglang.tp_size (4)"),
+    (dict(nnodes=2), "dist_init_addr is required"),
+    (dict(mem_fraction_static=1.5), "mem_fraction_static (1.5)"),
+    (dict(node_rank=2, nnodes=2, dist_init_addr="h:1"), "node_rank (2)"),
+])
+def test_sglang_config_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        SGLangConfig(**kw)
+
+
+def test_rollout_config_rejects_routes_through_router():
+    with pytest.raises(ValueError, match="drops return_routed_experts"):
+        RolloutConfig(client=ClientConfig(router_url="http://r:1", return_routed_experts=True))
+
+
+def _api_types():
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("sglang wheel not installed (pip install --no-deps sglang==0.5.23 msgspec)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "api", "v1", "api_types.py")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} missing: need sglang 0.5.23's generated api_types.py")
+    pytest.importorskip("msgspec", reason="msgspec is needed to load sglang's api_types.py")
+    # by file path: importing the sglang package would import torch-heavy modules
+    mod_spec = importlib.util.spec_from_file_location("_sglang_api_types", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    sys.modules["_sglang_api_types"] = mod
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+def test_client_generate_bodies_pass_sglang_schema():
+    api = _api_types()
+    reqs = [
+        RolloutRequest([5, 6, 7], SamplingParams()),
+        RolloutRequest([5], SamplingParams(max_new_tokens=9, temperature=0.0, top_p=0.9, top_k=20, min_p=0.05,
+                                           stop_token_ids=[2, 7], ignore_eos=True, n=8, sampling_seed=4)),
+    ]
+    for r in reqs:
+        for n in (1, 3):
+            for routes in (False, True):
+                body = generate_body(r, n, routes)
+                api.GenerateRequest.from_json_value(body)  # raises JsonContractError on a violation
+    # the schema is a real gate: it rejects what SGLang rejects
+    with pytest.raises(Exception, match="bogus"):
+        api.GenerateRequest.from_json_value({"input_ids": [1], "sampling_params": {"bogus": 1}})
+
+
+def test_embedded_server_rejects_what_sglang_schema_rejects():
+    """The embedded server's sampling-key list equals the schema's fields."""
+    api = _api_types()
+    import msgspec
+
+    from moe_rl.rollout.embedded.protocol import SGLANG_SAMPLING_KEYS
+
+    fields = {f.encode_name for f in msgspec.structs.fields(api.SamplingParams)}
+    assert set(SGLANG_SAMPLING_KEYS) == fields
