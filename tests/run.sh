@@ -6,5 +6,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash launch/install.sh dev
 export PYTHONUNBUFFERED=1
+# Nothing may come from a model hub: tests build their models and tokenizers locally.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # pytest's own exit code is passed through: 5 ("no tests collected") fails the run.
 exec .venv/bin/python -m pytest -q --durations=15 "$@"

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
         return 2
     groups = G.setup(dims)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    if torch.cuda.is_available():
+        hf = hf.cuda()
     res = logit_parity(hf, hf_dir, groups, batch=args.batch, seq=args.seq)
     tol = args.tolerance if args.tolerance is not None else LOGIT_TOLERANCE
     G.teardown()

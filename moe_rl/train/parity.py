@@ -21,6 +21,10 @@ from moe_rl.train.schedule import forward_backward, gather_vocab
 LOGIT_TOLERANCE = 1e-4
 
 
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def sample_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
@@ -42,7 +46,9 @@ def megatron_logits(built: BuiltModel, microbatches: Sequence[torch.Tensor], gro
         return logits_BSV.sum() * 0.0, {}
 
     built.module.eval()
-    forward_backward(built.module, [{"tokens": t} for t in microbatches], keep, groups, forward_only=True)
+    dev = _device()
+    forward_backward(built.module, [{"tokens": t.to(dev)} for t in microbatches], keep, groups,
+                     forward_only=True)
     return out
 
 
@@ -58,8 +64,8 @@ def logit_parity(hf_model, hf_dir: str, groups: Groups, *, batch: int = 2, seq: 
     diff, ref_max = 0.0, 0.0
     with torch.no_grad():
         for t, o in zip(mbs, ours):
-            ref = hf_model(t).logits.float()
-            diff = max(diff, (o - ref).abs().max().item())
+            ref = hf_model(t.to(hf_model.device)).logits.float().cpu()
+            diff = max(diff, (o.cpu() - ref).abs().max().item())
             ref_max = max(ref_max, ref.abs().max().item())
     return {"max_abs_diff": _max_over_world(diff), "max_abs_logit": _max_over_world(ref_max),
             "build_load_s": t_build}
