@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     from moe_rl.parallel import ParallelDims
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
+    from moe_rl.train.cross_entropy import step_loss, token_cross_entropy
     from moe_rl.train.model import build_model, load_hf_weights
     from moe_rl.train.optimizer import optimizer_step, wrap_for_training
     from moe_rl.train.parity import LOGIT_TOLERANCE, logit_parity
@@ -71,8 +72,6 @@ def main(argv: list[str]) -> int:
 
     # Training: a learnable toy language (arithmetic progressions mod V), token-mean CE over
     # the global number of tokens of each step.
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     built = build_model(hf.config, groups)
     load_hf_weights(built, hf_dir, groups)
     state = wrap_for_training(built.module, cfg.optim, groups)
@@ -94,22 +93,11 @@ def main(argv: list[str]) -> int:
         mbs = [{"tokens": mine[i:i + t.micro_batch, :-1], "labels": mine[i:i + t.micro_batch, 1:]}
                for i in range(0, per_rank, t.micro_batch)]
 
-        def loss_fn(logits_BSV, mb):
-            ce = vocab_parallel_cross_entropy(logits_BSV.float().transpose(0, 1).contiguous(),
-                                              mb["labels"].t().contiguous())
-            loss = ce.sum() / n_tokens
-            return loss, {"loss": loss.detach().clone()}
-
         t0 = time.perf_counter()
-        out = forward_backward(state.model, mbs, loss_fn, groups)
+        out = forward_backward(state.model, mbs, token_cross_entropy(n_tokens), groups)
         m = optimizer_step(state)
-        loss = torch.tensor([sum(float(x["loss"]) for x in out)], dtype=torch.float64)
-        if groups.is_last_stage:
-            dist.all_reduce(loss, group=groups.dp_group)
-        else:
-            loss.zero_()
-        dist.all_reduce(loss, op=dist.ReduceOp.MAX)
-        say(f"[train] step {step}/{t.steps} loss={float(loss):.4f} grad_norm={m['train/grad_norm']:.4f} "
+        loss = step_loss(out, groups)
+        say(f"[train] step {step}/{t.steps} loss={loss:.4f} grad_norm={m['train/grad_norm']:.4f} "
             f"lr={m['train/lr']:.2e} time={time.perf_counter() - t0:.2f}s")
     G.teardown()
     dist.barrier()

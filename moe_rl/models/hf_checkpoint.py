@@ -11,6 +11,10 @@ import torch
 from safetensors import safe_open
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 class HFCheckpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -37,13 +41,43 @@ class HFCheckpoint:
     def keys(self):
         return self.weight_map.keys()
 
-    def get(self, name: str) -> torch.Tensor:
+    def total_bytes(self) -> int:
+        """Bytes of all tensors in the checkpoint (from the headers, nothing is read)."""
+        n = 0
+        for fname in set(self.weight_map.values()):
+            with safe_open(str(self.path / fname), "pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= d
+                    n += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        return n
+
+    def _handle(self, name: str):
         if name not in self.weight_map:
             raise KeyError(f"{self.path}: tensor {name!r} not in the checkpoint")
         fname = self.weight_map[name]
         h = self._handles.get(fname)
         if h is None:
             h = self._handles[fname] = safe_open(str(self.path / fname), "pt")
-        t = h.get_tensor(name)
+        return h
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(name).get_slice(name).get_shape())
+
+    def get_chunk(self, name: str, dim: int, index: int, parts: int) -> torch.Tensor:
+        """Chunk ``index`` of ``parts`` along ``dim``, reading only those bytes."""
+        sl = self._handle(name).get_slice(name)
+        shape = sl.get_shape()
+        size = shape[dim] // parts
+        idx = tuple(slice(None) if d != dim else slice(index * size, (index + 1) * size)
+                    for d in range(len(shape)))
+        t = sl[idx]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._handle(name).get_tensor(name)
         self.bytes_read += t.numel() * t.element_size()
         return t

@@ -53,6 +53,22 @@ class Entry:
             out = torch.cat([out, pad], dim=0)
         return out
 
+    def to_mcore_chunk(self, get_chunk: Callable[[str, int, int, int], torch.Tensor],
+                       partition_dim: int, rank: int, size: int) -> torch.Tensor:
+        """This rank's shard, reading only its part of each HF tensor.
+
+        Equals ``shard(self.to_mcore(get), ...)``: a qkv chunk is whole query groups, a glu
+        chunk is [gate_i; up_i]. ``get_chunk(name, dim, index, parts)`` reads one chunk.
+        The caller makes sure no vocabulary padding is involved."""
+        if self.kind == "copy":
+            return get_chunk(self.hf[0], partition_dim, rank, size)
+        assert partition_dim == 0, (self.mcore, partition_dim)
+        parts = [get_chunk(n, 0, rank, size) for n in self.hf]
+        if self.kind == "glu":
+            return torch.cat(parts, dim=0)
+        Q, G, D = self.qkv_shape
+        return _fuse_qkv(*parts, (Q // size, G // size, D))
+
     def to_hf(self, t: torch.Tensor, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
         if self.vocab and vocab_size is not None:
             t = t[:vocab_size]

@@ -7,7 +7,7 @@ the step totals. Every rank of ``dp_group`` must call ``count_global`` with the 
 will train on (after overlong filtering and any other mask edits), and they all receive
 the same ``GlobalCounts``. ``dp_group=None`` means a single process (no communication).
 
-The process group is passed in; this module never reads Megatron's ``parallel_state``.
+The process group is passed in; this module never reads Megatron's global group registry.
 With pipeline parallelism only the ranks that compute the loss need the counts, but every
 DP replica must contribute its micro-batches, so pass the data-parallel group of the
 last pipeline stage (or count on all stages with their own DP group: the data is the same).

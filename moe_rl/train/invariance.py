@@ -12,11 +12,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_rl.parallel.groups import Groups
 from moe_rl.train.config import OptimConfig
+from moe_rl.train.cross_entropy import step_loss, token_cross_entropy
 from moe_rl.train.model import build_model, load_hf_weights
 from moe_rl.train.optimizer import optimizer_step, wrap_for_training
 from moe_rl.train.parity import sample_tokens
@@ -39,8 +39,6 @@ def _optim_cfg(lr: float) -> OptimConfig:
 
 def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int = 3, num_seqs: int = 4,
                          seq: int = 32, micro_batch: int = 1, lr: float = 1e-3, seed: int = 0) -> dict:
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     built = build_model(hf_config, groups)
     load_hf_weights(built, hf_dir, groups)
     state = wrap_for_training(built.module, _optim_cfg(lr), groups)
@@ -55,22 +53,12 @@ def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int =
     mbs = [{"tokens": tokens[i:i + micro_batch], "labels": labels[i:i + micro_batch],
             "mask": mask[i:i + micro_batch]} for i in range(lo, lo + per_rank, micro_batch)]
 
-    def loss_fn(logits_BSV, mb):
-        ce_SB = vocab_parallel_cross_entropy(logits_BSV.float().transpose(0, 1).contiguous(),
-                                             mb["labels"].t().contiguous())
-        loss = (ce_SB.t() * mb["mask"]).sum() / global_tokens
-        return loss, {"loss": loss.detach().clone()}
+    loss_fn = token_cross_entropy(global_tokens)
 
     losses, norms = [], []
     for _ in range(steps):
         out = forward_backward(state.model, mbs, loss_fn, groups)
-        local = torch.tensor([sum(float(m["loss"]) for m in out)], dtype=torch.float64)
-        if groups.is_last_stage:
-            dist.all_reduce(local, group=groups.dp_group)
-        else:
-            local.zero_()
-        dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        losses.append(float(local))
+        losses.append(step_loss(out, groups))
         norms.append(optimizer_step(state)["train/grad_norm"])
     return {"losses": losses, "grad_norms": norms}
 

@@ -112,12 +112,17 @@ def load_hf_weights(built: BuiltModel, ckpt: HFCheckpoint | str, groups: Groups)
                                f"family {built.family.name}")
             continue
         entry = built.param_map[canon]
-        full = entry.to_mcore(get, built.padded_vocab_size)
         if _is_expert(canon) and "shared_experts" not in canon:
             rank, size = groups.etp_rank, groups.dims.etp
         else:
             rank, size = groups.tp_rank, groups.dims.tp
-        part = shard(full, entry, partition_dim=partition_of(t), rank=rank, size=size)
+        pdim = partition_of(t)
+        if pdim is not None and size > 1 and all(ckpt.shape(n)[pdim] % size == 0 for n in entry.hf):
+            # Even split of every HF source (no vocabulary padding): read only this chunk.
+            part = entry.to_mcore_chunk(ckpt.get_chunk, pdim, rank, size)
+        else:
+            full = entry.to_mcore(get, built.padded_vocab_size)
+            part = shard(full, entry, partition_dim=pdim, rank=rank, size=size)
         if tuple(part.shape) != tuple(t.shape):
             raise ValueError(f"{local}: HF gives shape {tuple(part.shape)} for this rank, the "
                              f"model has {tuple(t.shape)}")

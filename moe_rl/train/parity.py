@@ -56,8 +56,12 @@ def logit_parity(hf_model, hf_dir: str, groups: Groups, *, batch: int = 2, seq: 
                  num_microbatches: int = 2, seed: int = 0) -> dict:
     """Build at ``groups``' layout, load ``hf_dir``, compare logits with ``hf_model``."""
     t0 = time.perf_counter()
+    from moe_rl.models.hf_checkpoint import HFCheckpoint
+
     built = build_model(hf_model.config, groups)
-    load_hf_weights(built, hf_dir, groups)
+    ckpt = HFCheckpoint(hf_dir)
+    load_hf_weights(built, ckpt, groups)
+    read_fraction = ckpt.bytes_read / ckpt.total_bytes()
     t_build = time.perf_counter() - t0
     mbs = [sample_tokens(hf_model.config.vocab_size, batch, seq, seed + i) for i in range(num_microbatches)]
     ours = megatron_logits(built, mbs, groups)
@@ -68,4 +72,4 @@ def logit_parity(hf_model, hf_dir: str, groups: Groups, *, batch: int = 2, seq: 
             diff = max(diff, (o.cpu() - ref).abs().max().item())
             ref_max = max(ref_max, ref.abs().max().item())
     return {"max_abs_diff": _max_over_world(diff), "max_abs_logit": _max_over_world(ref_max),
-            "build_load_s": t_build}
+            "build_load_s": t_build, "max_read_fraction": _max_over_world(read_fraction)}

@@ -3,7 +3,7 @@ Skipped where no CUDA GPU exists (see tests/conftest.py)."""
 
 import pytest
 
-from conftest import ROOT, torchrun
+from launcher import ROOT, torchrun
 
 pytestmark = pytest.mark.gpu
 

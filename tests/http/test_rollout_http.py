@@ -24,7 +24,7 @@ from moe_rl.rollout.config import ClientConfig
 from moe_rl.rollout.embedded.weight_update import model_tensors
 from moe_rl.rollout.types import FinishReason, RolloutRequest, SamplingParams
 
-from conftest import free_port
+from embedded_servers import free_port
 
 
 @pytest.fixture(scope="module")

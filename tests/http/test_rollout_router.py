@@ -13,7 +13,7 @@ from moe_rl.rollout.config import ClientConfig
 from moe_rl.rollout.sglang_backend import router_command
 from moe_rl.rollout.types import RolloutRequest, SamplingParams
 
-from conftest import ServerProc, free_port
+from embedded_servers import ServerProc, free_port
 
 pytest.importorskip("sglang_router", reason="sglang-router not installed (pip install sglang-router==0.3.2)")
 

@@ -82,3 +82,28 @@ def test_deepseek_group_topk_mismatch_is_refused():
     hf = tiny_hf_config("deepseek_v3", num_experts_per_tok=3)
     with pytest.raises(ValueError, match="agree only when that is 2"):
         family_for(hf).transformer_config(hf, ParallelDims.build(ParallelConfig(), 1))
+
+
+@pytest.mark.parametrize("kind", ["copy", "glu", "qkv"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_chunked_read_equals_shard_of_full(kind, dim):
+    if kind != "copy" and dim == 1:
+        pytest.skip("fused kinds are column-parallel (dim 0) only")
+    g = torch.Generator().manual_seed(0)
+    src = {"a": torch.randn(16, 8, generator=g), "b": torch.randn(8, 8, generator=g),
+           "c": torch.randn(8, 8, generator=g)}
+    if kind == "copy":
+        e = Entry("x", ("a",))
+    elif kind == "glu":
+        e = Entry("x", ("a", "b"), "glu")
+        src["b"] = torch.randn(16, 8, generator=g)
+    else:
+        e = Entry("x", ("a", "b", "c"), "qkv", (4, 2, 4))  # Q=4 heads, G=2 groups, D=4
+
+    def get_chunk(name, d, i, n):
+        return src[name].chunk(n, dim=d)[i]
+
+    full = e.to_mcore(src.__getitem__)
+    for r in range(2):
+        assert torch.equal(e.to_mcore_chunk(get_chunk, dim, r, 2),
+                           shard(full, e, partition_dim=dim, rank=r, size=2))
