@@ -20,6 +20,7 @@ from moe_rl.train.cross_entropy import step_loss, token_cross_entropy
 from moe_rl.train.model import build_model, load_hf_weights
 from moe_rl.train.optimizer import optimizer_step, wrap_for_training
 from moe_rl.train.parity import sample_tokens
+from moe_rl.train.policy_head import emit_hidden_states, sequence_logprobs
 from moe_rl.train.schedule import forward_backward
 
 
@@ -38,7 +39,10 @@ def _optim_cfg(lr: float) -> OptimConfig:
 
 
 def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int = 3, num_seqs: int = 4,
-                         seq: int = 32, micro_batch: int = 1, lr: float = 1e-3, seed: int = 0) -> dict:
+                         seq: int = 32, micro_batch: int = 1, lr: float = 1e-3, seed: int = 0,
+                         head: str = "logits") -> dict:
+    """``head``: "logits" trains on Megatron's vocab-parallel cross-entropy over full logits;
+    "logprobs" on -log pi from our chunked head (``policy_head``), the RL trainer's path."""
     built = build_model(hf_config, groups)
     load_hf_weights(built, hf_dir, groups)
     state = wrap_for_training(built.module, _optim_cfg(lr), groups)
@@ -53,7 +57,18 @@ def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int =
     mbs = [{"tokens": tokens[i:i + micro_batch], "labels": labels[i:i + micro_batch],
             "mask": mask[i:i + micro_batch]} for i in range(lo, lo + per_rank, micro_batch)]
 
-    loss_fn = token_cross_entropy(global_tokens)
+    if head == "logits":
+        loss_fn = token_cross_entropy(global_tokens)
+    elif head == "logprobs":
+        emit_hidden_states(built.module)
+
+        def loss_fn(hidden, mb):
+            logp, _ = sequence_logprobs(hidden, built.module, mb["labels"], groups,
+                                        vocab_size=hf_config.vocab_size)
+            loss = -(logp * mb["mask"]).sum() / global_tokens
+            return loss, {"loss": loss.detach().clone()}
+    else:
+        raise ValueError(f"head {head!r} not in ('logits', 'logprobs')")
 
     losses, norms = [], []
     for _ in range(steps):

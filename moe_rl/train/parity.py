@@ -73,3 +73,37 @@ def logit_parity(hf_model, hf_dir: str, groups: Groups, *, batch: int = 2, seq: 
             ref_max = max(ref_max, ref.abs().max().item())
     return {"max_abs_diff": _max_over_world(diff), "max_abs_logit": _max_over_world(ref_max),
             "build_load_s": t_build, "max_read_fraction": _max_over_world(read_fraction)}
+
+
+def logprob_parity(hf_model, hf_dir: str, groups: Groups, *, temperature: float = 0.7, batch: int = 2,
+                   seq: int = 32, seed: int = 0) -> dict:
+    """Per-token log-probs and entropies from our chunked vocab-parallel head vs HF's
+    ``log_softmax(logits / temperature)`` (max abs diff of each, over all ranks)."""
+    from moe_rl.train.policy_head import emit_hidden_states, sequence_logprobs
+
+    built = build_model(hf_model.config, groups)
+    load_hf_weights(built, hf_dir, groups)
+    emit_hidden_states(built.module)
+    built.module.eval()
+    V = hf_model.config.vocab_size
+    tokens = sample_tokens(V, batch, seq, seed)
+    targets = sample_tokens(V, batch, seq, seed + 100)
+    got: list = []
+
+    def score(hidden, mb):
+        logp, ent = sequence_logprobs(hidden, built.module, mb["targets"], groups, vocab_size=V,
+                                      temperature=temperature)
+        got.append((logp.detach().cpu(), ent.detach().cpu()))
+        return logp.sum() * 0.0, {}
+
+    dev = _device()
+    with torch.no_grad():
+        forward_backward(built.module, [{"tokens": tokens.to(dev), "targets": targets.to(dev)}],
+                         score, groups, forward_only=True)
+        ref = torch.log_softmax(hf_model(tokens.to(hf_model.device)).logits.float().cpu() / temperature, -1)
+    d_logp = d_ent = 0.0
+    if got:
+        logp, ent = got[0]
+        d_logp = (logp - ref.gather(-1, targets[..., None])[..., 0]).abs().max().item()
+        d_ent = (ent - (-(ref.exp() * ref).sum(-1))).abs().max().item()
+    return {"logp_max_abs_diff": _max_over_world(d_logp), "entropy_max_abs_diff": _max_over_world(d_ent)}

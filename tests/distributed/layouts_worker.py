@@ -24,7 +24,7 @@ def main():
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
     from moe_rl.train.invariance import hf_train_steps, megatron_train_steps
-    from moe_rl.train.parity import logit_parity
+    from moe_rl.train.parity import logit_parity, logprob_parity
 
     torch.set_num_threads(1)
     activate_cpu_mode()
@@ -49,6 +49,8 @@ def main():
             rec["layout_name"] = dims.describe()
             for check in spec["checks"]:
                 t0 = time.perf_counter()
+                if dist.get_rank() == 0:
+                    print(f"[worker] {fam} {dims.describe()} {check}", file=sys.stderr, flush=True)
                 try:
                     groups = G.setup(dims)
                     if check == "parity":
@@ -57,6 +59,14 @@ def main():
                         if fam not in refs:
                             refs[fam] = hf_train_steps(hf)
                         rec["train"] = megatron_train_steps(hf.config, hf_dir, groups)
+                        rec["train_ref"] = refs[fam]
+                    elif check == "logprobs":
+                        if fam not in refs:
+                            refs[fam] = hf_train_steps(hf)
+                        rec["logprobs"] = logprob_parity(hf, hf_dir, groups)
+                        G.teardown()
+                        groups = G.setup(dims)
+                        rec["logprob_train"] = megatron_train_steps(hf.config, hf_dir, groups, head="logprobs")
                         rec["train_ref"] = refs[fam]
                 except Exception:
                     rec[f"{check}_error"] = traceback.format_exc()[-3000:]
