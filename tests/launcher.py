@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Launch ``script`` under torchrun on 127.0.0.1 with ``nproc`` ranks; fail with its output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1",
+               MOE_RL_DIST_TIMEOUT_S="300")
     # --standalone: a private c10d rendezvous on a free local port (port 0 with the static
     # rendezvous is not propagated to the workers and hangs).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

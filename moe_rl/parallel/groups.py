@@ -56,8 +56,13 @@ def backend_for_device() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(timeout_minutes: int = 10) -> None:
-    """Start torch.distributed from torchrun's environment (or a 1-rank world without it)."""
+def init_distributed(timeout_minutes: float | None = None) -> None:
+    """Start torch.distributed from torchrun's environment (or a 1-rank world without it).
+
+    A collective that waits longer than the timeout fails instead of hanging until the
+    walltime (default 10 min; ``MOE_RL_DIST_TIMEOUT_S`` overrides, the tests use 5 min)."""
+    if timeout_minutes is None:
+        timeout_minutes = float(os.environ.get("MOE_RL_DIST_TIMEOUT_S", 600)) / 60
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:

@@ -33,19 +33,19 @@ def make_global_batch(vocab: int, num_seqs: int, seq: int, seed: int = 0):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
 
 
-def _optim_cfg(lr: float) -> OptimConfig:
+def _optim_cfg(lr: float, distributed: bool = True) -> OptimConfig:
     return OptimConfig(lr=lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-8,
-                       clip_grad=1.0, use_distributed_optimizer=True)
+                       clip_grad=1.0, use_distributed_optimizer=distributed)
 
 
 def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int = 3, num_seqs: int = 4,
                          seq: int = 32, micro_batch: int = 1, lr: float = 1e-3, seed: int = 0,
-                         head: str = "logits") -> dict:
+                         head: str = "logits", distributed_optimizer: bool = True) -> dict:
     """``head``: "logits" trains on Megatron's vocab-parallel cross-entropy over full logits;
     "logprobs" on -log pi from our chunked head (``policy_head``), the RL trainer's path."""
     built = build_model(hf_config, groups)
     load_hf_weights(built, hf_dir, groups)
-    state = wrap_for_training(built.module, _optim_cfg(lr), groups)
+    state = wrap_for_training(built.module, _optim_cfg(lr, distributed_optimizer), groups)
     state.model.train()
     tokens, labels, mask = make_global_batch(hf_config.vocab_size, num_seqs, seq, seed)
     dp, dp_rank = groups.dims.dp, groups.dp_rank

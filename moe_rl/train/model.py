@@ -57,6 +57,16 @@ def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, **conf
                       expert_offset, padded)
 
 
+def build_reference(hf_config, hf_dir, groups: Groups, *, params_dtype=torch.float32) -> BuiltModel:
+    """The frozen reference policy: the same build and loading as the policy, then no
+    gradients, eval mode, and no DDP/optimizer (it only runs forward)."""
+    built = build_model(hf_config, groups, params_dtype=params_dtype)
+    load_hf_weights(built, hf_dir, groups)
+    built.module.requires_grad_(False)
+    built.module.eval()
+    return built
+
+
 def _mark_expert_params(model: torch.nn.Module) -> None:
     """Megatron-Core 0.16.1 tags expert weights ``allreduce=False`` only when EP > 1
     (``tensor_parallel/layers.py:829,886,1209``, ``moe/experts.py:203``). At EP=1 they are

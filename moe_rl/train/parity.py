@@ -81,10 +81,12 @@ def logprob_parity(hf_model, hf_dir: str, groups: Groups, *, temperature: float 
     ``log_softmax(logits / temperature)`` (max abs diff of each, over all ranks)."""
     from moe_rl.train.policy_head import emit_hidden_states, sequence_logprobs
 
-    built = build_model(hf_model.config, groups)
-    load_hf_weights(built, hf_dir, groups)
+    from moe_rl.train.model import build_reference
+
+    # The frozen reference computes reference log-probs in RL: check it through the same path.
+    built = build_reference(hf_model.config, hf_dir, groups)
+    frozen = not any(p.requires_grad for p in built.module.parameters())
     emit_hidden_states(built.module)
-    built.module.eval()
     V = hf_model.config.vocab_size
     tokens = sample_tokens(V, batch, seq, seed)
     targets = sample_tokens(V, batch, seq, seed + 100)
@@ -106,4 +108,5 @@ def logprob_parity(hf_model, hf_dir: str, groups: Groups, *, temperature: float 
         logp, ent = got[0]
         d_logp = (logp - ref.gather(-1, targets[..., None])[..., 0]).abs().max().item()
         d_ent = (ent - (-(ref.exp() * ref).sum(-1))).abs().max().item()
-    return {"logp_max_abs_diff": _max_over_world(d_logp), "entropy_max_abs_diff": _max_over_world(d_ent)}
+    return {"logp_max_abs_diff": _max_over_world(d_logp), "entropy_max_abs_diff": _max_over_world(d_ent),
+            "reference_frozen": frozen}

@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N tests/distributed/layouts_worker.py OUT.json SPEC.json
 
-SPEC: {"families": {name: hf_dir}, "layouts": [{"tp":..,"pp":..,"ep":..,"etp":..}],
+SPEC: {"families": {name: hf_dir}, "layouts": [{"tp":..,"pp":..,"ep":..,"etp":.., "opt": "plain"}],
        "checks": ["parity", "train"], "skip": [[family, layout_name], ...]}
 """
 
@@ -58,7 +58,8 @@ def main():
                     elif check == "train":
                         if fam not in refs:
                             refs[fam] = hf_train_steps(hf)
-                        rec["train"] = megatron_train_steps(hf.config, hf_dir, groups)
+                        rec["train"] = megatron_train_steps(
+                            hf.config, hf_dir, groups, distributed_optimizer=lay.get("opt") != "plain")
                         rec["train_ref"] = refs[fam]
                     elif check == "logprobs":
                         if fam not in refs:

@@ -25,8 +25,8 @@ TRAIN_RTOL, TRAIN_ATOL = 1e-5, 2e-5
 
 LAYOUTS = {
     1: [{}],
-    2: [{"tp": 2}, {"pp": 2}, {"ep": 2}, {"etp": 2}, {"tp": 2, "etp": 1}, {}],
-    4: [{"tp": 2, "ep": 2}, {"tp": 2, "ep": 2, "etp": 1}, {"pp": 2, "ep": 2}],
+    2: [{"tp": 2}, {"pp": 2}, {"ep": 2}, {"etp": 2}, {"tp": 2, "etp": 1}, {}, {"ep": 2, "opt": "plain"}],
+    4: [{"tp": 2, "ep": 2}, {"tp": 2, "ep": 2, "etp": 1}, {"pp": 2, "ep": 2}, {"pp": 2, "tp": 2, "opt": "plain"}],
 }
 MOE = {"qwen3_moe", "mixtral", "deepseek_v3"}
 # measured: TP2 0.50-0.53, PP2 <= 0.6, EP2 0.61-0.77, TP2xEP2 <= 0.4 (see runs/parity_table.md)
@@ -65,7 +65,8 @@ def _write_table(results) -> None:
 
 
 def _name(lay: dict) -> str:
-    return "x".join(f"{k.upper()}{v}" for k, v in sorted(lay.items())) or "base"
+    return "x".join(f"{k.upper()}{v}" for k, v in sorted(lay.items()) if k != "opt") + \
+        ("-plainopt" if lay.get("opt") == "plain" else "") or "base"
 
 
 CASES = [(n, f, _name(l)) for n, ls in LAYOUTS.items() for l in ls for f in FAMILIES]
@@ -125,4 +126,5 @@ def test_logprob_head_matches_transformers(layout_results, case):
     lp = rec["logprobs"]
     assert lp["logp_max_abs_diff"] <= LOGPROB_TOLERANCE, (rec["layout_name"], lp)
     assert lp["entropy_max_abs_diff"] <= LOGPROB_TOLERANCE, (rec["layout_name"], lp)
+    assert lp["reference_frozen"]
     _assert_same_training(rec, rec["logprob_train"])
