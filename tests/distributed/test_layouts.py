@@ -50,14 +50,20 @@ def _write_table(results) -> None:
     from launcher import ROOT
 
     lines = ["| ranks | layout | family | max abs logit diff | max train diff (loss, grad norm) "
-             "| max read fraction | train s |", "|---|---|---|---|---|---|---|"]
+             "| max logp / entropy diff (T=0.7) | train diff via logp head | max read fraction | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (n, fam, lay), rec in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         if "invalid" in rec or "parity" not in rec or "train" not in rec:
             continue
-        tdiff = max(abs(a - b) for k in ("losses", "grad_norms")
-                    for a, b in zip(rec["train"][k], rec["train_ref"][k]))
-        lines.append(f"| {n} | {rec['layout_name'].split(' (')[0]} | {fam} | "
-                     f"{rec['parity']['max_abs_diff']:.1e} | {tdiff:.1e} | "
+        def tdiff(ours):
+            return max(abs(a - b) for k in ("losses", "grad_norms")
+                       for a, b in zip(ours[k], rec["train_ref"][k]))
+        lp = rec.get("logprobs", {})
+        lines.append(f"| {n} | {rec['layout_name'].split(' (')[0]}{' plain opt' if 'plainopt' in lay else ''} "
+                     f"| {fam} | {rec['parity']['max_abs_diff']:.1e} | {tdiff(rec['train']):.1e} | "
+                     f"{lp.get('logp_max_abs_diff', float('nan')):.1e} / "
+                     f"{lp.get('entropy_max_abs_diff', float('nan')):.1e} | "
+                     f"{tdiff(rec['logprob_train']) if 'logprob_train' in rec else float('nan'):.1e} | "
                      f"{rec['parity']['max_read_fraction']:.2f} | {rec['train_s']:.1f} |")
     out = ROOT / "runs" / "parity_table.md"
     out.parent.mkdir(exist_ok=True)
