@@ -16,7 +16,8 @@ class OptimConfig:
     lr_warmup_steps: int = 0
     """Linear warm-up from 0 over this many optimizer steps."""
     lr_decay_steps: int = 0
-    """Steps of the decay (0: no decay after warm-up)."""
+    """Step at which the decay reaches min_lr, counted from step 0 including the warm-up
+    (Megatron's convention; 0: constant after warm-up)."""
     lr_decay_style: str = "constant"
     """constant | linear | cosine | inverse-square-root."""
     weight_decay: float = 0.01
@@ -43,3 +44,6 @@ class OptimConfig:
             raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
         if self.lr_warmup_steps < 0 or self.lr_decay_steps < 0:
             raise ValueError("optim.lr_warmup_steps and optim.lr_decay_steps must be >= 0")
+        if 0 < self.lr_decay_steps <= self.lr_warmup_steps:
+            raise ValueError(f"optim.lr_decay_steps ({self.lr_decay_steps}) must be greater than "
+                             f"optim.lr_warmup_steps ({self.lr_warmup_steps})")

@@ -31,7 +31,6 @@ def wrap_for_training(module: torch.nn.Module, cfg: OptimConfig, groups: Groups)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     tc = module.config
     ddp_cfg = DistributedDataParallelConfig(
@@ -60,9 +59,18 @@ def wrap_for_training(module: torch.nn.Module, cfg: OptimConfig, groups: Groups)
     )
     optimizer = get_megatron_optimizer(opt_cfg, [ddp],
                                        use_gloo_process_groups=backend_for_device() != "gloo")
+    scheduler = build_lr_scheduler(optimizer, cfg)
+    return TrainState(ddp, optimizer, scheduler)
+
+
+def build_lr_scheduler(optimizer, cfg: OptimConfig):
+    """Megatron's ``OptimizerParamScheduler``: linear warm-up from 0 over ``lr_warmup_steps``,
+    then ``lr_decay_style`` from ``lr`` to ``min_lr`` over ``lr_decay_steps`` (constant when 0)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps > 0 else max(cfg.lr_warmup_steps, 1) + 1
     style = cfg.lr_decay_style if cfg.lr_decay_steps > 0 else "constant"
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr,
         max_lr=cfg.lr,
@@ -75,7 +83,6 @@ def wrap_for_training(module: torch.nn.Module, cfg: OptimConfig, groups: Groups)
         wd_incr_steps=1,
         wd_incr_style="constant",
     )
-    return TrainState(ddp, optimizer, scheduler)
 
 
 def optimizer_step(state: TrainState) -> dict[str, float]:
