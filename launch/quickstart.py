@@ -82,13 +82,14 @@ def main(argv: list[str]) -> int:
             f"({dims.dp}) x train.micro_batch ({t.micro_batch})")
         return 2
     V = hf.config.vocab_size
+    device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(t.seed)
     per_rank = t.global_batch // dims.dp
     for step in range(1, t.steps + 1):
         start = torch.randint(3, V, (t.global_batch, 1), generator=g)
         stride = torch.randint(1, 7, (t.global_batch, 1), generator=g)
         seqs = 3 + (start + stride * torch.arange(t.seq_len + 1)) % (V - 3)
-        mine = seqs[groups.dp_rank * per_rank:(groups.dp_rank + 1) * per_rank]
+        mine = seqs[groups.dp_rank * per_rank:(groups.dp_rank + 1) * per_rank].to(device)
         n_tokens = float(t.global_batch * t.seq_len)
         mbs = [{"tokens": mine[i:i + t.micro_batch, :-1], "labels": mine[i:i + t.micro_batch, 1:]}
                for i in range(0, per_rank, t.micro_batch)]
