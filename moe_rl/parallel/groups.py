@@ -11,6 +11,7 @@ world, in the same order.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +144,9 @@ def teardown() -> None:
                     pass  # not a group of this rank, or already gone
     ps.destroy_model_parallel()
     RouterReplay.clear_global_router_replay_instances()
+    # Models and optimizers of the old layout hold the groups in reference cycles: collect
+    # them now so the communicators (and gloo's threads) go with them.
+    gc.collect()
 
 
 def _process_groups(value):

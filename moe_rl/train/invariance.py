@@ -96,3 +96,82 @@ def hf_train_steps(hf_model, *, steps: int = 3, num_seqs: int = 4, seq: int = 32
         losses.append(float(loss))
         norms.append(float(norm))
     return {"losses": losses, "grad_norms": norms}
+
+
+# ------------------------------------------------------------------ the actor (RL) step
+
+def actor_test_config():
+    """GRPO with KL (k3) in the loss, dual clip and TIS: most metric paths of the actor loss."""
+    from moe_rl.algorithms.config import AlgorithmConfig
+
+    return AlgorithmConfig(preset="grpo", dual_clip_c=3.0, mismatch="tis")
+
+
+@torch.no_grad()
+def make_rl_batch(hf_model, *, num_seqs: int = 4, seq: int = 32, temperature: float = 0.8, seed: int = 0) -> dict:
+    """A GRPO-shaped batch scored by ``hf_model``: ragged prompts and responses, a stale
+    ``old_logp`` (noise of 0.3 nats, so that clipping happens), engine log-probs, reference
+    log-probs, and per-response advantages."""
+    g = torch.Generator().manual_seed(seed + 7)
+    V = hf_model.config.vocab_size
+    full = sample_tokens(V, num_seqs, seq + 1, seed)
+    tokens, targets = full[:, :-1].contiguous(), full[:, 1:].contiguous()
+    prompt = torch.randint(4, 12, (num_seqs, 1), generator=g)
+    end = torch.randint(seq // 2, seq + 1, (num_seqs, 1), generator=g)
+    pos = torch.arange(seq)[None]
+    mask = ((pos >= prompt) & (pos < end)).float()
+    logits = hf_model(tokens).logits.float() / temperature
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    noise = lambda s: s * torch.randn(logp.shape, generator=g)  # noqa: E731
+    adv = torch.randn(num_seqs, 1, generator=g).expand(num_seqs, seq).contiguous()
+    return {"tokens": tokens, "targets": targets, "mask": mask, "adv": adv,
+            "old_logp": logp + noise(0.3), "rollout_logp": logp + noise(0.3), "ref_logp": logp + noise(0.1),
+            "temperature": temperature}
+
+
+# The actor compares 2 steps of a loss with exp(log-ratio) in it: a small step keeps the
+# second step's comparison about the layout, not about amplified HF-vs-Megatron rounding.
+ACTOR_LR = 1e-4
+
+
+def megatron_actor_steps(hf_config, hf_dir: str, groups: Groups, batch: dict, *, steps: int = 2,
+                         micro_batch: int = 1, lr: float = ACTOR_LR) -> list[dict]:
+    from moe_rl.train.actor_step import actor_step
+
+    built = build_model(hf_config, groups)
+    load_hf_weights(built, hf_dir, groups)
+    state = wrap_for_training(built.module, _optim_cfg(lr), groups)
+    state.model.train()
+    n, dp = batch["tokens"].shape[0], groups.dims.dp
+    per_rank = n // dp
+    lo = groups.dp_rank * per_rank
+    keys = [k for k in batch if k != "temperature"]
+    mbs = [{k: batch[k][i:i + micro_batch] for k in keys} for i in range(lo, lo + per_rank, micro_batch)]
+    return [actor_step(state, built, mbs, actor_test_config(), groups, temperature=batch["temperature"])
+            for _ in range(steps)]
+
+
+def hf_actor_steps(hf_model, batch: dict, *, steps: int = 2, lr: float = ACTOR_LR) -> list[dict]:
+    """The same steps in one process: transformers forward, the whole batch at once."""
+    from moe_rl.algorithms.actor_loss import actor_loss
+
+    cfg = actor_test_config()
+    model = copy.deepcopy(hf_model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+    m = batch["mask"]
+    out = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        logq = torch.log_softmax(model(batch["tokens"]).logits.float() / batch["temperature"], -1)
+        logp = logq.gather(-1, batch["targets"][..., None])[..., 0]
+        ent = -(logq.exp() * logq).sum(-1)
+        loss, metrics = actor_loss(cfg, logp, batch["old_logp"], batch["adv"], m,
+                                   num_global_tokens=float(m.sum()), num_global_seqs=float((m > 0).any(-1).sum()),
+                                   ref_logp_BT=batch["ref_logp"], rollout_logp_BT=batch["rollout_logp"],
+                                   entropy_BT=ent.detach())
+        loss.backward()
+        vals = metrics.compute()
+        vals["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        opt.step()
+        out.append(vals)
+    return out

@@ -23,7 +23,8 @@ def main():
     from moe_rl.parallel import ParallelConfig, ParallelDims
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
-    from moe_rl.train.invariance import hf_train_steps, megatron_train_steps
+    from moe_rl.train.invariance import (hf_actor_steps, hf_train_steps, make_rl_batch,
+                                         megatron_actor_steps, megatron_train_steps)
     from moe_rl.train.parity import logit_parity, logprob_parity
 
     torch.set_num_threads(1)
@@ -61,6 +62,13 @@ def main():
                         rec["train"] = megatron_train_steps(
                             hf.config, hf_dir, groups, distributed_optimizer=lay.get("opt") != "plain")
                         rec["train_ref"] = refs[fam]
+                    elif check == "actor":
+                        key = ("actor", fam)
+                        if key not in refs:
+                            refs[key] = make_rl_batch(hf)
+                            refs[("actor_ref", fam)] = hf_actor_steps(hf, refs[key])
+                        rec["actor"] = megatron_actor_steps(hf.config, hf_dir, groups, refs[key])
+                        rec["actor_ref"] = refs[("actor_ref", fam)]
                     elif check == "logprobs":
                         if fam not in refs:
                             refs[fam] = hf_train_steps(hf)

@@ -29,6 +29,9 @@ LAYOUTS = {
     4: [{"tp": 2, "ep": 2}, {"tp": 2, "ep": 2, "etp": 1}, {"pp": 2, "ep": 2}, {"pp": 2, "tp": 2, "opt": "plain"}],
 }
 MOE = {"qwen3_moe", "mixtral", "deepseek_v3"}
+# The actor-step check runs in the 1- and 2-rank launches; in the 4-rank launch it made the
+# launch 5x slower on this 2-core machine (under investigation, see the closing note).
+ACTOR_WORLDS = (1, 2)
 # measured: TP2 0.50-0.53, PP2 <= 0.6, EP2 0.61-0.77, TP2xEP2 <= 0.4 (see runs/parity_table.md)
 READ_BOUND = {"TP2": 0.6, "PP2": 0.7, "EP2": 0.8, "EP2xTP2": 0.45, "EP2xPP2": 0.5}
 
@@ -38,7 +41,8 @@ def layout_results(tiny_hf_dirs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
     results = {}
     for nproc, layouts in LAYOUTS.items():
-        for rec in run_layouts(tmp, nproc, tiny_hf_dirs, layouts, ["parity", "train", "logprobs"]):
+        checks = ["parity", "train", "logprobs"] + (["actor"] if nproc in ACTOR_WORLDS else [])
+        for rec in run_layouts(tmp, nproc, tiny_hf_dirs, layouts, checks):
             key = (nproc, rec["family"], _name(rec["layout"]))
             results[key] = rec
     _write_table(results)
@@ -134,3 +138,23 @@ def test_logprob_head_matches_transformers(layout_results, case):
     assert lp["entropy_max_abs_diff"] <= LOGPROB_TOLERANCE, (rec["layout_name"], lp)
     assert lp["reference_frozen"]
     _assert_same_training(rec, rec["logprob_train"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"w{c[0]}-{c[1]}-{c[2]}")
+def test_actor_step_matches_single_process(layout_results, case):
+    """Two GRPO actor steps (KL k3 in the loss, dual clip, TIS; stale old log-probs so that
+    clipping happens) on the Megatron policy at this layout, one micro-batch per sequence,
+    against transformers + the same loss on the whole batch in one process: every metric of
+    the spec and the grad norm agree."""
+    if case[0] not in ACTOR_WORLDS:
+        pytest.skip("actor step checked in the 1- and 2-rank launches only")
+    rec = _rec(layout_results, case)
+    assert "actor_error" not in rec, rec["actor_error"]
+    for ours, ref in zip(rec["actor"], rec["actor_ref"]):
+        names = {k for k in ref if k.startswith(("actor/", "mismatch/"))}
+        assert names == {k for k in ours if k.startswith(("actor/", "mismatch/"))}
+        for k in sorted(names) + ["train/grad_norm"]:
+            assert math.isfinite(ours[k]) and abs(ours[k] - ref[k]) <= TRAIN_ATOL + TRAIN_RTOL * abs(ref[k]), \
+                (rec["layout_name"], k, ours[k], ref[k])
+    # the comparison exercises the clipped branches, not only the identity
+    assert rec["actor_ref"][0]["actor/clipfrac"] > 0.1
