@@ -134,19 +134,43 @@ def teardown() -> None:
     # on gloo, their threads — measured: 4,000 per process after 50 set-ups, the machine then
     # spends its time in the kernel) stay alive. Destroy every group it created.
     seen: set[int] = set()
-    for value in list(vars(ps).values()):
-        for group in _process_groups(value):
+    for name, value in list(vars(ps).items()):
+        groups = list(_process_groups(value))
+        for group in groups:
             if id(group) not in seen and group is not dist.GroupMember.WORLD:
                 seen.add(id(group))
                 try:
                     dist.destroy_process_group(group)
                 except (ValueError, RuntimeError):
                     pass  # not a group of this rank, or already gone
+        if groups:
+            # destroy_model_parallel forgets a few (e.g. _INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP).
+            setattr(ps, name, None)
     ps.destroy_model_parallel()
     RouterReplay.clear_global_router_replay_instances()
+    _clear_megatron_caches()
     # Models and optimizers of the old layout hold the groups in reference cycles: collect
     # them now so the communicators (and gloo's threads) go with them.
     gc.collect()
+
+
+def _clear_megatron_caches() -> None:
+    """Empty Megatron's ``functools.lru_cache``s: a cached method holds its ``self`` (e.g.
+    ``RotaryEmbedding.forward``), which keeps a finished model's module and its process
+    group alive."""
+    import functools
+    import sys
+
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("megatron.") or mod is None:
+            continue
+        for obj in list(vars(mod).values()):
+            candidates = [obj]
+            if isinstance(obj, type) and obj.__module__ == mod_name:
+                candidates += list(vars(obj).values())
+            for c in candidates:
+                if isinstance(c, functools._lru_cache_wrapper):
+                    c.cache_clear()
 
 
 def _process_groups(value):

@@ -7,6 +7,7 @@ SPEC: {"families": {name: hf_dir}, "layouts": [{"tp":..,"pp":..,"ep":..,"etp":..
 """
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -80,13 +81,15 @@ def main():
                 except Exception:
                     rec[f"{check}_error"] = traceback.format_exc()[-3000:]
                 rec[f"{check}_s"] = time.perf_counter() - t0
+                groups = None
                 G.teardown()
                 dist.barrier()
+                # a layout that leaks its communicators leaks gloo threads (~50 per layout)
+                rec[f"{check}_threads"] = len(os.listdir("/proc/self/task"))
             results.append(rec)
     if dist.get_rank() == 0:
         with open(out_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
-        import os
         os.replace(out_path + ".tmp", out_path)
     dist.barrier()
     dist.destroy_process_group()
