@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,61 @@ def torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600,
     # rendezvous is not propagated to the workers and hangs).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--max-restarts=0", str(script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        out, err = proc.communicate()
+        progress = [line for line in err.splitlines() if line.startswith("[worker]")]
+        raise AssertionError(f"torchrun {script} {' '.join(args)} ran past {timeout:.0f} s; "
+                             f"last progress: {progress[-1] if progress else 'none'}\n"
+                             f"{err[-4000:]}") from None
+    except BaseException:  # interrupted: take the ranks down with us
+        _kill_tree(proc)
+        raise
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed (rc={proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def _kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Stop torchrun and its ranks. The ranks run in sessions of their own (torchrun starts
+    them so), so neither killing the launcher nor its process group reaches them, and a rank
+    left behind holds our pipes open and slows every later test: find them by parent pid."""
+    ranks = _children(proc.pid)
+    proc.terminate()  # torchrun forwards SIGTERM to its ranks
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *ranks]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
 
 
 def run_layouts(tmp_path: Path, nproc: int, families: dict, layouts: list, checks: list) -> list:

@@ -33,28 +33,48 @@ MOE = {"qwen3_moe", "mixtral", "deepseek_v3"}
 READ_BOUND = {"TP2": 0.6, "PP2": 0.7, "EP2": 0.8, "EP2xTP2": 0.45, "EP2xPP2": 0.5}
 
 
+class _Launches:
+    """One torchrun launch per world size, run when a test of that world first asks for it: a
+    launch that fails or hangs fails its own world's tests, not the whole matrix."""
+
+    def __init__(self, tiny_hf_dirs, tmp):
+        self.dirs, self.tmp = tiny_hf_dirs, tmp
+        self.results: dict = {}
+        self.failed: dict[int, str] = {}
+        self.done: set[int] = set()
+
+    def world(self, nproc: int) -> dict:
+        if nproc not in self.done:
+            self.done.add(nproc)
+            try:
+                for rec in run_layouts(self.tmp, nproc, self.dirs, LAYOUTS[nproc],
+                                       ["parity", "train", "logprobs", "actor"]):
+                    self.results[(nproc, rec["family"], _name(rec["layout"]))] = rec
+            except AssertionError as e:
+                self.failed[nproc] = str(e)
+            _write_table(self.results)
+        if nproc in self.failed:
+            pytest.fail(f"the {nproc}-rank launch failed:\n{self.failed[nproc]}", pytrace=False)
+        return {k: v for k, v in self.results.items() if k[0] == nproc}
+
+    def __getitem__(self, case):
+        return self.world(case[0])[case]
+
+
 @pytest.fixture(scope="module")
 def layout_results(tiny_hf_dirs, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("layouts")
-    results = {}
-    for nproc, layouts in LAYOUTS.items():
-        checks = ["parity", "train", "logprobs", "actor"]
-        for rec in run_layouts(tmp, nproc, tiny_hf_dirs, layouts, checks):
-            key = (nproc, rec["family"], _name(rec["layout"]))
-            results[key] = rec
-    _write_table(results)
-    return results
+    return _Launches(tiny_hf_dirs, tmp_path_factory.mktemp("layouts"))
 
 
-def test_layouts_release_their_communicators(layout_results):
+@pytest.mark.parametrize("nproc", list(LAYOUTS))
+def test_layouts_release_their_communicators(layout_results, nproc):
     """Each check builds and tears down a whole layout (groups, model, DDP, optimizer): the
     thread count of rank 0 must not grow over a launch. Before DDP's hook cycle was broken
     every optimizer-bearing layout left ~50 gloo threads behind."""
-    for nproc in LAYOUTS:
-        counts = [rec[k] for (n, _, _), rec in layout_results.items() if n == nproc
-                  for k in sorted(rec) if k.endswith("_threads")]
-        assert len(counts) > 4, (nproc, counts)
-        assert max(counts) - min(counts) <= 4, (nproc, counts)
+    counts = [rec[k] for rec in layout_results.world(nproc).values()
+              for k in sorted(rec) if k.endswith("_threads")]
+    assert len(counts) > 4, counts
+    assert max(counts) - min(counts) <= 4, counts
 
 
 def _write_table(results) -> None:
