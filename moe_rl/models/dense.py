@@ -14,12 +14,40 @@ class Qwen3(Family):
 
 
 class Llama(Family):
+    """Llama 2/3 dense. Llama 3.1-3.3 RoPE scaling ("llama3") maps onto Megatron's
+    ``rope_scaling``, whose low/high frequency factors (1, 4) and original context (8192) are
+    fixed in code (``RotaryEmbedding._apply_scaling``): a checkpoint with other values is
+    refused rather than run with the wrong frequencies."""
+
     name = "llama"
     model_types = ("llama",)
+    # what Megatron's RotaryEmbedding._apply_scaling hard-codes
+    MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}
+
+    def rope_scaling(self, hf) -> float | None:
+        """The llama3 RoPE scaling factor, None for plain RoPE; ValueError for anything else."""
+        rp = getattr(hf, "rope_parameters", None) or {}
+        kind = rp.get("rope_type") or "default"
+        if kind == "default":
+            return None
+        if kind != "llama3":
+            raise ValueError(f"llama rope_type {kind!r} is not supported (only 'default' and "
+                             "'llama3'); see README")
+        for key, want in self.MEGATRON_LLAMA3_ROPE.items():
+            if float(rp.get(key, float("nan"))) != want:
+                raise ValueError(f"llama3 rope scaling with {key}={rp.get(key)!r} is not supported: "
+                                 f"Megatron-Core fixes it at {want:g} "
+                                 f"(rope_parameters: {dict(rp)})")
+        return float(rp["factor"])
 
     def transformer_config(self, hf, dims, **kw):
-        rp = getattr(hf, "rope_parameters", None) or {}
-        if rp.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"llama rope_type {rp.get('rope_type')!r} is not supported yet "
-                             "(only the default RoPE); see README")
+        self.rope_scaling(hf)  # refuse an unsupported RoPE before anything is built
         return super().transformer_config(hf, dims, **kw)
+
+    def gpt_kwargs(self, hf) -> dict:
+        kw = super().gpt_kwargs(hf)
+        factor = self.rope_scaling(hf)
+        if factor is not None:
+            kw.update(rope_scaling=True, rope_scaling_factor=factor)
+        return kw

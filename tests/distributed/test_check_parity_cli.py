@@ -31,3 +31,30 @@ def test_impossible_layout_is_a_clear_error():
     proc = torchrun(TOOL, 2, "--family", "qwen3_moe", "--ep", "4", check=False)
     assert proc.returncode != 0
     assert "expert_parallel (4)" in proc.stderr, proc.stderr[-2000:]
+
+
+# Llama 3.1's RoPE scaling (factor 8, low/high frequency factors 1 and 4, original context
+# 8192, theta 500000). With head_dim 16 one frequency pair falls in the smoothed band
+# (wavelength 4443 -> 11971), so at 256 positions the scaled and the plain RoPE disagree.
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+
+def test_llama31_rope_scaling_matches_transformers(tmp_path):
+    import torch
+    import transformers
+
+    from moe_rl.models.tiny import save_tiny_hf
+
+    scaled = save_tiny_hf("llama", tmp_path / "scaled", rope_parameters=LLAMA31_ROPE)
+    plain = save_tiny_hf("llama", tmp_path / "plain",
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    # the check is decisive: the scaling moves these logits far beyond the parity tolerance
+    tokens = torch.randint(3, 512, (1, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = (transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(tokens).logits
+                for d in (scaled, plain))
+    assert (a - b).abs().max() > 1e-2
+    proc = torchrun(TOOL, 2, "--hf-dir", scaled, "--tp", "2", "--seq", "256")
+    last = _last(proc)
+    assert last.startswith("max_abs_diff=") and float(last.split("=")[1]) <= 1e-4, proc.stdout

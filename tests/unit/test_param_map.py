@@ -107,3 +107,31 @@ def test_chunked_read_equals_shard_of_full(kind, dim):
     for r in range(2):
         assert torch.equal(e.to_mcore_chunk(get_chunk, dim, r, 2),
                            shard(full, e, partition_dim=dim, rank=r, size=2))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' is not supported"),
+    ({"low_freq_factor": 2.0}, "low_freq_factor=2.0 is not supported"),
+    ({"original_max_position_embeddings": 4096}, "original_max_position_embeddings=4096"),
+])
+def test_llama_rope_variants_megatron_cannot_run_are_refused(change, message):
+    from moe_rl.models import family_for
+    from moe_rl.models.tiny import tiny_hf_config
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 500000.0, **change}
+    hf = tiny_hf_config("llama", rope_parameters=rope)
+    with pytest.raises(ValueError, match=message):
+        family_for(hf).gpt_kwargs(hf)
+
+
+def test_llama31_rope_scaling_reaches_megatron():
+    from moe_rl.models import family_for
+    from moe_rl.models.tiny import tiny_hf_config
+
+    hf = tiny_hf_config("llama", rope_parameters={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_theta": 500000.0})  # Llama 3.2's values
+    kw = family_for(hf).gpt_kwargs(hf)
+    assert kw["rope_scaling"] is True and kw["rope_scaling_factor"] == 32.0
+    assert "rope_scaling" not in family_for(tiny_hf_config("llama")).gpt_kwargs(tiny_hf_config("llama"))
