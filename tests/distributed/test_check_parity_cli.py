@@ -33,23 +33,32 @@ def test_impossible_layout_is_a_clear_error():
     assert "expert_parallel (4)" in proc.stderr, proc.stderr[-2000:]
 
 
-# Llama 3.1's RoPE scaling (factor 8, low/high frequency factors 1 and 4, original context
-# 8192, theta 500000). With head_dim 16 one frequency pair falls in the smoothed band
-# (wavelength 4443 -> 11971), so at 256 positions the scaled and the plain RoPE disagree.
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+# RoPE scalings of released checkpoints. Llama 3.1 (factor 8, low/high frequency factors 1
+# and 4, original context 8192, theta 500000): with head_dim 16 one frequency pair falls in
+# the smoothed band (wavelength 4443 -> 11971). DeepSeek-V3's YaRN (beta 32/1, mscale and
+# mscale_all_dim 1) with the original context shrunk to 64 so that 256 positions exceed it.
+# In both, at 256 positions the scaled and the plain RoPE disagree by far more than the
+# tolerance (measured 0.62 and 5.6), so the check is decisive.
+SCALED_ROPE = {
+    "llama": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}, 500000.0),
+    "deepseek_v3": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "rope_theta": 10000.0}, 10000.0),
+}
 
 
-def test_llama31_rope_scaling_matches_transformers(tmp_path):
+@pytest.mark.parametrize("family", sorted(SCALED_ROPE))
+def test_scaled_rope_matches_transformers(tmp_path, family):
     import torch
     import transformers
 
     from moe_rl.models.tiny import save_tiny_hf
 
-    scaled = save_tiny_hf("llama", tmp_path / "scaled", rope_parameters=LLAMA31_ROPE)
-    plain = save_tiny_hf("llama", tmp_path / "plain",
-                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    # the check is decisive: the scaling moves these logits far beyond the parity tolerance
+    rope, theta = SCALED_ROPE[family]
+    scaled = save_tiny_hf(family, tmp_path / "scaled", rope_parameters=rope, max_position_embeddings=256)
+    plain = save_tiny_hf(family, tmp_path / "plain", max_position_embeddings=256,
+                         rope_parameters={"rope_type": "default", "rope_theta": theta})
     tokens = torch.randint(3, 512, (1, 256), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = (transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(tokens).logits
