@@ -184,3 +184,27 @@ def test_actor_step_matches_single_process(layout_results, case):
                 (rec["layout_name"], k, ours[k], ref[k])
     # the comparison exercises the clipped branches, not only the identity
     assert rec["actor_ref"][0]["actor/clipfrac"] > 0.1
+
+
+# Tied input/output embeddings (Qwen3 0.6B-4B, Llama 3.2 1B/3B). Under PP the embedding sits
+# on the first stage and its tied copy on the last; Megatron all-reduces their gradients
+# between the two, and a missing reduction shows from the second step on.
+TIED_LAYOUTS = [{"pp": 2}, {"tp": 2}]
+
+
+@pytest.fixture(scope="module")
+def tied_results(tmp_path_factory):
+    from moe_rl.models.tiny import save_tiny_hf
+
+    tmp = tmp_path_factory.mktemp("tied")
+    hf_dir = save_tiny_hf("qwen3", tmp / "qwen3_tied", tie_word_embeddings=True)
+    recs = run_layouts(tmp, 2, {"qwen3": hf_dir}, TIED_LAYOUTS, ["parity", "train"])
+    return {_name(r["layout"]): r for r in recs}
+
+
+@pytest.mark.parametrize("lay", [_name(l) for l in TIED_LAYOUTS])
+def test_tied_embeddings(tied_results, lay):
+    rec = tied_results[lay]
+    assert "parity_error" not in rec and "train_error" not in rec, rec
+    assert rec["parity"]["max_abs_diff"] <= LOGIT_TOLERANCE, (rec["layout_name"], rec["parity"])
+    _assert_same_training(rec, rec["train"])
