@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
 
     # Training: a learnable toy language (arithmetic progressions mod V), token-mean CE over
     # the global number of tokens of each step.
-    built = build_model(hf.config, groups)
+    built = build_model(hf.config, groups, params_dtype=getattr(torch, cfg.model.params_dtype))
     load_hf_weights(built, hf_dir, groups)
     state = wrap_for_training(built.module, cfg.optim, groups)
     state.model.train()

@@ -40,10 +40,13 @@ def _optim_cfg(lr: float, distributed: bool = True) -> OptimConfig:
 
 def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int = 3, num_seqs: int = 4,
                          seq: int = 32, micro_batch: int = 1, lr: float = 1e-3, seed: int = 0,
-                         head: str = "logits", distributed_optimizer: bool = True) -> dict:
+                         head: str = "logits", distributed_optimizer: bool = True,
+                         params_dtype: torch.dtype = torch.float32) -> dict:
     """``head``: "logits" trains on Megatron's vocab-parallel cross-entropy over full logits;
-    "logprobs" on -log pi from our chunked head (``policy_head``), the RL trainer's path."""
-    built = build_model(hf_config, groups)
+    "logprobs" on -log pi from our chunked head (``policy_head``), the RL trainer's path.
+    ``params_dtype`` bfloat16: bf16 model with Megatron's fp32 main parameters and fp32
+    gradient buffers, the GPU training setup."""
+    built = build_model(hf_config, groups, params_dtype=params_dtype)
     load_hf_weights(built, hf_dir, groups)
     state = wrap_for_training(built.module, _optim_cfg(lr, distributed_optimizer), groups)
     state.model.train()

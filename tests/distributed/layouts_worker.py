@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node N tests/distributed/layouts_worker.py OUT.json SPEC.json
 
-SPEC: {"families": {name: hf_dir}, "layouts": [{"tp":..,"pp":..,"ep":..,"etp":.., "opt": "plain"}],
+SPEC: {"families": {name: hf_dir},
+       "layouts": [{"tp":..,"pp":..,"ep":..,"etp":.., "opt": "plain", "dtype": "bfloat16"}],
        "checks": ["parity", "train"], "skip": [[family, layout_name], ...]}
 """
 
@@ -54,6 +55,8 @@ def main():
                 if dist.get_rank() == 0:
                     print(f"[worker] {fam} {dims.describe()} {check}", file=sys.stderr, flush=True)
                 try:
+                    if "dtype" in lay and check != "train":
+                        raise ValueError(f"layout dtype is honoured by the train check only, not {check!r}")
                     groups = G.setup(dims)
                     if check == "parity":
                         rec["parity"] = logit_parity(hf, hf_dir, groups)
@@ -61,7 +64,8 @@ def main():
                         if fam not in refs:
                             refs[fam] = hf_train_steps(hf)
                         rec["train"] = megatron_train_steps(
-                            hf.config, hf_dir, groups, distributed_optimizer=lay.get("opt") != "plain")
+                            hf.config, hf_dir, groups, distributed_optimizer=lay.get("opt") != "plain",
+                            params_dtype=getattr(torch, lay.get("dtype", "float32")))
                         rec["train_ref"] = refs[fam]
                     elif check == "actor":
                         key = ("actor", fam)
