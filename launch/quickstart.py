@@ -38,6 +38,11 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if cfg.algorithm != load_config(RunConfig, None, []).algorithm:
+        # a knob that is read and silently not used is worse than an error
+        print("config error: algorithm.* is not used by the quickstart yet (it trains with "
+              "cross-entropy until the RL loop exists); remove it", file=sys.stderr)
+        return 2
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         torch.set_num_threads(1)
