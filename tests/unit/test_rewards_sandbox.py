@@ -12,8 +12,8 @@ from moe_rl.rewards.config import SandboxConfig
 from moe_rl.rewards.sandbox import run_python
 from moe_rl.rewards.types import RewardInput
 
-LIMITS = SandboxConfig(wall_timeout_s=4.0, cpu_time_s=1, memory_mb=256)
-SLACK_S = 3.0  # interpreter start + kill on a loaded 2-core machine
+LIMITS = SandboxConfig(wall_timeout_s=20.0, cpu_time_s=1, memory_mb=256)  # wall >> cpu: a busy CI machine must not turn the CPU-limit case into a timeout
+SLACK_S = 10.0  # interpreter start + kill on a loaded 2-core machine (the unlimited cases run 60 s)
 
 
 def _sandbox_pids():
