@@ -30,6 +30,7 @@ from moe_rl.algorithms.kl import kl_estimate
 from moe_rl.algorithms.metrics import Metrics
 from moe_rl.algorithms.mismatch import mismatch_weights
 from moe_rl.algorithms.policy_loss import policy_loss
+from moe_rl.algorithms.ratio import clamped_ratio
 
 # B responses, T tokens
 
@@ -85,7 +86,7 @@ def actor_loss(
         ratio_BT = None
         if cfg.kl_ratio_weighted:
             delta = torch.where(m, logp_BT - old_logp_BT.detach(), torch.zeros_like(logp_BT))
-            ratio_BT = torch.exp(delta.clamp(-20, 20))
+            ratio_BT = clamped_ratio(delta)
         kl_BT = kl_estimate(logp_BT, ref_logp_BT.detach(), cfg.kl_estimator, ratio_BT=ratio_BT)
         kl = aggregate(kl_BT, m, cfg.loss_agg, **denoms)
         total = total + cfg.kl_beta * kl

@@ -1,4 +1,4 @@
-"""Advantage estimators (specs/algorithms.md, axis 1): rewards in, per-token advantages out.
+"""Advantage estimators (docs/algorithms.md, axis 1): rewards in, per-token advantages out.
 
 Shapes: B responses (the whole global batch of one step), T response tokens (padded),
 K named rewards. ``group_ids_B`` says which prompt each response belongs to; groups may

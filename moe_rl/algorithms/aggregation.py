@@ -1,4 +1,4 @@
-"""Loss aggregation (specs/algorithms.md, axis 4): token losses [B, T] -> one scalar.
+"""Loss aggregation (docs/algorithms.md, axis 4): token losses [B, T] -> one scalar.
 
 Every mode divides by denominators of the GLOBAL batch of one optimizer step (all
 micro-batches on all data-parallel ranks), passed in as keyword arguments; count them

@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from moe_rl.algorithms.presets import PRESETS
+
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo")
 POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "gmpo", "pg")
 SEQUENCE_LEVEL_LOSSES = ("gspo", "gmpo")
@@ -72,7 +74,7 @@ def _choice(name: str, value: str, allowed: tuple) -> None:
 
 @dataclass
 class AlgorithmConfig:
-    """One point on the algorithm axes (specs/algorithms.md). None = take from preset/base."""
+    """One point on the algorithm axes (docs/algorithms.md). None = take from preset/base."""
 
     preset: str = "grpo"  # named preset applied under explicit fields (presets.PRESETS)
     # Axis 1: advantage estimator
@@ -112,8 +114,6 @@ class AlgorithmConfig:
     seq_mis_high: Optional[float] = None  # seq-mis: drop responses whose geometric-mean w > this
 
     def __post_init__(self) -> None:
-        from moe_rl.algorithms.presets import PRESETS
-
         if self.preset not in PRESETS:
             raise ValueError(
                 f"algorithm.preset={self.preset!r} is not one of {', '.join(sorted(PRESETS))}"
@@ -254,3 +254,11 @@ class AlgorithmConfig:
             raise ValueError(
                 f"algorithm.seq_mis_low ({self.seq_mis_low}) must be >= 0 and < seq_mis_high ({self.seq_mis_high})"
             )
+
+
+def preset_config(name: str, **overrides: Any) -> AlgorithmConfig:
+    """``AlgorithmConfig`` for preset ``name`` with ``overrides`` (field=value) on top.
+
+    Unknown preset -> ValueError listing the allowed names; unknown field -> TypeError.
+    """
+    return AlgorithmConfig(preset=name, **overrides)

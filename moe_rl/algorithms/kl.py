@@ -1,10 +1,11 @@
-"""Per-token KL estimators to the reference policy (specs/algorithms.md, axis 5).
+"""Per-token KL estimators to the reference policy (docs/algorithms.md, axis 5).
 
 x = logp - ref_logp on tokens sampled from the (old) policy.
 - k1 = x (unbiased, can be negative)
 - k2 = x^2 / 2
-- k3 = exp(-x) + x - 1 (Schulman's low-variance estimator, >= 0), x clamped to +-20 and
-  the value clamped to <= 10 (as verl's ``low_var_kl``), so one wild token cannot blow up.
+- k3 = exp(-x) + x - 1 (Schulman's low-variance estimator, >= 0), x clamped to +-20 (the
+  log-ratio clamp of ``ratio.py``) and the value clamped to <= 10 (as verl's ``low_var_kl``),
+  so one wild token cannot blow up.
 
 Ratio-weighted k3 (DeepSeek-V3.2): the samples come from pi_old, not pi_theta, so the
 estimate of KL(pi_theta || pi_ref) is weighted by rho = pi_theta / pi_old. rho keeps its
@@ -22,9 +23,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moe_rl.algorithms.ratio import clamp_log_ratio
+
 # B responses, T tokens
 
-LOG_RATIO_CLAMP = 20.0
 K3_MAX = 10.0
 
 
@@ -38,7 +40,7 @@ def kl_estimate(
     elif estimator == "k2":
         kl = 0.5 * x * x
     elif estimator == "k3":
-        xc = x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        xc = clamp_log_ratio(x)
         kl = (torch.exp(-xc) + xc - 1).clamp(max=K3_MAX)
     else:
         raise ValueError(f"kl estimator {estimator!r} is not one of k1, k2, k3")

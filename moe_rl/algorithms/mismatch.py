@@ -1,4 +1,4 @@
-"""Training-inference mismatch correction (specs/algorithms.md, axis 7) and its metrics.
+"""Training-inference mismatch correction (docs/algorithms.md, axis 7) and its metrics.
 
 w_{i,t} = exp(old_logp - rollout_logp): the trainer's recomputed log-prob of the sampled
 token over the one the inference engine reported (kernels, precision, MoE routing
@@ -28,10 +28,9 @@ import torch
 from torch import Tensor
 
 from moe_rl.algorithms.metrics import Metrics
+from moe_rl.algorithms.ratio import clamped_ratio
 
 # B responses, T tokens
-
-LOG_RATIO_CLAMP = 20.0
 
 
 def mismatch_weights(
@@ -50,7 +49,7 @@ def mismatch_weights(
     m = mask_BT.bool()
     log_w = (old_logp_BT - rollout_logp_BT).detach()
     log_w = torch.where(m, log_w, torch.zeros_like(log_w))
-    w = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    w = clamped_ratio(log_w)
     if mode == "none":
         weight = torch.ones_like(w)
     elif mode == "tis":
@@ -59,7 +58,7 @@ def mismatch_weights(
         weight = ((w >= icepop_low) & (w <= icepop_high)).to(w.dtype)
     elif mode == "seq-mis":
         n_B = m.sum(-1).clamp(min=1).to(w.dtype)
-        geo_B = torch.exp((log_w.sum(-1) / n_B).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        geo_B = clamped_ratio(log_w.sum(-1) / n_B)
         keep_B = (geo_B >= seq_mis_low) & (geo_B <= seq_mis_high)
         weight = keep_B[:, None].to(w.dtype).expand_as(w).clone()
     else:

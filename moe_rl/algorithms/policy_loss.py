@@ -1,11 +1,11 @@
-"""Policy surrogates (specs/algorithms.md, axes 2-3): per-token loss and the masks its metrics need.
+"""Policy surrogates (docs/algorithms.md, axes 2-3): per-token loss and the masks its metrics need.
 
 Every function takes ``logp_BT`` (current policy, with gradient), ``old_logp_BT``,
 ``adv_BT`` (per-token advantages; per-response ones broadcast) and ``mask_BT`` and returns
 a ``PolicyLossOutput``; nothing here reduces over the batch (see ``aggregation.py``).
 Padding positions may hold anything (even NaN): they are masked with ``where`` before use.
 
-Token ratio: rho = exp(clamp(logp - old_logp, +-20)).
+Token ratio: rho = exp(clamp(logp - old_logp, +-20)) (the clamp is ``ratio.LOG_RATIO_CLAMP``).
 
 Sequence-level surrogates (gspo, gmpo) produce one loss l_i per response; it is
 broadcast to the response's tokens so the same aggregation code applies, and with
@@ -34,9 +34,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# B responses, T tokens
+from moe_rl.algorithms.ratio import clamp_log_ratio, clamped_ratio
 
-LOG_RATIO_CLAMP = 20.0
+# B responses, T tokens
 
 
 @dataclass
@@ -57,10 +57,6 @@ def _delta(logp_BT: Tensor, old_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
     return torch.where(mask_BT.bool(), d, torch.zeros_like(d))
 
 
-def _token_ratio(delta_BT: Tensor) -> Tensor:
-    return torch.exp(delta_BT.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-
-
 def _seq_mean(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
     m = mask_BT.bool()
     return torch.where(m, x_BT, torch.zeros_like(x_BT)).sum(-1) / m.sum(-1).clamp(min=1).to(x_BT.dtype)
@@ -77,7 +73,7 @@ def ppo_loss(
     """Token-level clipped surrogate, separate bounds, optional dual clip (c > 1, 0 = off)."""
     m = mask_BT.bool()
     A = torch.where(m, adv_BT, torch.zeros_like(adv_BT)).detach()
-    ratio = _token_ratio(_delta(logp_BT, old_logp_BT, mask_BT))
+    ratio = clamped_ratio(_delta(logp_BT, old_logp_BT, mask_BT))
     unclipped = -A * ratio
     clipped = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
@@ -100,7 +96,7 @@ def gspo_loss(
     """GSPO: s_i = exp(mean_t delta); l_i = max(-A s, -A clip(s)). ``token_level``: GSPO-token."""
     m = mask_BT.bool()
     delta = _delta(logp_BT, old_logp_BT, mask_BT)
-    log_s_B = _seq_mean(delta, m).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_s_B = clamp_log_ratio(_seq_mean(delta, m))
     if token_level:
         A = torch.where(m, adv_BT, torch.zeros_like(adv_BT)).detach()
         log_s_BT = logp_BT - logp_BT.detach() + log_s_B.detach()[:, None]
@@ -115,7 +111,7 @@ def gspo_loss(
     took = ((clipped > unclipped).expand_as(delta)) & m
     A_full = A.expand_as(delta)
     return PolicyLossOutput(
-        loss_BT=loss, ratio_BT=_token_ratio(delta).detach(),
+        loss_BT=loss, ratio_BT=clamped_ratio(delta).detach(),
         clip_low_BT=took & (A_full < 0), clip_high_BT=took & (A_full > 0), dualclip_BT=_false(mask_BT),
         seq_ratio_B=torch.exp(log_s_B).detach(), seq_clipped_B=took.any(-1),
     )
@@ -128,7 +124,7 @@ def cispo_loss(
     """CISPO: l = -sg(clip(rho, 1-eps_low, 1+eps_high)) * A * logp; no token loses its gradient."""
     m = mask_BT.bool()
     A = torch.where(m, adv_BT, torch.zeros_like(adv_BT)).detach()
-    ratio = _token_ratio(_delta(logp_BT, old_logp_BT, mask_BT)).detach()
+    ratio = clamped_ratio(_delta(logp_BT, old_logp_BT, mask_BT)).detach()
     w = ratio.clamp(min=max(1 - clip_low, 0.0), max=1 + clip_high)
     lp = torch.where(m, logp_BT, torch.zeros_like(logp_BT))
     return PolicyLossOutput(
@@ -149,13 +145,13 @@ def gmpo_loss(
     sgn = torch.sign(A_B)[:, None]
     d_clip = delta.clamp(-clip_low, clip_high)
     d_min = sgn * torch.minimum(sgn * delta, sgn * d_clip)
-    log_r_B = _seq_mean(d_min, m).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_r_B = clamp_log_ratio(_seq_mean(d_min, m))
     r_B = torch.exp(log_r_B)
     loss = (-A_B * r_B)[:, None].expand_as(delta)
     took = (sgn * d_clip < sgn * delta) & m
     sgn_full = sgn.expand_as(delta)
     return PolicyLossOutput(
-        loss_BT=loss, ratio_BT=_token_ratio(delta).detach(),
+        loss_BT=loss, ratio_BT=clamped_ratio(delta).detach(),
         clip_low_BT=took & (sgn_full < 0), clip_high_BT=took & (sgn_full > 0), dualclip_BT=_false(mask_BT),
         seq_ratio_B=r_B.detach(), seq_clipped_B=took.any(-1),
     )
@@ -166,7 +162,7 @@ def pg_loss(logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tenso
     m = mask_BT.bool()
     A = torch.where(m, adv_BT, torch.zeros_like(adv_BT)).detach()
     lp = torch.where(m, logp_BT, torch.zeros_like(logp_BT))
-    ratio = _token_ratio(_delta(logp_BT, old_logp_BT, mask_BT)).detach()
+    ratio = clamped_ratio(_delta(logp_BT, old_logp_BT, mask_BT)).detach()
     return PolicyLossOutput(
         loss_BT=-A * lp, ratio_BT=ratio, clip_low_BT=_false(mask_BT), clip_high_BT=_false(mask_BT),
         dualclip_BT=_false(mask_BT),

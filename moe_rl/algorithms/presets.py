@@ -1,9 +1,10 @@
-"""Named algorithms as sets of axis values (specs/algorithms.md, "Named presets").
+"""Named algorithms as sets of axis values (docs/algorithms.md, "Named presets").
 
 A preset is only a dict of ``AlgorithmConfig`` field values; fields it does not name
 take ``config.BASE_DEFAULTS``, and any field the user sets wins over both. No preset adds
 code: "GSPO + clip-higher + no KL + TIS" is ``preset=gspo clip_high=0.28 kl_beta=0
-mismatch=tis``.
+mismatch=tis``. This module is data only: ``config.py`` imports it and resolves a preset
+(``AlgorithmConfig(preset=...)``, ``config.preset_config``); nothing here imports back.
 
 Choices where the papers leave room, and why:
 - grpo: beta=0.04 with k3 in the loss (DeepSeekMath); seq-mean-token-mean aggregation.
@@ -74,12 +75,3 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     },
 }
 
-
-def preset_config(name: str, **overrides: Any):
-    """``AlgorithmConfig`` for preset ``name`` with ``overrides`` (field=value) on top.
-
-    Unknown preset -> ValueError listing the allowed names; unknown field -> TypeError.
-    """
-    from moe_rl.algorithms.config import AlgorithmConfig
-
-    return AlgorithmConfig(preset=name, **overrides)

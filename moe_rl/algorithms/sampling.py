@@ -1,4 +1,4 @@
-"""Sampling filters and length shaping (specs/algorithms.md, axis 6): DAPO and GFPO.
+"""Sampling filters and length shaping (docs/algorithms.md, axis 6): DAPO and GFPO.
 
 All functions work on the responses of one step: B responses, T tokens, with
 ``group_ids_B`` naming each response's prompt.

@@ -17,7 +17,8 @@ from moe_rl.train.model import BuiltModel, build_model, load_hf_weights
 from moe_rl.train.schedule import forward_backward, gather_vocab
 
 # fp32 parity between two different implementations of the same model, logits of |x| ~ 5:
-# measured 2e-6 .. 1.2e-5 (notes/megatron-cpu.md §3, §11 and our own table in README).
+# measured 2e-6 .. 1.2e-5 (docs/cpu-mode.md, "Numerical equivalence" and the MLA + DeepSeek-V3
+# section, and our own table in README).
 LOGIT_TOLERANCE = 1e-4
 
 
@@ -25,7 +26,10 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def sample_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """Uniform random token ids [batch, seq] in [3, vocab) (0-2 are pad/bos/eos in the tiny
+    checkpoints), the same for a given seed on every rank. Test input, not sampling from a
+    model (that is ``moe_rl.rollout.embedded.sampler.sample_tokens``)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
 
@@ -63,7 +67,7 @@ def logit_parity(hf_model, hf_dir: str, groups: Groups, *, batch: int = 2, seq: 
     load_hf_weights(built, ckpt, groups)
     read_fraction = ckpt.bytes_read / ckpt.total_bytes()
     t_build = time.perf_counter() - t0
-    mbs = [sample_tokens(hf_model.config.vocab_size, batch, seq, seed + i) for i in range(num_microbatches)]
+    mbs = [random_tokens(hf_model.config.vocab_size, batch, seq, seed + i) for i in range(num_microbatches)]
     ours = megatron_logits(built, mbs, groups)
     diff, ref_max = 0.0, 0.0
     with torch.no_grad():
@@ -88,8 +92,8 @@ def logprob_parity(hf_model, hf_dir: str, groups: Groups, *, temperature: float 
     frozen = not any(p.requires_grad for p in built.module.parameters())
     emit_hidden_states(built.module)
     V = hf_model.config.vocab_size
-    tokens = sample_tokens(V, batch, seq, seed)
-    targets = sample_tokens(V, batch, seq, seed + 100)
+    tokens = random_tokens(V, batch, seq, seed)
+    targets = random_tokens(V, batch, seq, seed + 100)
     got: list = []
 
     def score(hidden, mb):

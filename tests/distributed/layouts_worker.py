@@ -25,8 +25,8 @@ def main():
     from moe_rl.parallel import ParallelConfig, ParallelDims
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
-    from moe_rl.train.invariance import (hf_actor_steps, hf_train_steps, make_rl_batch,
-                                         megatron_actor_steps, megatron_train_steps)
+    from invariance_steps import (hf_actor_steps, hf_train_steps, make_rl_batch, megatron_actor_steps,
+                                  megatron_train_steps)
     from moe_rl.train.parity import logit_parity, logprob_parity
 
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Advantage estimators against direct transcriptions of specs/algorithms.md (axis 1).
+"""Advantage estimators against direct transcriptions of docs/algorithms.md (axis 1).
 
 References are plain Python loops over lists (statistics module), written separately
 from the vectorized code under test.

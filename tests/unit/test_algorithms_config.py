@@ -4,11 +4,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from moe_rl.algorithms.config import AlgorithmConfig
-from moe_rl.algorithms.presets import PRESETS, preset_config
+from moe_rl.algorithms.config import AlgorithmConfig, preset_config
+from moe_rl.algorithms.presets import PRESETS
 from moe_rl.config import ConfigError, load_config
 
-# The axis values each named algorithm must have, written from specs/algorithms.md and the
+# The axis values each named algorithm must have, written from docs/algorithms.md and the
 # papers (not read from presets.py).
 EXPECTED = {
     "grpo": dict(advantage="grpo", policy_loss="ppo", clip_low=0.2, clip_high=0.2,

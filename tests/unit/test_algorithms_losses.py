@@ -1,6 +1,6 @@
 """Policy losses, KL, aggregation, actor_loss and metrics against the spec's formulas.
 
-Each reference is a per-element transcription of specs/algorithms.md built from scalar
+Each reference is a per-element transcription of docs/algorithms.md built from scalar
 float64 tensors in Python loops (so autograd also gives the reference gradient), written
 independently of the vectorized code under test.
 """
@@ -187,6 +187,37 @@ def test_kl_estimators_and_clamps(kind):
         assert gi == pytest.approx(ref_kl(xi, kind), rel=1e-12, abs=1e-15)
     if kind == "k3":
         assert (got >= 0).all() and got.max() <= 10
+
+
+def test_every_ratio_uses_the_one_log_ratio_clamp(monkeypatch):
+    """The bound lives in ``ratio.py`` alone: moved to 3, every ratio stops at e^3 (the token
+    ratio, the gspo and gmpo sequence ratios, the mismatch weight and its geometric mean, k3's
+    argument and the ratio weighting of k3 in actor_loss). A module with its own copy of the
+    clamp would still stop at e^20 and fail here."""
+    from moe_rl.algorithms import ratio
+    from moe_rl.algorithms.mismatch import mismatch_weights
+
+    monkeypatch.setattr(ratio, "LOG_RATIO_CLAMP", 3.0)
+    e3 = math.exp(3.0)
+    logp = torch.zeros(1, 4, dtype=D)
+    far = torch.full((1, 4), -10.0, dtype=D)  # log-ratio +10, beyond the moved bound
+    adv, mask = torch.ones(1, 4, dtype=D), torch.ones(1, 4, dtype=torch.bool)
+    for kind in ("ppo", "cispo", "pg"):
+        assert policy_loss(kind, logp, far, adv, mask, clip_low=0.2, clip_high=0.2).ratio_BT.max().item() \
+            == pytest.approx(e3)
+    for kind in ("gspo", "gmpo"):
+        # clip bounds wider than e^10 leave the sequence ratio to the clamp alone
+        out = policy_loss(kind, logp, far, adv, mask, clip_low=0.5, clip_high=20.0)
+        assert out.seq_ratio_B.item() == pytest.approx(e3)
+    w, mm = mismatch_weights(logp, far, mask, "tis", tis_cap=1e9)
+    assert w.max().item() == pytest.approx(e3) and mm.compute()["mismatch/is_weight_max"] == pytest.approx(e3)
+    w, _ = mismatch_weights(logp, far, mask, "seq-mis", seq_mis_low=e3 - 1e-6, seq_mis_high=e3 + 1e-6)
+    assert (w == 1).all()  # geometric mean e^3 (e^10 unclamped) lies in the keep band
+    x = torch.tensor([10.0], dtype=D)
+    assert kl_estimate(x, torch.zeros_like(x), "k3").item() == pytest.approx(math.exp(-3.0) + 3.0 - 1)
+    cfg = AlgorithmConfig(preset="grpo", kl_beta=0.1, kl_ratio_weighted=True, loss_agg="token-mean")
+    _, m = actor_loss(cfg, logp, far, adv, mask, num_global_tokens=4, num_global_seqs=1, ref_logp_BT=logp - 1)
+    assert m.compute()["actor/kl_loss"] == pytest.approx(e3 * math.exp(-1.0))  # rho * k3(x=1)
 
 
 def test_ratio_weighted_k3_gradient_is_unbiased_form():

@@ -1,10 +1,15 @@
-"""Training invariance: a few optimizer steps at a layout, and the same steps in plain
-``transformers`` + ``torch.optim.AdamW`` as the independent single-process reference.
+"""Training invariance for ``layouts_worker.py``: a few optimizer steps at a layout, and the
+same steps in plain ``transformers`` + ``torch.optim.AdamW`` as the independent single-process
+reference.
 
 Both sides see the same global batch (G sequences of S tokens with a loss mask), the token-
 mean cross-entropy over the GLOBAL number of unmasked tokens, global-norm clipping and AdamW
 with the same hyper-parameters. Parallel semantics: every rank calls
 :func:`megatron_train_steps` with the same arguments; every rank returns the same numbers.
+
+Test code, not library code: the batches are random tokens, the hyper-parameters and the
+actor's algorithm config are chosen to exercise every path being compared. The parts that
+users run (``tools/check_parity.py``) live in ``moe_rl.train.parity``.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ from moe_rl.train.config import OptimConfig
 from moe_rl.train.cross_entropy import step_loss, token_cross_entropy
 from moe_rl.train.model import build_model, load_hf_weights
 from moe_rl.train.optimizer import optimizer_step, wrap_for_training
-from moe_rl.train.parity import sample_tokens
+from moe_rl.train.parity import random_tokens
 from moe_rl.train.policy_head import emit_hidden_states, sequence_logprobs
 from moe_rl.train.schedule import forward_backward
 
 
 def make_global_batch(vocab: int, num_seqs: int, seq: int, seed: int = 0):
-    tokens = sample_tokens(vocab, num_seqs, seq + 1, seed)
+    tokens = random_tokens(vocab, num_seqs, seq + 1, seed)
     g = torch.Generator().manual_seed(seed + 1)
     # Ragged valid lengths: every sequence keeps a different number of loss tokens.
     lengths = torch.randint(seq // 2, seq + 1, (num_seqs,), generator=g)
@@ -117,7 +122,7 @@ def make_rl_batch(hf_model, *, num_seqs: int = 4, seq: int = 32, temperature: fl
     log-probs, and per-response advantages."""
     g = torch.Generator().manual_seed(seed + 7)
     V = hf_model.config.vocab_size
-    full = sample_tokens(V, num_seqs, seq + 1, seed)
+    full = random_tokens(V, num_seqs, seq + 1, seed)
     tokens, targets = full[:, :-1].contiguous(), full[:, 1:].contiguous()
     prompt = torch.randint(4, 12, (num_seqs, 1), generator=g)
     end = torch.randint(seq // 2, seq + 1, (num_seqs, 1), generator=g)
