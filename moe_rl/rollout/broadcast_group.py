@@ -43,3 +43,11 @@ class WeightBroadcastGroup:
             works.append(self.pg.broadcast([t], opts))
         for w in works:
             w.wait()
+
+    def close(self) -> None:
+        """Shut the gloo group down and drop the store (its threads and sockets go with them);
+        the object is unusable afterwards. Safe to call twice."""
+        pg = self.__dict__.pop("pg", None)
+        if pg is not None:
+            pg.shutdown()
+        self.__dict__.pop("store", None)

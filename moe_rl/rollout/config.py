@@ -18,6 +18,7 @@ class EmbeddedEngineConfig:
     seed: int = 0  # engine RNG seed for requests without sampling_seed
     weight_version: str = "default"  # initial weight version (SGLang's --weight-version)
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    trust_remote_code: bool = False  # run a checkpoint's own modelling code (only for checkpoints you trust)
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -56,6 +57,8 @@ class SGLangConfig:
     python: str = "python"  # interpreter that has sglang installed
     startup_timeout_s: float = 900.0  # deadline for every server to answer /health
     router_port: int = 0  # start sglang-router on this port (0 = no router)
+    trust_remote_code: bool = False  # --trust-remote-code: run the checkpoint's own Python (trusted checkpoints only)
+    api_key: str = ""  # --api-key the servers require (the client must send the same key)
 
     def __post_init__(self) -> None:
         for name in ("num_servers", "tp_size", "ep_size", "dp_size", "attn_dp_size", "nnodes"):
@@ -83,11 +86,17 @@ class ClientConfig:
 
     server_urls: list[str] = dataclasses.field(default_factory=list)  # every engine, for control calls
     router_url: str = ""  # send /generate via sglang-router (drops return_routed_experts!)
+    # the servers' --api-key, sent as "Authorization: Bearer <key>" on every call ("" = none)
+    api_key: str = dataclasses.field(default="", repr=False)
     max_concurrency: int = 64  # /generate requests in flight at once, over all servers
     request_timeout_s: float = 600.0  # one /generate call, then it is retried elsewhere
     control_timeout_s: float = 300.0  # one control call (pause, update, ...)
-    max_attempts: int = 8  # tries per request (abort and server failure both count)
+    health_timeout_s: float = 30.0  # one /health probe of a failed server (SGLang's may generate for 20 s)
+    max_attempts: int = 8  # failed tries per group (5xx, 408, 429, connection error, timeout)
+    retry_backoff_base_s: float = 0.25  # retry n of a group waits uniform(0, base * 2^(n-1)) (full jitter)
+    retry_backoff_max_s: float = 10.0  # cap on one retry wait, a server's Retry-After included
     server_cooldown_s: float = 5.0  # a failed server gets no new requests for this long
+    allow_mixed_versions: bool = False  # keep groups spanning weight versions (else stale samples are redone)
     return_routed_experts: bool = True  # ask for routed experts (needs direct server URLs)
 
     def __post_init__(self) -> None:
@@ -95,8 +104,12 @@ class ClientConfig:
             raise ValueError(f"client.max_concurrency ({self.max_concurrency}) must be >= 1")
         if self.max_attempts < 1:
             raise ValueError(f"client.max_attempts ({self.max_attempts}) must be >= 1")
-        if self.request_timeout_s <= 0:
-            raise ValueError(f"client.request_timeout_s ({self.request_timeout_s}) must be > 0")
+        for name in ("request_timeout_s", "control_timeout_s", "health_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"client.{name} ({getattr(self, name)}) must be > 0")
+        if not 0 <= self.retry_backoff_base_s <= self.retry_backoff_max_s:
+            raise ValueError(f"client.retry_backoff_base_s ({self.retry_backoff_base_s}) must be in "
+                             f"[0, retry_backoff_max_s={self.retry_backoff_max_s}]")
 
 
 @dataclasses.dataclass

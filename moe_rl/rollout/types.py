@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import Any
 
 import torch
 
 # SGLang's "all tokens" sentinel for top_k (api_types.py default).
 TOP_K_ALL = 1 << 30
+# torch.Generator.manual_seed takes seeds below 2**64.
+SEED_LIMIT = 1 << 64
 
 
 class FinishReason(str, enum.Enum):
@@ -38,10 +41,15 @@ class SamplingParams:
     sampling_seed: int | None = None  # per-request RNG seed (None = engine RNG)
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} ({getattr(self, name)}) must be a finite number")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature ({self.temperature}) must be >= 0")
+        if self.sampling_seed is not None and not 0 <= self.sampling_seed < SEED_LIMIT:
+            raise ValueError(f"sampling_seed ({self.sampling_seed}) must be in [0, 2**64)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
         if self.top_k < 1 and self.top_k != -1:
@@ -50,7 +58,7 @@ class SamplingParams:
             raise ValueError(f"min_p ({self.min_p}) must be in [0, 1]")
         if self.n < 1:
             raise ValueError(f"n ({self.n}) must be >= 1")
-        if self.top_k == -1:
+        if self.top_k == -1 or self.top_k > TOP_K_ALL:  # more than any vocabulary: keep all
             self.top_k = TOP_K_ALL
 
     def to_sglang(self) -> dict[str, Any]:

@@ -67,3 +67,35 @@ def start_embedded(model_dir: str, log_dir, *, max_running: int = 4, name: str =
     return ServerProc(argv, f"http://127.0.0.1:{port}", os.path.join(str(log_dir), f"{name}-{port}.log"))
 
 
+
+
+class InProcessServer:
+    """``build_app`` over an engine of this process, served by uvicorn on 127.0.0.1 in a thread
+    (for tests that reach into the engine, e.g. to inject a fault into its forward)."""
+
+    def __init__(self, engine, options=None) -> None:
+        import threading
+
+        import uvicorn
+
+        from moe_rl.rollout.embedded.server import build_app
+
+        self.engine = engine
+        self.app = build_app(engine, options)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
+                                                    access_log=False, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        end = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > end:
+                raise RuntimeError("in-process server did not start")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.engine.stop("test over")
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.app.state.ctx.close()

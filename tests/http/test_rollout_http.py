@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import threading
 import time
 
@@ -147,11 +148,18 @@ def test_bad_input_is_400_and_changes_nothing(two_servers, hf, tiny_ckpts, tmp_p
         assert r.status_code == 400 and msg in r.json()["message"], r.text
     r = post(url, "/update_weights_from_tensor", {"serialized_named_tensors": ["!!notbase64"]})
     assert r.status_code == 400
-    r = post(url, "/update_weights_from_disk", {"model_path": str(tmp_path / "missing")})
+    root = os.path.dirname(tiny_ckpts["v0"])  # the server's default weight root
+    r = post(url, "/update_weights_from_disk", {"model_path": os.path.join(root, "missing")})
     assert r.status_code == 400 and "not a directory" in r.json()["message"]
+    # outside the weight roots: refused before anything is read, even when the path exists
+    r = post(url, "/update_weights_from_disk", {"model_path": str(tmp_path)})
+    assert r.status_code == 400 and "outside the server's weight roots" in r.json()["message"]
+    os.symlink(tmp_path, os.path.join(root, "escape"))
+    r = post(url, "/update_weights_from_disk", {"model_path": os.path.join(root, "escape")})
+    assert r.status_code == 400 and "outside the server's weight roots" in r.json()["message"]
     from moe_rl.models.tiny import save_tiny_hf
 
-    other = save_tiny_hf("qwen3_moe", tmp_path / "wide", seed=1, hidden_size=96)
+    other = save_tiny_hf("qwen3_moe", os.path.join(root, "wide"), seed=1, hidden_size=96)
     r = post(url, "/update_weights_from_disk", {"model_path": other, "weight_version": "bad"})
     assert r.status_code == 400 and "shape" in r.json()["message"], r.text
     r = post(url, "/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]]})

@@ -133,3 +133,51 @@ def test_stops_seeds_and_shared_prefill(ckpts):
     assert len({tuple(m.response_ids) for m in many}) > 1
     zero = eng.generate([RolloutRequest(p, SamplingParams(max_new_tokens=0))])[0]
     assert zero.response_ids == [] and zero.finish_reason is FinishReason.LENGTH
+
+
+def test_transformers_contract_is_checked_at_start(ckpts, monkeypatch):
+    """The engine relies on transformers calling ``cache.update(key, value, layer_idx, ...)`` and
+    attending to what it returns, on 4-D masks used as given, and on ``cache=`` /
+    ``past_key_values=``. A transformers that breaks one of these must stop the engine at
+    start with a message naming it, not fail (or hang) on the first request."""
+    from moe_rl.rollout.embedded import kv_cache
+    from moe_rl.rollout.embedded.hf_contract import EngineContractError, cache_kwarg
+
+    model = tf.AutoModelForCausalLM.from_pretrained(ckpts["qwen3_moe"]).eval()
+    assert cache_kwarg(model) in ("cache", "past_key_values")
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    with pytest.raises(EngineContractError, match="neither `cache` nor `past_key_values`"):
+        cache_kwarg(NoCache())
+
+    original = kv_cache.SlotKVCache.update
+
+    def attends_to_new_token_only(self, k, v, layer_idx, *args, **kwargs):
+        original(self, k, v, layer_idx, *args, **kwargs)
+        return k, v  # what a cache that is ignored (or returns the wrong thing) amounts to
+
+    monkeypatch.setattr(kv_cache.SlotKVCache, "update", attends_to_new_token_only)
+    with pytest.raises(EngineContractError, match=r"transformers .*(decode logits through the engine's KV cache"
+                                                  r"|probe forward .* failed)"):
+        EmbeddedEngine(EmbeddedEngineConfig(model_path=ckpts["qwen3_moe"]))
+
+    monkeypatch.setattr(kv_cache.SlotKVCache, "update", original)
+    layer = model.model.layers[0].self_attn
+    forward = type(layer).forward
+    monkeypatch.setattr(type(layer), "forward", lambda self, *a, **kw: forward(self, *a, **{
+        k: v for k, v in kw.items() if k not in ("cache", "past_key_values")}))
+    with pytest.raises(EngineContractError, match="called cache.update 0 times"):
+        EmbeddedEngine(EmbeddedEngineConfig(model_path=ckpts["qwen3_moe"]), model=model)
+
+
+def test_seeded_group_draws_distinct_samples(ckpts):
+    eng = _engine(ckpts["qwen3_moe"], max_running=4)
+    p = _prompts(1, seed=5)[0]
+    sp = dict(max_new_tokens=8, temperature=1.0, ignore_eos=True, sampling_seed=123)
+    group = eng.generate([RolloutRequest(p, SamplingParams(**sp, n=4))])
+    alone = eng.generate([RolloutRequest(p, SamplingParams(**sp))])[0]
+    assert len({tuple(s.response_ids) for s in group}) == 4
+    assert group[0].response_ids == alone.response_ids

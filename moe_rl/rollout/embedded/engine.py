@@ -17,8 +17,18 @@ produced the token (``router_capture.py``).
 
 Threading: the engine is driven by one thread. In-process, :meth:`generate` drives it;
 behind the HTTP server, :meth:`start` runs the loop in a background thread and other
-threads talk to it through :meth:`submit`, :meth:`abort` and :meth:`call` (a function run
-between two steps), so weights never change in the middle of a forward.
+threads talk to it through :meth:`submit`, :meth:`abort` and :meth:`call` /
+:meth:`submit_call` (a function run between two steps), so weights never change in the
+middle of a forward.
+
+Failures are loud: an exception in the loop ends the engine. Every running, waiting and
+later request fails at once with the error's text (``EngineFailed``), pending control calls
+raise it, and :attr:`error` says why, for the server's ``/health``. A control call whose
+caller gave up (its future cancelled) before it ran never runs.
+
+Seeds: a request with ``sampling_seed`` and ``n > 1`` draws sample ``i`` from
+:func:`~moe_rl.rollout.embedded.sampler.per_sample_seed` ``(seed, i)``, so the samples of a
+group differ (and sample 0 is what ``n = 1`` gives).
 """
 
 from __future__ import annotations
@@ -34,11 +44,17 @@ from typing import Any, Callable
 
 import torch
 
+from moe_rl.rollout import routed_experts_codec
 from moe_rl.rollout.config import EmbeddedEngineConfig
+from moe_rl.rollout.embedded.hf_contract import cache_kwarg, check_engine_contract
 from moe_rl.rollout.embedded.kv_cache import SlotKVCache
 from moe_rl.rollout.embedded.router_capture import RouterCapture
-from moe_rl.rollout.embedded.sampler import RowParams, sample_tokens
+from moe_rl.rollout.embedded.sampler import RowParams, per_sample_seed, sample_tokens
 from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample, SamplingParams
+
+
+class EngineFailed(RuntimeError):
+    """The engine loop ended (an error, or shutdown); the message says why."""
 
 
 @dataclasses.dataclass
@@ -64,11 +80,12 @@ class _Group:
 
 
 class _Seq:
-    def __init__(self, rid: str, group: _Group, params: SamplingParams, future: cf.Future | None) -> None:
+    def __init__(self, rid: str, group: _Group, params: SamplingParams, future: cf.Future | None,
+                 seed: int | None = None) -> None:
         self.rid = rid
         self.group = group
         self.params = params
-        self.gen = None if params.sampling_seed is None else torch.Generator().manual_seed(params.sampling_seed)
+        self.gen = None if seed is None else torch.Generator().manual_seed(seed)
         self.future = future
         self.slot = -1
         self.out_ids: list[int] = []
@@ -95,14 +112,17 @@ class EmbeddedEngine:
             if not cfg.model_path:
                 raise ValueError("embedded.model_path is empty")
             model = tf.AutoModelForCausalLM.from_pretrained(
-                cfg.model_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+                cfg.model_path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code)
         self.model = model.eval()
+        self._cache_kw = cache_kwarg(model)
         self.hf_config = model.config
         eos = self.hf_config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self.vocab_size = self.hf_config.vocab_size
         self.context_len = cfg.max_context_len or int(self.hf_config.max_position_embeddings)
         self.capture = RouterCapture(model) if cfg.capture_routed_experts else None
+        self.expects_routers = bool(routed_experts_codec.moe_layer_ids(self.hf_config))
         self.num_hidden_layers = int(self.hf_config.num_hidden_layers)
         self.top_k_experts = int(getattr(self.hf_config, "num_experts_per_tok", 0) or 0)
         self.cache = SlotKVCache(cfg.max_running, self.context_len, dtype)
@@ -122,8 +142,12 @@ class EmbeddedEngine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._stop_message = "engine stopped"
+        self._state_lock = threading.Lock()  # orders submit/call against the loop's death
+        self.error: str | None = None  # why the loop ended; None while it serves
         self._rid_counter = itertools.count()
         self.num_generated_tokens = 0
+        check_engine_contract(self)
 
     # ---------------------------------------------------------------- public, any thread
     @property
@@ -140,8 +164,13 @@ class EmbeddedEngine:
         assert len(rids) == n
         group = _Group(list(prompt_ids), n)
         futs = [cf.Future() for _ in range(n)]
-        for rid, sp, f in zip(rids, per_sample, futs):
-            self._inbox.put(_Seq(rid, group, sp, f))
+        seqs = [_Seq(rid, group, sp, f, None if sp.sampling_seed is None else per_sample_seed(sp.sampling_seed, i))
+                for i, (rid, sp, f) in enumerate(zip(rids, per_sample, futs))]
+        with self._state_lock:
+            if self.error is not None:
+                raise EngineFailed(self.error)
+            for seq in seqs:
+                self._inbox.put(seq)
         self._wake.set()
         return futs
 
@@ -153,16 +182,40 @@ class EmbeddedEngine:
                 self._abort_rids.add(rid)
         self._wake.set()
 
-    def call(self, fn: Callable[[], Any], *, when_idle: bool = False, timeout: float | None = None) -> Any:
-        """Run ``fn`` on the engine thread between steps (``when_idle``: once nothing runs)."""
+    def submit_call(self, fn: Callable[[], Any], *, when_idle: bool = False) -> cf.Future:
+        """Queue ``fn`` to run on the engine thread between steps (``when_idle``: once nothing
+        runs); its future. Cancelling the future before it starts means it never runs."""
+        fut: cf.Future = cf.Future()
         if self._thread is None or threading.current_thread() is self._thread:
             if when_idle:
                 assert not self.num_running, "when_idle call with running sequences and no engine thread"
-            return fn()
-        fut: cf.Future = cf.Future()
-        self._commands.put((fn, fut, when_idle))
+            self._run_one(fn, fut)
+            return fut
+        with self._state_lock:
+            if self.error is not None:
+                raise EngineFailed(self.error)
+            self._commands.put((fn, fut, when_idle))
         self._wake.set()
-        return fut.result(timeout=timeout)
+        return fut
+
+    def call(self, fn: Callable[[], Any], *, when_idle: bool = False, timeout: float | None = None) -> Any:
+        """:meth:`submit_call` and wait; on timeout the call is cancelled if it has not started."""
+        fut = self.submit_call(fn, when_idle=when_idle)
+        try:
+            return fut.result(timeout=timeout)
+        except cf.TimeoutError:
+            if fut.cancel():
+                raise TimeoutError(f"engine call not started within {timeout}s; cancelled") from None
+            return fut.result()  # already running: it takes effect, so wait for it
+
+    def wake(self) -> None:
+        """Make the loop look for work now (after a resume)."""
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        """The loop serves requests (started, not stopped, no error)."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
 
     @property
     def num_running(self) -> int:
@@ -178,10 +231,12 @@ class EmbeddedEngine:
         self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, message: str = "engine stopped") -> None:
+        """End the loop; what is running or waiting fails with ``message``."""
+        self._stop_message = message
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
+        if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
 
     # ------------------------------------------------------------------- in-process API
@@ -207,20 +262,32 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------- engine thread
     def _loop(self) -> None:
-        while not self._stop:
-            try:
+        message, status = self._stop_message, 503
+        try:
+            while not self._stop:
                 self._run_commands()
                 if self._has_work():
                     self.step()
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()
-            except Exception as e:  # noqa: BLE001 - keep serving; fail what was running
-                import traceback
+            message = self._stop_message
+        except BaseException as e:  # noqa: BLE001 - the engine ends; every request learns why
+            import traceback
 
-                traceback.print_exc()
-                self._fail_all(f"engine error: {type(e).__name__}: {e}")
-        self._fail_all("engine stopped")
+            traceback.print_exc()
+            message, status = f"engine error: {type(e).__name__}: {e}", 500
+        self._die(message, status)
+
+    def _die(self, message: str, status: int) -> None:
+        with self._state_lock:  # after this, submit/submit_call raise instead of queueing
+            self.error = message
+        self._fail_all(message, status)
+        pending = self._idle_commands + [self._commands.get_nowait()[:2] for _ in range(self._commands.qsize())]
+        self._idle_commands = []
+        for _, fut in pending:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(EngineFailed(message))
 
     def _run_commands(self) -> None:
         while True:
@@ -239,6 +306,8 @@ class EmbeddedEngine:
 
     @staticmethod
     def _run_one(fn, fut: cf.Future) -> None:
+        if not fut.set_running_or_notify_cancel():  # its caller gave up: it must not take effect
+            return
         try:
             fut.set_result(fn())
         except BaseException as e:  # noqa: BLE001 - handed to the caller
@@ -259,10 +328,10 @@ class EmbeddedEngine:
             except queue.Empty:
                 return
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, status: int) -> None:
         self._drain_inbox()
-        for s in [s for s in self._slots if s is not None] + self._waiting:
-            self._finish(s, {"type": "abort", "message": message, "status_code": 500, "err_type": None})
+        for s in [s for s in self._slots if s is not None] + list(self._waiting):
+            self._finish(s, {"type": "abort", "message": message, "status_code": status, "err_type": None})
         self._waiting = []
 
     # ------------------------------------------------------------------- one step
@@ -294,20 +363,20 @@ class EmbeddedEngine:
         admitted: list[_Seq] = []
         free = [i for i, s in enumerate(self._slots) if s is None]
         while free and self._waiting:
-            seq = self._waiting.pop(0)
-            if seq.params.max_new_tokens == 0:
+            seq = self._waiting[0]  # stays waiting until admitted, so a failing prefill fails it too
+            g = seq.group
+            if g.prompt_kv is None and (seq.params.max_new_tokens > 0 or self.capture is not None):
+                self._prefill(g)
+            self._waiting.pop(0)
+            if seq.params.max_new_tokens == 0:  # prefilled for the prompt's routed experts
+                self._release_prompt(g)
                 self._finish(seq, {"type": "length", "length": 0})
                 continue
-            g = seq.group
-            if g.prompt_kv is None:
-                self._prefill(g)
             slot = free.pop(0)
             self.cache.load_prompt(slot, g.prompt_kv)  # type: ignore[arg-type]
             seq.slot = slot
             self._slots[slot] = seq
-            g.remaining -= 1
-            if g.remaining == 0:  # every sample has its copy: drop the shared prompt KV
-                g.prompt_kv = None
+            self._release_prompt(g)
             admitted.append(seq)
         if not admitted:
             return
@@ -316,18 +385,38 @@ class EmbeddedEngine:
                   for s in admitted]
         self._take_tokens(admitted, logits_BV, routes)
 
-    def _prefill(self, g: _Group) -> None:
-        P = len(g.prompt_ids)
-        ids_1P = torch.tensor([g.prompt_ids])
-        pos_1P = torch.arange(P)[None]
+    @staticmethod
+    def _release_prompt(g: _Group) -> None:
+        """One more sample of ``g`` left the waiting list; the last one drops the prompt KV."""
+        g.remaining -= 1
+        if g.remaining == 0:
+            g.prompt_kv = None
+
+    # The two forwards, shared with the startup contract check (hf_contract.py).
+    def forward_prefill(self, prompt_ids: list[int], cache: SlotKVCache):
+        """Prompt forward in capture mode -> (per-layer prompt KV ``[1, H, P, D]``, last logits ``[V]``)."""
+        P = len(prompt_ids)
         causal_PP = torch.ones(P, P, dtype=torch.bool).tril()
-        mask = torch.zeros(1, 1, P, P, dtype=self.cache.dtype).masked_fill(
-            ~causal_PP, torch.finfo(self.cache.dtype).min)
-        captured = self.cache.plan_capture()
-        out = self.model(input_ids=ids_1P, position_ids=pos_1P, attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        g.prompt_kv = dict(captured)
-        g.last_logits_V = out.logits[0, -1].float()
+        mask = torch.zeros(1, 1, P, P, dtype=cache.dtype).masked_fill(~causal_PP, torch.finfo(cache.dtype).min)
+        captured = cache.plan_capture()
+        out = self.model(input_ids=torch.tensor([prompt_ids]), position_ids=torch.arange(P)[None],
+                         attention_mask=mask, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return dict(captured), out.logits[0, -1].float()
+
+    def forward_decode(self, ids_B: torch.Tensor, pos_B: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """One token for rows = slots ``0..B-1`` at positions ``pos_B`` -> logits ``[B, V]``."""
+        B = ids_B.shape[0]
+        kv_len = int(pos_B.max()) + 1
+        allowed_BL = torch.arange(kv_len)[None, :] <= pos_B[:, None]
+        mask = torch.zeros(B, 1, 1, kv_len, dtype=cache.dtype).masked_fill(
+            ~allowed_BL[:, None, None, :], torch.finfo(cache.dtype).min)
+        cache.plan_decode(pos_B, kv_len)
+        out = self.model(input_ids=ids_B[:, None], position_ids=pos_B[:, None], attention_mask=mask,
+                         use_cache=True, **{self._cache_kw: cache})
+        return out.logits[:, -1]
+
+    def _prefill(self, g: _Group) -> None:
+        g.prompt_kv, g.last_logits_V = self.forward_prefill(g.prompt_ids, self.cache)
         if self.capture is not None and self.capture.num_moe_layers:
             g.prompt_routes_PLK = self.capture.stacked()  # [P, L, K]
 
@@ -340,16 +429,10 @@ class EmbeddedEngine:
             if s is not None:
                 ids_B[i] = s.out_ids[-1]
                 pos_B[i] = s.prompt_len + len(s.out_ids) - 1
-        kv_len = int(pos_B.max()) + 1
-        allowed_BL = torch.arange(kv_len)[None, :] <= pos_B[:, None]
-        mask = torch.zeros(B, 1, 1, kv_len, dtype=self.cache.dtype).masked_fill(
-            ~allowed_BL[:, None, None, :], torch.finfo(self.cache.dtype).min)
-        self.cache.plan_decode(pos_B, kv_len)
-        out = self.model(input_ids=ids_B[:, None], position_ids=pos_B[:, None], attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True)
+        all_logits_BV = self.forward_decode(ids_B, pos_B, self.cache)
         live = [i for i, s in enumerate(rows) if s is not None]
         live_t = torch.tensor(live)
-        logits_BV = out.logits[live_t, -1]
+        logits_BV = all_logits_BV[live_t]
         routes = [None] * len(live)
         if self.capture is not None and self.capture.num_moe_layers:
             routes_BLK = self.capture.stacked()[live_t]
@@ -381,9 +464,7 @@ class EmbeddedEngine:
             s.slot = -1
         if s in self._waiting:
             self._waiting.remove(s)
-            s.group.remaining -= 1
-            if s.group.remaining == 0:
-                s.group.prompt_kv = None
+            self._release_prompt(s.group)
         routes = None
         g = s.group
         if g.prompt_routes_PLK is not None:

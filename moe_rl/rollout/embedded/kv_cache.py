@@ -3,8 +3,10 @@
 Legend: S slots, B rows in this forward, H kv heads, T new tokens, C context (slot
 capacity), L kv length attended this step, D head dim.
 
-HF attention calls ``cache.update(k_BHTD, v_BHTD, layer_idx)`` and attends to what it
-returns. Before each forward the engine sets a *plan*: which slot each row is, and where
+HF attention calls ``cache.update(k_BHTD, v_BHTD, layer_idx, ...)`` and attends to what it
+returns (transformers 4.x passes ``cache_kwargs`` positionally, 5.2x ``kwargs=``; neither is
+needed here, the plan below says where keys go). ``hf_contract.py`` checks at engine start
+that the installed transformers still calls it that way. Before each forward the engine sets a *plan*: which slot each row is, and where
 its T new tokens go. Rows of a decode step are always slots ``0..B-1`` (idle slots below
 the highest busy one ride along, masked), so ``update`` returns views of the buffers, no
 gathers. Prefill runs in *capture* mode: keys/values pass through unchanged and are kept
@@ -31,6 +33,7 @@ class SlotKVCache:
         self._capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._write_pos_B: torch.Tensor | None = None  # decode: position of the single new token
         self._kv_len = 0
+        self.num_updates = 0  # calls of update(), for the startup contract check
 
     # -- plans -------------------------------------------------------------------------
     def plan_capture(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -55,13 +58,18 @@ class SlotKVCache:
             self.k_SHCD[layer][slot, :, :P] = k[0]
             self.v_SHCD[layer][slot, :, :P] = v[0]
 
+    def nbytes(self) -> int:
+        """Bytes held by the KV buffers now (0 after :meth:`release`)."""
+        return sum(t.numel() * t.element_size() for d in (self.k_SHCD, self.v_SHCD) for t in d.values())
+
     def release(self) -> None:
         """Free the buffers (release_memory_occupation kv_cache); reallocated on next load."""
         self.k_SHCD.clear()
         self.v_SHCD.clear()
 
     # -- the HF Cache surface the models use ---------------------------------------------
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.num_updates += 1
         if self._capture is not None:
             self._capture[layer_idx] = (key_states, value_states)
             return key_states, value_states

@@ -7,6 +7,11 @@ features it does not implement when they are given non-default values, instead o
 ignoring them (grammar, penalties, stop strings without a tokenizer, prompt log-probs...).
 Batch and ``n``: the response is a list ordered prompt-major (item ``i*n + j`` is sample
 ``j`` of prompt ``i``); a single prompt with ``n == 1`` gets a single object.
+
+Values are checked at the door, so one request's numbers can never fail inside the engine
+(where they would take every other request in flight down with them): booleans must be
+JSON booleans (as in SGLang's schema: ``"false"`` is not false), numbers finite and in
+range, and a request asks at most ``max_samples`` samples.
 """
 
 from __future__ import annotations
@@ -58,6 +63,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def flag(body: dict, key: str, default: bool = False, *, where: str = "") -> bool:
+    """``body[key]`` as a JSON boolean (absent/null: ``default``); anything else is a 400."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ContractError(f"invalid type: {where}{key} must be a boolean (true/false), got {v!r:.80}")
+    return v
+
+
 def parse_sampling(sp: Any, *, has_tokenizer: bool) -> tuple[SamplingParams, list[str]]:
     """-> (params, stop strings)."""
     if sp is None:
@@ -70,7 +85,9 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> tuple[SamplingParams, lis
                                 + ", ".join(f"`{x}`" for x in SGLANG_SAMPLING_KEYS))
     for k, ok in _NEUTRAL.items():
         if k in sp and sp[k] not in ok:
-            raise RequestError(f"sampling_params.{k}={sp[k]!r} is not supported by the embedded engine")
+            raise RequestError(f"sampling_params.{k}={sp[k]!r:.80} is not supported by the embedded engine")
+    for k in ("ignore_eos",) + _IGNORED[:3]:
+        flag(sp, k, where="sampling_params.")
 
     def num(key, default, kind):
         v = sp.get(key, default)
@@ -97,17 +114,18 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> tuple[SamplingParams, lis
         params = SamplingParams(
             max_new_tokens=num("max_new_tokens", 128, int), temperature=num("temperature", 1.0, float),
             top_p=num("top_p", 1.0, float), top_k=num("top_k", TOP_K_ALL, int), min_p=num("min_p", 0.0, float),
-            stop_token_ids=list(stop_ids), ignore_eos=bool(sp.get("ignore_eos", False)), n=num("n", 1, int),
+            stop_token_ids=list(stop_ids), ignore_eos=flag(sp, "ignore_eos"), n=num("n", 1, int),
             sampling_seed=seed)
     except ValueError as e:
         raise RequestError(f"sampling_params: {e}") from e
     return params, stop
 
 
-def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=None) -> ParsedGenerate:
+def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=None,
+                   max_samples: int = 4096) -> ParsedGenerate:
     if not isinstance(body, dict):
         raise ContractError("invalid type: request body must be a JSON object")
-    if body.get("stream"):
+    if flag(body, "stream"):
         raise RequestError("stream=true is not supported by the embedded engine")
     if body.get("input_embeds") is not None:
         raise RequestError("input_embeds is not supported by the embedded engine")
@@ -149,6 +167,9 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
                            "use stop_token_ids")
     if len({p.n for p in params}) != 1:
         raise RequestError(f"n must be the same in every sampling_params entry, got {[p.n for p in params]}")
+    if B * params[0].n > max_samples:
+        raise RequestError(f"{B} prompts x n={params[0].n} asks {B * params[0].n} samples; this server takes at "
+                           f"most {max_samples} per request (--max-samples-per-request)")
     for i, (p, sp) in enumerate(zip(prompts, params)):
         if len(p) + sp.max_new_tokens > context_len:
             raise RequestError(f"prompt {i}: input tokens ({len(p)}) + max_new_tokens ({sp.max_new_tokens}) "
@@ -163,7 +184,12 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
     else:
         raise RequestError(f"rid must be a string or a list of {B} strings")
     rl = body.get("return_logprob", False)
-    rl_list = list(rl) if isinstance(rl, list) else [bool(rl)] * B
+    if isinstance(rl, list):
+        if not all(isinstance(x, bool) for x in rl):
+            raise ContractError(f"invalid type: return_logprob must be a boolean or a list of booleans, got {rl!r:.80}")
+        rl_list = list(rl)
+    else:
+        rl_list = [flag(body, "return_logprob")] * B
     if len(rl_list) != B:
         raise RequestError(f"return_logprob has {len(rl_list)} entries for {B} prompts")
     if body.get("logprob_start_len", -1) not in (-1, None):
@@ -176,5 +202,5 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
                            f"({min(len(p) for p in prompts)})]")
     n = params[0].n
     return ParsedGenerate(prompts=prompts, params=params, rids=rids, return_logprob=rl_list,
-                          return_routed_experts=bool(body.get("return_routed_experts", False)),
+                          return_routed_experts=flag(body, "return_routed_experts"),
                           routed_experts_start_len=start, single=single and n == 1)

@@ -80,3 +80,33 @@ def load_checkpoint_state(model_path: str, like: torch.nn.Module) -> list[tuple[
     if missing:
         raise WeightUpdateError(f"{model_path!r} lacks or mismatches {len(missing)} weights, e.g. {missing[0]}")
     return list(model_tensors(fresh).items())
+
+
+def check_announced(model: torch.nn.Module, names: list, dtypes: list, shapes: list) -> list[tuple[list[int], torch.dtype]]:
+    """Validate a ``/update_weights_from_distributed`` announcement *before* any buffer is
+    allocated: every name a distinct weight of the model, every shape exactly the model's,
+    every dtype a known one. So what a client can make the server allocate is bounded by the
+    model's own size (at most 8 bytes per element). Returns ``[(shape, dtype)]`` to receive."""
+    if not len(names) == len(dtypes) == len(shapes):
+        raise WeightUpdateError(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) "
+                                "must have the same length")
+    params = model_tensors(model)
+    seen: set = set()
+    out = []
+    for name, dt, shape in zip(names, dtypes, shapes):
+        if not isinstance(name, str):
+            raise WeightUpdateError(f"names must be strings, got {name!r:.80}")
+        tgt = resolve(name, params)
+        if tgt is None:
+            raise WeightUpdateError(f"{name}: no such weight in the model")
+        key = (tgt[0], repr(tgt[1]))
+        if key in seen:
+            raise WeightUpdateError(f"{name}: announced twice")
+        seen.add(key)
+        dst = params[tgt[0]][tgt[1]] if tgt[1] else params[tgt[0]]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise WeightUpdateError(f"{name}: shape must be a list of integers, got {shape!r:.80}")
+        if list(shape) != list(dst.shape):
+            raise WeightUpdateError(f"{name}: shape {shape} does not match the model's {list(dst.shape)}")
+        out.append((list(shape), parse_dtype(dt)))
+    return out

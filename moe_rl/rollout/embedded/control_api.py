@@ -1,0 +1,147 @@
+"""Information and scheduling control endpoints of the embedded server (SGLang 0.5.23 names):
+model/server info and loads, flush, pause/continue, abort, memory release/resume, weight
+version. Every change runs on the engine thread between two steps (``ServerContext.on_engine``).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from moe_rl.rollout.embedded.http_context import ServerContext
+from moe_rl.rollout.embedded.protocol import RequestError, flag
+
+VERSION = "moe_rl-embedded-0.1 (sglang 0.5.23 protocol)"
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+
+
+def control_router(ctx: ServerContext) -> APIRouter:
+    r = APIRouter()
+    engine = ctx.engine
+
+    def model_info() -> dict:
+        cfg = engine.hf_config
+        path = ctx.options.model_path
+        return {
+            "model_path": path, "served_model_name": path,
+            "tokenizer_path": path if ctx.tokenizer is not None else None,
+            "is_generation": True, "preferred_sampling_params": None, "weight_version": ctx.version(),
+            "load_format": "auto", "reasoning_parser": None, "tool_call_parser": None,
+            "disaggregation_mode": "null", "has_image_understanding": False, "has_audio_understanding": False,
+            "model_type": cfg.model_type, "architectures": list(cfg.architectures or []),
+            # embedded extras for the client's routed-experts decoding
+            "num_hidden_layers": engine.num_hidden_layers, "num_experts_per_tok": engine.top_k_experts,
+            "moe_layer_ids": engine.moe_layer_ids,
+        }
+
+    @r.get("/model_info")
+    @r.get("/get_model_info")
+    async def get_model_info():
+        return JSONResponse(model_info())
+
+    @r.get("/server_info")
+    @r.get("/get_server_info")
+    async def server_info():
+        c = engine.cfg
+        return JSONResponse({
+            "model_path": ctx.options.model_path, "tp_size": 1, "dp_size": 1, "ep_size": 1,
+            "max_running_requests": c.max_running, "context_length": engine.context_len,
+            "enable_return_routed_experts": c.capture_routed_experts, "weight_version": ctx.version(),
+            "internal_states": [{"num_running_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting,
+                                 "paused": engine.paused, "released": sorted(engine.released),
+                                 "kv_cache_bytes": engine.cache.nbytes(), "engine_error": engine.error,
+                                 "num_generate_requests": ctx.num_generate_requests}],
+            "version": VERSION, "frontend": "python", "startup_time": ctx.startup_time,
+        })
+
+    @r.get("/v1/loads")
+    async def loads():
+        return JSONResponse({"loads": [{"dp_rank": 0, "num_running_reqs": engine.num_running,
+                                        "num_waiting_reqs": engine.num_waiting}], "weight_version": ctx.version()})
+
+    @r.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        # Requests that arrived while paused wait outside the scheduler (SGLang blocks them in
+        # the tokenizer manager), so they do not prevent a flush.
+        waiting = 0 if engine.paused else engine.num_waiting
+        if engine.num_running or waiting:
+            return PlainTextResponse(
+                f"Cache not flushed: {engine.num_running} running, {waiting} waiting requests",
+                status_code=400)
+        return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. "
+                                 "(When there are running or waiting requests, the operation will not be performed.)")
+
+    @r.post("/pause_generation")
+    async def pause_generation(request: Request):
+        body = await ctx.read_json(request, required=False)
+        mode = body.get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise RequestError(f"mode ({mode!r:.80}) must be 'abort', 'retract' or 'in_place'")
+        await ctx.on_engine(request, lambda: engine.pause(mode), what="pause_generation")
+        return ctx.ok({"message": "Generation paused successfully.", "status": "ok"})
+
+    @r.post("/continue_generation")
+    async def continue_generation(request: Request):
+        await ctx.read_json(request, required=False)
+        await ctx.on_engine(request, engine.resume, what="continue_generation")
+        return ctx.ok({"message": "Generation continued successfully.", "status": "ok"})
+
+    @r.post("/abort_request")
+    async def abort_request(request: Request):
+        body = await ctx.read_json(request, required=False)
+        rid = body.get("rid", "") or ""
+        if not isinstance(rid, str):
+            raise RequestError(f"rid must be a string, got {rid!r:.80}")
+        engine.abort(rid=rid, abort_all=flag(body, "abort_all"))
+        return Response(status_code=200)
+
+    @r.api_route("/release_memory_occupation", methods=["GET", "POST"])
+    async def release_memory(request: Request):
+        tags = _tags(await ctx.read_json(request, required=False))
+
+        def release():
+            if "kv_cache" in tags:
+                if engine.num_running:
+                    raise RequestError(f"cannot release kv_cache with {engine.num_running} running requests")
+                engine.cache.release()
+            engine.released.update(tags)
+
+        await ctx.on_engine(request, release, what="release_memory_occupation")
+        return JSONResponse(None)
+
+    @r.api_route("/resume_memory_occupation", methods=["GET", "POST"])
+    async def resume_memory(request: Request):
+        tags = _tags(await ctx.read_json(request, required=False))
+
+        def resume():
+            engine.released.difference_update(tags)
+            engine.wake()
+
+        await ctx.on_engine(request, resume, what="resume_memory_occupation")
+        return JSONResponse(None)
+
+    @r.post("/update_weight_version")
+    async def update_weight_version(request: Request):
+        body = await ctx.read_json(request)
+        new = body.get("new_version")
+        if not isinstance(new, (str, int)) or isinstance(new, bool) or new == "":
+            raise RequestError("new_version (non-empty string) is required")
+        if flag(body, "abort_all_requests", True):
+            engine.abort(abort_all=True, message="Abort by weight version update")
+
+        def set_version():
+            engine.weight_version = str(new)
+
+        await ctx.on_engine(request, set_version, what="update_weight_version")
+        return ctx.ok({"success": True, "message": "Weight version updated.", "new_version": str(new)})
+
+    return r
+
+
+def _tags(body: dict) -> set[str]:
+    tags = body.get("tags")
+    if tags is None:
+        return set(MEMORY_TAGS)
+    if not isinstance(tags, list) or any(t not in MEMORY_TAGS for t in tags):
+        raise RequestError(f"tags ({tags!r:.80}) must be null or a subset of {list(MEMORY_TAGS)}")
+    return set(tags)

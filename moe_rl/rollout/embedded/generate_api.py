@@ -1,0 +1,108 @@
+"""``/generate`` and the health endpoints of the embedded server (SGLang 0.5.23 shapes).
+
+A request whose client hangs up is aborted in the engine (as SGLang does), so a retry on
+another server does not double the work. When the engine has failed, a request gets a 5xx
+naming the error at once, and ``/health`` answers 503 with the same text; ``/health_generate``
+runs a one-token generate through the engine, as SGLang's does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from moe_rl.rollout import routed_experts_codec
+from moe_rl.rollout.embedded.engine import EngineFailed, SeqResult
+from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable, wait_or_gone
+from moe_rl.rollout.embedded.protocol import ParsedGenerate, parse_generate
+from moe_rl.rollout.types import SamplingParams
+
+
+def generate_router(ctx: ServerContext) -> APIRouter:
+    r = APIRouter()
+    engine = ctx.engine
+
+    @r.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request):
+        t0 = time.monotonic()
+        ctx.num_generate_requests += 1
+        body = await ctx.read_json(request)
+        req = parse_generate(body, context_len=engine.context_len, vocab_size=engine.vocab_size,
+                             tokenizer=ctx.tokenizer, max_samples=ctx.options.max_samples_per_request)
+        futs, rids = [], []
+        try:
+            for prompt, params, rid in zip(req.prompts, req.params, req.rids):
+                ids = [rid] if params.n == 1 and rid is not None else [engine.new_rid() for _ in range(params.n)]
+                futs += engine.submit(prompt, params, ids)
+                rids += ids
+        except EngineFailed as e:
+            for rid in rids:
+                engine.abort(rid=rid)
+            raise Unavailable(str(e), status=500) from e
+        if not await wait_or_gone(request, futs, None):  # the client hung up
+            for rid in rids:
+                engine.abort(rid=rid, message="client disconnected")
+            return Response(status_code=499)
+        results: list[SeqResult] = [f.result() for f in futs]
+        failed = [x for x in results if (x.finish.get("status_code") or 0) >= 500]
+        if failed:
+            fin = failed[0].finish
+            return JSONResponse({"error": {"message": fin["message"]}, "weight_version": ctx.version()},
+                                status_code=fin["status_code"])
+        items = [_item(ctx, req, i // req.params[0].n, x, time.monotonic() - t0) for i, x in enumerate(results)]
+        return JSONResponse(items[0] if req.single else items)
+
+    @r.get("/health")
+    @r.get("/ready")
+    async def health():
+        if not engine.alive:
+            return PlainTextResponse(f"unhealthy: {engine.error or 'engine not running'}", status_code=503)
+        return Response(status_code=200)
+
+    @r.get("/health_generate")
+    async def health_generate(request: Request):
+        if not engine.alive:
+            return PlainTextResponse(f"unhealthy: {engine.error or 'engine not running'}", status_code=503)
+        if engine.paused or engine.released:  # cannot generate now: prove the loop still answers
+            await ctx.on_engine(request, lambda: None, what="health check")
+            return Response(status_code=200)
+        try:
+            futs = engine.submit([0], SamplingParams(max_new_tokens=1, temperature=0.0))
+        except EngineFailed as e:
+            return PlainTextResponse(f"unhealthy: {e}", status_code=503)
+        if not await wait_or_gone(None, futs, ctx.options.health_timeout_s):
+            return PlainTextResponse(f"unhealthy: a one-token generate took over {ctx.options.health_timeout_s:g}s",
+                                     status_code=503)
+        fin = futs[0].result().finish
+        if (fin.get("status_code") or 0) >= 500:
+            return PlainTextResponse(f"unhealthy: {fin['message']}", status_code=503)
+        return Response(status_code=200)
+
+    return r
+
+
+def _item(ctx: ServerContext, req: ParsedGenerate, prompt_idx: int, x: SeqResult, latency: float) -> dict:
+    engine = ctx.engine
+    meta: dict[str, Any] = {
+        "id": x.rid, "finish_reason": x.finish, "prompt_tokens": x.prompt_len,
+        "completion_tokens": len(x.output_ids), "cached_tokens": 0, "reasoning_tokens": 0,
+        "weight_version": x.weight_version, "num_retractions": 0, "e2e_latency": latency,
+    }
+    if req.return_logprob[prompt_idx]:
+        meta["input_token_logprobs"] = []
+        meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(x.output_logprobs, x.output_ids)]
+        meta["output_token_logprobs_length"] = len(x.output_ids)
+    if req.return_routed_experts and x.routes_NLK is not None:
+        routes_NLK = x.routes_NLK[req.routed_experts_start_len:]
+        full_NHK = torch.full((routes_NLK.shape[0], engine.num_hidden_layers, routes_NLK.shape[2]), -1,
+                              dtype=torch.int32)
+        full_NHK[:, engine.moe_layer_ids] = routes_NLK
+        meta["routed_experts"] = routed_experts_codec.encode(full_NHK)
+    item: dict[str, Any] = {"output_ids": x.output_ids, "meta_info": meta}
+    if ctx.tokenizer is not None:
+        item["text"] = ctx.tokenizer.decode(x.output_ids, skip_special_tokens=True)
+    return item

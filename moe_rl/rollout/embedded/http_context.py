@@ -1,0 +1,178 @@
+"""What every endpoint of the embedded server shares: the engine, the options, replies,
+body parsing, waiting on the engine with a deadline, and the ASGI middleware.
+
+Waiting on the engine never holds a worker thread: a control call is queued on the engine
+thread (:meth:`EmbeddedEngine.submit_call`) and awaited on the event loop. When its deadline
+passes before it started, or its client hung up, it is cancelled and never takes effect;
+once it has started it is waited for, so a reply never says "timed out" about a change
+that happened. Blocking joins (gloo rendezvous, broadcasts) run on a small executor of their
+own, so they cannot starve anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import dataclasses
+import json
+import secrets
+import threading
+from typing import Any, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from moe_rl.rollout.embedded.engine import EmbeddedEngine, EngineFailed
+from moe_rl.rollout.embedded.protocol import ContractError, RequestError
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    """Server-side limits and security settings (the CLI flags of ``server.py``)."""
+
+    model_path: str = ""  # served checkpoint directory (reported by /model_info)
+    api_key: str = ""  # require "Authorization: Bearer <api_key>" (not on /health*, /ready*, /metrics*)
+    weight_roots: list[str] = dataclasses.field(default_factory=list)  # /update_weights_from_disk reads only below these
+    control_timeout_s: float = 300.0  # a control call not started by then is cancelled (504)
+    join_timeout_s: float = 120.0  # deadline of a weight-group rendezvous or broadcast
+    max_joins: int = 2  # weight-group joins/broadcasts running at once; more get 503
+    max_samples_per_request: int = 4096  # prompts x n one /generate may ask
+    health_timeout_s: float = 20.0  # /health_generate's one-token generate must finish by then
+
+
+class Unavailable(RuntimeError):
+    """The server cannot serve this now (engine dead, busy, deadline passed): 5xx."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ServerContext:
+    """State shared by the routers of one app."""
+
+    def __init__(self, engine: EmbeddedEngine, options: ServerOptions, tokenizer=None) -> None:
+        self.engine = engine
+        self.options = options
+        self.tokenizer = tokenizer
+        self.groups: dict[str, Any] = {}  # weight-update groups by name
+        self.num_generate_requests = 0
+        self.startup_time: float | None = None
+        self._joins = cf.ThreadPoolExecutor(options.max_joins, thread_name_prefix="weight-group")
+        self._join_slots = threading.BoundedSemaphore(options.max_joins)
+
+    def version(self) -> str:
+        return self.engine.weight_version
+
+    # ------------------------------------------------------------------ replies
+    def ok(self, body: dict | None = None, status: int = 200) -> JSONResponse:
+        body = dict(body or {})
+        body.setdefault("weight_version", self.version())
+        return JSONResponse(body, status_code=status)
+
+    def fail(self, message: str, status: int = 400, **extra) -> JSONResponse:
+        return JSONResponse({"success": False, "message": message, "weight_version": self.version(), **extra},
+                            status_code=status)
+
+    # ------------------------------------------------------------------ bodies
+    @staticmethod
+    async def read_json(request: Request, *, required: bool = True) -> dict:
+        raw = await request.body()
+        if not raw.strip():
+            if required:
+                raise RequestError("request body is empty; expected a JSON object")
+            return {}
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ContractError(f"request body is not UTF-8 ({e.reason} at byte {e.start})") from e
+        except json.JSONDecodeError as e:
+            raise ContractError(f"malformed JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise ContractError("request body must be a JSON object")
+        return body
+
+    # ------------------------------------------------------------------ engine calls
+    async def on_engine(self, request: Request | None, fn: Callable[[], Any], *, when_idle: bool = False,
+                        what: str = "control call") -> Any:
+        """Run ``fn`` on the engine thread; cancelled (never runs) if not started before the
+        deadline or before the client hangs up."""
+        try:
+            fut = self.engine.submit_call(fn, when_idle=when_idle)
+        except EngineFailed as e:
+            raise Unavailable(str(e)) from e
+        done = await wait_or_gone(request, [fut], self.options.control_timeout_s)
+        if not done and fut.cancel():
+            raise Unavailable(f"{what} did not start within {self.options.control_timeout_s:g}s "
+                              "(or the client left); cancelled, nothing changed", status=504)
+        try:
+            return await asyncio.wrap_future(fut)
+        except EngineFailed as e:
+            raise Unavailable(str(e)) from e
+
+    async def blocking_join(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run a blocking collective on the joins executor, at most ``max_joins`` at once."""
+        if not self._join_slots.acquire(blocking=False):
+            raise Unavailable(f"{what}: {self.options.max_joins} weight-group operations already running")
+
+        def run():
+            try:
+                return fn()
+            finally:
+                self._join_slots.release()
+
+        return await asyncio.wrap_future(self._joins.submit(run))
+
+    def close(self) -> None:
+        for g in self.groups.values():
+            g.close()
+        self.groups.clear()
+        self._joins.shutdown(wait=False, cancel_futures=True)
+
+
+async def wait_or_gone(request: Request | None, futs: list[cf.Future], timeout: float | None) -> bool:
+    """Wait until every future is done (True), the deadline passes or the client disconnects (False)."""
+    waiting = [asyncio.wrap_future(f) for f in futs]
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        step = 0.25 if deadline is None else min(0.25, max(0.0, deadline - loop.time()))
+        _, pending = await asyncio.wait(waiting, timeout=step)
+        if not pending:
+            return True
+        if deadline is not None and loop.time() >= deadline:
+            return False
+        if request is not None and await request.is_disconnected():
+            return False
+
+
+class ServerMiddleware:
+    """Pure ASGI (keeps client-disconnect events visible to handlers): checks the API key as
+    SGLang does (Bearer token; health, readiness and metrics always open) and stamps every
+    response with ``X-Weight-Version``."""
+
+    OPEN_PREFIXES = ("/health", "/ready", "/metrics")
+
+    def __init__(self, app, *, ctx: ServerContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        key = self.ctx.options.api_key
+        if key and scope.get("method") != "OPTIONS" and not scope["path"].startswith(self.OPEN_PREFIXES):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), key.encode()):
+                resp = JSONResponse({"error": "Unauthorized"}, status_code=401)
+                return await resp(scope, receive, send)
+
+        async def stamped(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                headers.append((b"x-weight-version", self.ctx.version().encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, stamped)

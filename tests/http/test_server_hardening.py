@@ -1,0 +1,355 @@
+"""The embedded server against a broken engine and a hostile or careless client.
+
+Faults are injected into the engine's forward in this process (the server runs in a thread
+over it), so each case shows what a client sees: a 5xx naming the error at once, never a
+request that waits forever; health that tells the truth; control calls that time out
+without taking effect later; limits on what a request may make the server allocate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from moe_rl.rollout import routed_experts_codec
+from moe_rl.rollout.client import RolloutClient
+from moe_rl.rollout.config import ClientConfig, EmbeddedEngineConfig
+from moe_rl.rollout.embedded.engine import EmbeddedEngine
+from moe_rl.rollout.embedded.http_context import ServerOptions
+from moe_rl.rollout.embedded.server import parse_args
+from moe_rl.rollout.types import RolloutRequest, SamplingParams
+
+from embedded_servers import InProcessServer, free_port, start_embedded
+
+LONG = {"max_new_tokens": 400, "temperature": 1.0, "ignore_eos": True}
+
+
+class Fault:
+    """Wraps ``model.forward``: raises ``RuntimeError(message)`` once armed."""
+
+    def __init__(self, engine: EmbeddedEngine, message: str, on_prefill_only: bool = False) -> None:
+        self.armed = False
+        self.message = message
+        forward = engine.model.forward
+
+        def faulty(*a, **kw):
+            if self.armed and (not on_prefill_only or "logits_to_keep" in kw):
+                raise RuntimeError(message)
+            return forward(*a, **kw)
+
+        engine.model.forward = faulty
+
+
+def _engine(path, **kw) -> EmbeddedEngine:
+    eng = EmbeddedEngine(EmbeddedEngineConfig(model_path=path, max_running=4, **kw))
+    eng.start()
+    return eng
+
+
+@pytest.fixture
+def served(tiny_ckpts):
+    servers = []
+
+    def make(options=None, **kw):
+        s = InProcessServer(_engine(tiny_ckpts["v0"], **kw), options)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def _post_async(url, body, out, timeout=60):
+    def run():
+        try:
+            out.append(httpx.post(url + "/generate", json=body, timeout=timeout))
+        except httpx.HTTPError as e:
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_engine_error_fails_pending_and_later_requests_and_health(served, tiny_ckpts):
+    srv = served()
+    fault = Fault(srv.engine, "injected fault in forward")
+    assert httpx.get(srv.url + "/health_generate", timeout=30).status_code == 200
+    out: list = []
+    t = _post_async(srv.url, {"input_ids": [5, 6, 7], "sampling_params": {**LONG, "n": 3}}, out)
+    time.sleep(0.5)
+    fault.armed = True
+    t.join(timeout=20)
+    assert out, "the pending request never returned"
+    r = out[0]
+    assert r.status_code == 500 and "injected fault in forward" in r.text, r.text
+    # later requests fail at once, with the same reason; health says so
+    t0 = time.monotonic()
+    r = httpx.post(srv.url + "/generate", json={"input_ids": [5], "sampling_params": LONG}, timeout=20)
+    assert r.status_code >= 500 and "injected fault in forward" in r.text
+    assert time.monotonic() - t0 < 5
+    for path in ("/health", "/health_generate"):
+        h = httpx.get(srv.url + path, timeout=20)
+        assert h.status_code == 503 and "injected fault in forward" in h.text, (path, h.text)
+    assert httpx.post(srv.url + "/pause_generation", json={}, timeout=20).status_code == 503
+    # the client does not wait on it: it fails over to a healthy server
+    good = served()
+    client = RolloutClient(ClientConfig(server_urls=[srv.url, good.url], max_attempts=4))
+    samples = client.generate([RolloutRequest([5, 6, 7], SamplingParams(max_new_tokens=3, n=2), group_id=i)
+                               for i in range(3)])
+    assert len(samples) == 6 and all(len(s.response_ids) == 3 for s in samples)
+
+
+def test_failing_prefill_finishes_the_request_it_admitted(served):
+    srv = served()
+    Fault(srv.engine, "prefill exploded", on_prefill_only=True).armed = True
+    r = httpx.post(srv.url + "/generate", json={"input_ids": [5, 6], "sampling_params": LONG}, timeout=20)
+    assert r.status_code == 500 and "prefill exploded" in r.text
+    assert srv.engine.num_waiting == 0 and srv.engine.num_running == 0
+
+
+BAD_VALUES = [
+    (b'{"input_ids": [5, 6], "rid": "\xff\xfe"}', "not UTF-8"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"temperature": NaN}}', "finite"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"temperature": Infinity}}', "finite"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"top_p": NaN}}', "top_p"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"sampling_seed": 1180591620717411303424}}', "sampling_seed"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"sampling_seed": -1}}', "sampling_seed"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"ignore_eos": "false"}}', "ignore_eos must be a boolean"),
+    (b'{"input_ids": [5, 6], "return_logprob": "yes"}', "return_logprob must be a boolean"),
+    (b'{"input_ids": [5, 6], "return_logprob": [1]}', "return_logprob must be a boolean"),
+    (b'{"input_ids": [5, 6], "return_routed_experts": "no"}', "return_routed_experts must be a boolean"),
+    (b'{"input_ids": [5, 6], "stream": "false"}', "stream must be a boolean"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"skip_special_tokens": 0}}', "must be a boolean"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"n": 1180591620717411303424}}', "at most"),
+    (b'{"input_ids": [[5], [6]], "sampling_params": {"n": 3000}}', "at most"),
+]
+
+
+def test_bad_values_are_400_and_never_touch_other_requests(two_servers):
+    url = two_servers[0].url
+    out: list = []
+    t = _post_async(url, {"input_ids": [9, 8, 7], "sampling_params": {**LONG, "max_new_tokens": 60, "n": 2}}, out)
+    for raw, msg in BAD_VALUES:
+        r = httpx.post(url + "/generate", content=raw, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and msg in r.text, (raw, r.status_code, r.text)
+    # top_k beyond any vocabulary means "all tokens" (no overflow inside the engine)
+    r = httpx.post(url + "/generate", json={"input_ids": [5, 6], "sampling_params": {
+        "max_new_tokens": 4, "top_k": 2 ** 70, "sampling_seed": 3}}, timeout=30)
+    ref = httpx.post(url + "/generate", json={"input_ids": [5, 6], "sampling_params": {
+        "max_new_tokens": 4, "sampling_seed": 3}}, timeout=30)
+    assert r.status_code == 200 and r.json()["output_ids"] == ref.json()["output_ids"]
+    t.join(timeout=60)
+    assert out and out[0].status_code == 200 and len(out[0].json()) == 2
+    assert all(len(x["output_ids"]) == 60 for x in out[0].json())
+
+
+def test_seeded_group_samples_differ_and_sample_zero_is_n1(two_servers):
+    url = two_servers[0].url
+    sp = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True, "sampling_seed": 11}
+    many = httpx.post(url + "/generate", json={"input_ids": [4, 5, 6], "sampling_params": {**sp, "n": 4}},
+                      timeout=30).json()
+    one = httpx.post(url + "/generate", json={"input_ids": [4, 5, 6], "sampling_params": sp}, timeout=30).json()
+    again = httpx.post(url + "/generate", json={"input_ids": [4, 5, 6], "sampling_params": {**sp, "n": 4}},
+                       timeout=30).json()
+    outs = [tuple(m["output_ids"]) for m in many]
+    assert len(set(outs)) == 4, outs
+    assert outs[0] == tuple(one["output_ids"])
+    assert outs == [tuple(m["output_ids"]) for m in again]  # still reproducible
+
+
+def test_zero_new_tokens_returns_the_prompts_routes(two_servers):
+    url = two_servers[0].url
+    prompt = [7, 3, 9, 4, 2]
+    info = httpx.get(url + "/model_info", timeout=10).json()
+    body = {"input_ids": prompt, "return_routed_experts": True}
+    zero = httpx.post(url + "/generate", json={**body, "sampling_params": {"max_new_tokens": 0}}, timeout=30).json()
+    one = httpx.post(url + "/generate", json={**body, "sampling_params": {"max_new_tokens": 1, "temperature": 0}},
+                     timeout=30).json()
+    dec = [routed_experts_codec.decode(x["meta_info"]["routed_experts"], info["num_hidden_layers"],
+                                       info["num_experts_per_tok"], info["moe_layer_ids"]) for x in (zero, one)]
+    assert zero["output_ids"] == [] and dec[0].shape[0] == len(prompt) - 1
+    assert torch.equal(dec[0], dec[1][: len(prompt) - 1])  # SGLang: prompt + completion - 1 rows
+
+
+def test_client_that_hangs_up_leaves_nothing_queued(two_servers):
+    url = two_servers[1].url
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"input_ids": [5, 6, 7], "sampling_params": {**LONG, "n": 100}}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(1.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        st = httpx.get(url + "/server_info", timeout=10).json()["internal_states"][0]
+        if st["num_running_reqs"] == 0 and st["num_waiting_reqs"] == 0:
+            break
+        time.sleep(0.1)
+    assert st["num_running_reqs"] == 0 and st["num_waiting_reqs"] == 0, st
+
+
+def test_control_call_that_timed_out_never_takes_effect(served, tiny_ckpts):
+    srv = served(ServerOptions(control_timeout_s=1.0))
+    forward = srv.engine.model.forward
+
+    def slow(*a, **kw):  # 300 steps take >= 3 s, well past the 1 s control deadline
+        time.sleep(0.01)
+        return forward(*a, **kw)
+
+    srv.engine.model.forward = slow
+    out: list = []
+    t = _post_async(srv.url, {"input_ids": [5, 6], "sampling_params": {**LONG, "max_new_tokens": 300}}, out)
+    time.sleep(0.3)
+    # a weight update on an unpaused engine waits for running requests (SGLang's writer lock)
+    r = httpx.post(srv.url + "/update_weight_version", json={"new_version": "late", "abort_all_requests": False},
+                   timeout=30)
+    assert r.status_code == 200  # runs between two steps: never blocked
+    import base64
+    import io
+
+    w = srv.engine.model.get_parameter("model.layers.0.self_attn.q_proj.weight")
+    before = w.detach().clone()
+    buf = io.BytesIO()
+    torch.save([("model.layers.0.self_attn.q_proj.weight", torch.zeros_like(w))], buf)
+    r = httpx.post(srv.url + "/update_weights_from_tensor", json={
+        "serialized_named_tensors": [base64.b64encode(buf.getvalue()).decode()], "weight_version": "v-too-late"},
+        timeout=30)
+    assert r.status_code == 504 and "cancelled, nothing changed" in r.text, r.text
+    t.join(timeout=60)
+    assert out and out[0].status_code == 200
+    time.sleep(0.3)  # the engine is idle now: a cancelled call would have run here
+    assert torch.equal(w.detach(), before) and srv.engine.weight_version == "late"
+
+
+def test_unreachable_master_cannot_exhaust_the_server(served):
+    srv = served(ServerOptions(join_timeout_s=3.0, max_joins=2))
+    dead = free_port()  # nothing listens there
+    body = {"master_address": "127.0.0.1", "master_port": dead, "rank_offset": 1, "world_size": 2}
+    out: list = []
+    threads = []
+    for i in range(2):
+        def run(i=i):
+            out.append(httpx.post(srv.url + "/init_weights_update_group", json={**body, "group_name": f"g{i}"},
+                                  timeout=30))
+        threads.append(threading.Thread(target=run, daemon=True))
+        threads[-1].start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    r = httpx.post(srv.url + "/init_weights_update_group", json={**body, "group_name": "g9"}, timeout=30)
+    assert r.status_code == 503 and "already running" in r.text, r.text
+    assert httpx.post(srv.url + "/pause_generation", json={}, timeout=30).status_code == 200
+    assert httpx.post(srv.url + "/continue_generation", json={}, timeout=30).status_code == 200
+    assert httpx.post(srv.url + "/generate", json={"input_ids": [5], "sampling_params": {"max_new_tokens": 2}},
+                      timeout=30).status_code == 200
+    assert time.monotonic() - t0 < 3.0  # none of it waited on the joins
+    for t in threads:
+        t.join(timeout=30)
+    assert len(out) == 2 and all(x.status_code == 400 and "Failed to init group" in x.text for x in out)
+
+
+def test_announced_weights_are_bounded_by_the_model(served):
+    srv = served()
+    from moe_rl.rollout.broadcast_group import WeightBroadcastGroup
+
+    port = free_port()
+    fut: list = []
+    t = threading.Thread(target=lambda: fut.append(httpx.post(srv.url + "/init_weights_update_group", json={
+        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2}, timeout=60)))
+    t.start()
+    trainer = WeightBroadcastGroup("127.0.0.1", port, 0, 2, timeout_s=30)
+    t.join(timeout=60)
+    assert fut[0].status_code == 200, fut[0].text
+    name = "model.layers.0.self_attn.q_proj.weight"
+    shape = list(srv.engine.model.get_parameter(name).shape)
+    cases = [
+        ({"names": [name], "dtypes": ["float32"], "shapes": [[1 << 20, 1 << 20]]}, "does not match"),
+        ({"names": ["lm_head.bogus"], "dtypes": ["float32"], "shapes": [[1 << 30]]}, "no such weight"),
+        ({"names": [name, name], "dtypes": ["float32"] * 2, "shapes": [shape] * 2}, "announced twice"),
+        ({"names": [name], "dtypes": ["float32"], "shapes": [[-1, 4]]}, "does not match"),
+        ({"names": [name], "dtypes": ["complex1024"], "shapes": [shape]}, "unknown dtype"),
+    ]
+    for body, msg in cases:
+        r = httpx.post(srv.url + "/update_weights_from_distributed", json=body, timeout=30)
+        assert r.status_code == 400 and msg in r.text, (body, r.text)
+    threads_before = threading.active_count()
+    r = httpx.post(srv.url + "/destroy_weights_update_group", json={}, timeout=30)
+    assert r.status_code == 200 and "weight_update_group" not in srv.app.state.ctx.groups
+    trainer.close()
+    assert threading.active_count() <= threads_before
+
+
+def test_memory_release_frees_the_kv_cache_and_it_comes_back(served):
+    srv = served()
+    gen = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3}}
+    kv = lambda: httpx.get(srv.url + "/server_info", timeout=10).json()["internal_states"][0]["kv_cache_bytes"]
+    assert httpx.post(srv.url + "/generate", json=gen, timeout=30).status_code == 200
+    held = kv()
+    assert held > 0
+    assert httpx.post(srv.url + "/release_memory_occupation", json={"tags": ["kv_cache"]}, timeout=30).status_code == 200
+    assert kv() == 0
+    assert httpx.post(srv.url + "/resume_memory_occupation", json={"tags": ["kv_cache"]}, timeout=30).status_code == 200
+    assert httpx.post(srv.url + "/generate", json=gen, timeout=30).status_code == 200
+    assert kv() == held
+
+
+def test_api_key_and_bind_policy(tiny_ckpts, tmp_path):
+    with pytest.raises(SystemExit):
+        parse_args(["--model-path", "x", "--host", "0.0.0.0"])  # no key, beyond loopback
+    assert parse_args(["--model-path", "x", "--host", "0.0.0.0", "--api-key", "k"]).api_key == "k"
+    srv = InProcessServer(_engine(tiny_ckpts["v0"]), ServerOptions(api_key="s3cret"))
+    try:
+        gen = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}}
+        assert httpx.post(srv.url + "/generate", json=gen, timeout=30).status_code == 401
+        assert httpx.post(srv.url + "/generate", json=gen, timeout=30,
+                          headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.post(srv.url + "/pause_generation", json={}, timeout=30).status_code == 401
+        assert httpx.post(srv.url + "/generate", json=gen, timeout=30,
+                          headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 200  # probes stay open
+    finally:
+        srv.close()
+
+
+def test_sglang_command_line_is_accepted():
+    from moe_rl.rollout.config import SGLangConfig
+    from moe_rl.rollout.sglang_backend import launch_command
+
+    argv = launch_command(SGLangConfig(model_path="/ckpt", random_seed=3)).argv
+    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    a = parse_args(argv[3:])
+    assert a.model_path == "/ckpt" and a.random_seed == 3
+    a = parse_args(["--model-path", "/m", "--max-running-requests", "7", "--context-length", "64"])
+    assert (a.max_running, a.context_length) == (7, 64)
+    with pytest.raises(SystemExit):
+        parse_args(["--model-path", "/m", "--tp-size", "2"])
+    with pytest.raises(SystemExit):
+        parse_args(["--model-path", "/m", "--no-such-flag"])
+
+
+def test_sigterm_ends_the_server_promptly(tiny_ckpts, tmp_path):
+    srv = start_embedded(tiny_ckpts["v0"], tmp_path, name="term")
+    try:
+        srv.wait_healthy()
+        out: list = []
+        t = _post_async(srv.url, {"input_ids": [5, 6], "sampling_params": {**LONG, "n": 64}}, out)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        os.killpg(srv.proc.pid, signal.SIGTERM)
+        srv.proc.wait(timeout=15)
+        assert time.monotonic() - t0 < 8, "server took too long to exit on SIGTERM"
+        t.join(timeout=10)
+        assert out and (isinstance(out[0], httpx.HTTPError) or out[0].status_code == 503), out
+    finally:
+        srv.kill()
