@@ -8,14 +8,26 @@ balancing, needed for routed experts), or to ``router_url`` (sglang-router 0.3.2
 drops ``return_routed_experts``). A group is done when it has ``n`` accepted samples:
 - a sample that comes back with finish reason ``abort`` (pause, abort_request) is not
   accepted; only the missing ones are asked again;
-- a server that fails (connection error, timeout, 5xx) gets no new requests for
-  ``server_cooldown_s`` and the whole request is sent to another server;
-- a 4xx is a bug in the request: it raises at once (retrying cannot help).
-A group's samples are accepted from exactly one response each, so none is lost or
-duplicated; ``sample_index`` is the order of acceptance.
+- a group is one weight version: when a response brings samples of another version than
+  the ones accepted so far (a weight sync happened in between), the older samples are
+  dropped and asked again, so every sample of a group reports the same ``weight_version``
+  (``client.allow_mixed_versions`` keeps them instead; each ``Sample`` says its version);
+- a server that fails (connection error, timeout, 5xx, 408, 429) gets no new requests for
+  ``server_cooldown_s``, and the group is sent again, to another server where there is
+  one, after a backoff with full jitter (or the server's ``Retry-After``), both capped by
+  ``retry_backoff_max_s``. A server that failed before gets requests again only once it
+  answers ``/health`` with 200; when none is left, or after ``max_attempts`` failures,
+  the group raises a :class:`RolloutError` naming each server and its last error;
+- a 4xx is a bug in the request (or a wrong ``api_key``): it raises at once.
+Every await is bounded (request, health and control timeouts; capped backoff), and when
+one group raises, the others are cancelled.
 
 Control. Weight sync goes to every server directly (the router does not proxy it), in
-parallel, and raises if any server refuses: ``pause -> flush_cache -> update_* -> continue``.
+parallel, and raises naming every server that refuses or cannot be reached:
+``pause -> flush_cache -> update_* -> continue``.
+
+With ``client.api_key`` set, every call carries ``Authorization: Bearer <key>`` (SGLang's
+``--api-key`` guards every endpoint but ``/health*``, ``/metrics*``).
 """
 
 from __future__ import annotations
@@ -23,8 +35,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import dataclasses
+import email.utils
+import math
+import random
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import httpx
 import torch
@@ -32,6 +47,12 @@ import torch
 from moe_rl.rollout import routed_experts_codec
 from moe_rl.rollout.config import ClientConfig
 from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample
+
+# Pause before asking again for aborted or stale samples: an abort means a weight sync is
+# under way, and the next request waits on the paused server anyway.
+RESAMPLE_PAUSE_S = 0.02
+# Rounds of aborted or stale samples a group may go through, per allowed failure.
+RESAMPLE_ROUNDS_PER_ATTEMPT = 100
 
 
 class RolloutError(RuntimeError):
@@ -57,7 +78,13 @@ class _Server:
     url: str
     in_flight: int = 0
     down_until: float = 0.0
-    failures: int = 0
+    failures: int = 0  # failed requests since the last success
+    last_error: str = ""  # of the last failed request, cleared by a success
+    health_error: str = ""  # of the last failed /health probe, cleared by a good one
+
+    def describe(self) -> str:
+        errors = [e for e in (self.last_error, self.health_error and f"/health: {self.health_error}") if e]
+        return f"{self.url} ({'; '.join(errors) or 'no error'})"
 
 
 def _error_text(resp: httpx.Response) -> str:
@@ -71,6 +98,39 @@ def _error_text(resp: httpx.Response) -> str:
     if isinstance(body, dict) and "message" in body:
         return str(body["message"])
     return str(body)[:500]
+
+
+def _exception_text(e: BaseException, timeout_s: float) -> str:
+    if isinstance(e, (TimeoutError, httpx.TimeoutException)):
+        return f"no answer within {timeout_s:g} s ({type(e).__name__})"
+    return f"{type(e).__name__}: {e}"
+
+
+def _retry_after_s(resp: httpx.Response) -> float | None:
+    """The ``Retry-After`` header in seconds (delta-seconds or an HTTP date), or None."""
+    value = resp.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def follow_version(current: str | None, versions: list[str]) -> str | None:
+    """The weight version a group follows once a response brings samples of ``versions``.
+
+    A server's version only moves forward, so a response's version is newer than the
+    group's ``current`` one. A response that itself mixes versions (a sync while it ran)
+    has the newer one among those that are not ``current`` (the most common; ties go to
+    the first in item order).
+    """
+    others = [v for v in versions if v != current]
+    return max(others, key=others.count) if others else current
 
 
 def generate_body(req: RolloutRequest, num_samples: int, want_routes: bool) -> dict[str, Any]:
@@ -91,13 +151,24 @@ def generate_body(req: RolloutRequest, num_samples: int, want_routes: bool) -> d
 
 
 class RolloutClient:
-    def __init__(self, cfg: ClientConfig, routing: RoutingLayout | None = None) -> None:
+    """Generation and control over HTTP.
+
+    ``sleep`` and ``rng`` are the backoff's clock and dice (tests pass recording ones).
+    """
+
+    def __init__(self, cfg: ClientConfig, routing: RoutingLayout | None = None, *,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 rng: random.Random | None = None) -> None:
         if not cfg.server_urls and not cfg.router_url:
             raise ValueError("client.server_urls is empty and client.router_url is not set")
         self.cfg = cfg
         self.routing = routing
         self.servers = [_Server(u.rstrip("/")) for u in cfg.server_urls]
-        self.stats = {"requests": 0, "aborted_samples": 0, "server_failures": 0}
+        self.stats = {"requests": 0, "aborted_samples": 0, "server_failures": 0, "stale_samples": 0,
+                      "mixed_version_groups": 0}
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
     # ------------------------------------------------------------------ generate
     def generate(self, requests: list[RolloutRequest]) -> list[Sample]:
@@ -105,18 +176,26 @@ class RolloutClient:
         return asyncio.run(self.agenerate(requests))
 
     async def agenerate(self, requests: list[RolloutRequest]) -> list[Sample]:
-        """Samples of every request, group-major then ``sample_index``."""
+        """Samples of every request, group-major then ``sample_index``; the first failing group raises."""
         want_routes = self.cfg.return_routed_experts and not self.cfg.router_url
         if want_routes and self.routing is None:
             self.routing = await self._routing_from_server()
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
         limits = httpx.Limits(max_connections=self.cfg.max_concurrency + 8)
-        async with httpx.AsyncClient(timeout=self.cfg.request_timeout_s, limits=limits) as http:
-            groups = await asyncio.gather(*(self._group(http, sem, r, want_routes) for r in requests))
+        async with httpx.AsyncClient(timeout=self.cfg.request_timeout_s, limits=limits,
+                                     headers=self._headers) as http:
+            tasks = [asyncio.ensure_future(self._group(http, sem, r, want_routes)) for r in requests]
+            try:
+                groups = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
         return [s for g in groups for s in g]
 
     async def _routing_from_server(self) -> RoutingLayout | None:
-        async with httpx.AsyncClient(timeout=self.cfg.control_timeout_s) as http:
+        async with httpx.AsyncClient(timeout=self.cfg.control_timeout_s, headers=self._headers) as http:
             for s in self.servers:
                 try:
                     info = (await http.get(f"{s.url}/model_info")).json()
@@ -128,75 +207,150 @@ class RolloutClient:
         raise RolloutError("return_routed_experts needs a RoutingLayout (RoutingLayout.from_hf_config) "
                            "for servers whose /model_info does not describe MoE layers")
 
-    def _pick(self) -> _Server | None:
+    async def _choose(self, http: httpx.AsyncClient) -> _Server | None:
+        """The least-loaded server to send a request to, or None when no server is left.
+
+        A server that failed before is used again only after a /health probe answers 200.
+        When every server is cooling down, the ones whose probe answers 200 are used.
+        """
+        def load(s: _Server):
+            return (s.in_flight, s.failures)
+
         now = time.monotonic()
-        up = [s for s in self.servers if s.down_until <= now]
-        if not up:  # everything is cooling down: try the one that failed least recently
-            up = sorted(self.servers, key=lambda s: s.down_until)[:1]
-        return min(up, key=lambda s: (s.in_flight, s.failures)) if up else None
+        up = sorted((s for s in self.servers if s.down_until <= now), key=load)
+        for s in up:
+            if s.failures == 0 or await self._healthy(http, s):
+                return s
+        cooling = [s for s in self.servers if s not in up]
+        ok = await asyncio.gather(*(self._healthy(http, s) for s in cooling))
+        healthy = [s for s, good in zip(cooling, ok) if good]
+        return min(healthy, key=load) if healthy else None
+
+    async def _healthy(self, http: httpx.AsyncClient, s: _Server) -> bool:
+        """Probe ``/health``; a server that does not answer 200 cools down again."""
+        timeout = self.cfg.health_timeout_s
+        try:
+            r = await asyncio.wait_for(http.get(s.url + "/health", timeout=timeout), timeout)
+        except (httpx.HTTPError, TimeoutError) as e:
+            s.health_error = _exception_text(e, timeout)
+        else:
+            if r.status_code == 200:
+                s.health_error = ""
+                s.down_until = 0.0
+                return True
+            s.health_error = f"HTTP {r.status_code}: {_error_text(r)}"
+        s.down_until = time.monotonic() + self.cfg.server_cooldown_s
+        return False
+
+    def _servers_report(self) -> str:
+        return "; ".join(s.describe() for s in self.servers)
+
+    def _backoff_s(self, failures: int, retry_after: float | None) -> float:
+        """Wait before a group's retry number ``failures``: Retry-After, else full jitter; capped."""
+        cap = self.cfg.retry_backoff_max_s
+        if retry_after is not None:
+            return min(retry_after, cap)
+        return self._rng.uniform(0.0, min(cap, self.cfg.retry_backoff_base_s * 2.0 ** min(failures - 1, 60)))
 
     async def _group(self, http: httpx.AsyncClient, sem: asyncio.Semaphore, req: RolloutRequest,
                      want_routes: bool) -> list[Sample]:
         n = req.sampling.n
-        accepted: list[Sample] = []
-        failures = aborts = 0  # aborts (a pause for weight sync) are expected; failures are not
+        gid = req.group_id
+        kept: list[Sample] = []  # accepted samples, all of `version` unless allow_mixed_versions
+        version: str | None = None  # the weight version the group follows: the newest seen
+        failures = rounds = 0  # failures are not expected; rounds (aborts, stale samples) are
         last_err = ""
-        while len(accepted) < n:
-            if failures >= self.cfg.max_attempts or aborts >= 100 * self.cfg.max_attempts:
-                raise RolloutError(f"group {req.group_id}: {n - len(accepted)} of {n} samples missing after "
-                                   f"{failures} failed and {aborts} aborted attempts; last error: {last_err}")
-            missing = n - len(accepted)
+        timeout = self.cfg.request_timeout_s
+        while len(kept) < n:
+            if rounds >= RESAMPLE_ROUNDS_PER_ATTEMPT * self.cfg.max_attempts:
+                raise RolloutError(f"group {gid}: {n - len(kept)} of {n} samples missing after {rounds} "
+                                   f"rounds of aborted or stale samples; last: {last_err}")
+            missing = n - len(kept)
             body = generate_body(req, missing, want_routes)
-            server = None if self.cfg.router_url else self._pick()
-            url = (self.cfg.router_url.rstrip("/") if server is None else server.url) + "/generate"
+            resp: httpx.Response | None = None
+            err = ""
             async with sem:
+                server = None
+                if not self.cfg.router_url:
+                    server = await self._choose(http)
+                    if server is None:
+                        raise RolloutError(f"group {gid}: no server left to send it to (each failed and does "
+                                           f"not answer /health with 200): {self._servers_report()}")
+                url = (self.cfg.router_url.rstrip("/") if server is None else server.url) + "/generate"
                 if server is not None:
                     server.in_flight += 1
+                self.stats["requests"] += 1
                 try:
-                    self.stats["requests"] += 1
-                    resp = await http.post(url, json=body)
-                except httpx.HTTPError as e:
-                    last_err = f"{url}: {type(e).__name__}: {e}"
-                    self._mark_down(server)
-                    failures += 1
-                    await asyncio.sleep(min(0.05 * failures, 1.0))
-                    continue
+                    resp = await asyncio.wait_for(http.post(url, json=body), timeout)
+                except (httpx.HTTPError, TimeoutError) as e:
+                    err = _exception_text(e, timeout)
                 finally:
                     if server is not None:
                         server.in_flight -= 1
-            if resp.status_code >= 500 or resp.status_code in (408, 429):
-                last_err = f"{url}: HTTP {resp.status_code}: {_error_text(resp)}"
-                self._mark_down(server)
+            retry_after = None
+            if resp is not None and (resp.status_code >= 500 or resp.status_code in (408, 429)):
+                err = f"HTTP {resp.status_code}: {_error_text(resp)}"
+                if resp.status_code in (429, 503):
+                    retry_after = _retry_after_s(resp)
+            if err:
+                last_err = f"{url}: {err}"
+                self._mark_down(server, err)
                 failures += 1
+                if failures >= self.cfg.max_attempts:
+                    servers = f"; servers: {self._servers_report()}" if len(self.servers) > 1 else ""
+                    raise RolloutError(f"group {gid}: {missing} of {n} samples missing after {failures} failed "
+                                       f"attempts; last error: {last_err}{servers}")
+                await self._sleep(self._backoff_s(failures, retry_after))
                 continue
+            assert resp is not None
             if resp.status_code != 200:
-                raise RolloutError(f"group {req.group_id}: {url} rejected the request "
-                                   f"(HTTP {resp.status_code}): {_error_text(resp)}")
+                hint = " (check client.api_key)" if resp.status_code in (401, 403) else ""
+                raise RolloutError(f"group {gid}: {url} rejected the request "
+                                   f"(HTTP {resp.status_code}): {_error_text(resp)}{hint}")
             if server is not None:
                 server.failures = 0
+                server.last_error = ""
             items = resp.json()
             items = items if isinstance(items, list) else [items]
             if len(items) != missing:
-                raise RolloutError(f"group {req.group_id}: asked {missing} samples, got {len(items)}")
+                raise RolloutError(f"group {gid}: asked {missing} samples, got {len(items)}")
+            fresh: list[Sample] = []
             for item in items:
                 meta = item["meta_info"]
                 if meta["finish_reason"]["type"] == FinishReason.ABORT.value:
                     self.stats["aborted_samples"] += 1
-                    last_err = f"aborted: {meta['finish_reason'].get('message')}"
+                    last_err = f"{url}: aborted: {meta['finish_reason'].get('message')}"
                     continue
-                accepted.append(self._sample(req, len(accepted), item, want_routes))
-            if len(accepted) < n:
-                aborts += 1
-                await asyncio.sleep(0.02)
-        return accepted
+                fresh.append(self._sample(req, item, want_routes))
+            if fresh and not self.cfg.allow_mixed_versions:
+                new = follow_version(version, [s.weight_version for s in fresh])
+                stale = [s for s in kept + fresh if s.weight_version != new]
+                if stale:
+                    self.stats["stale_samples"] += len(stale)
+                    last_err = (f"{url}: {len(stale)} samples of weight version(s) "
+                                f"{sorted({s.weight_version for s in stale})} dropped, the group is at {new!r}")
+                kept = [s for s in kept + fresh if s.weight_version == new]
+                version = new
+            else:
+                kept += fresh
+            if len(kept) < n:
+                rounds += 1
+                await self._sleep(RESAMPLE_PAUSE_S)
+        if len({s.weight_version for s in kept}) > 1:
+            self.stats["mixed_version_groups"] += 1
+        for i, s in enumerate(kept):
+            s.sample_index = i
+        return kept
 
-    def _mark_down(self, server: _Server | None) -> None:
+    def _mark_down(self, server: _Server | None, error: str) -> None:
         self.stats["server_failures"] += 1
         if server is not None:
             server.failures += 1
+            server.last_error = error
             server.down_until = time.monotonic() + self.cfg.server_cooldown_s
 
-    def _sample(self, req: RolloutRequest, index: int, item: dict, want_routes: bool) -> Sample:
+    def _sample(self, req: RolloutRequest, item: dict, want_routes: bool) -> Sample:
+        """One accepted item as a Sample; ``sample_index`` is set once the group is complete."""
         meta = item["meta_info"]
         lps = meta["output_token_logprobs"]
         ids = [int(x[1]) for x in lps]
@@ -212,7 +366,7 @@ class RolloutClient:
                                                  self.routing.topk, self.routing.moe_layer_ids)
             if routes.shape[0] != len(ids):
                 raise RolloutError(f"group {req.group_id}: {routes.shape[0]} routed rows for {len(ids)} tokens")
-        return Sample(group_id=req.group_id, sample_index=index, prompt_ids=list(req.prompt_ids),
+        return Sample(group_id=req.group_id, sample_index=-1, prompt_ids=list(req.prompt_ids),
                       response_ids=ids, rollout_logprobs_T=torch.tensor([float(x[0]) for x in lps],
                                                                         dtype=torch.float32),
                       routed_experts_TLK=routes, finish_reason=FinishReason(meta["finish_reason"]["type"]),
@@ -220,13 +374,21 @@ class RolloutClient:
 
     # ------------------------------------------------------------------ control, every server
     def _all(self, method: str, path: str, body: dict | None = None, *, timeout: float | None = None) -> list[Any]:
-        """Call ``path`` on every server in parallel; raise if any fails; return the JSON replies."""
+        """Call ``path`` on every server in parallel; return the JSON replies in server order.
+
+        Each call is bounded by ``timeout`` (default ``control_timeout_s``; httpx applies it to
+        connecting and to each read). Raises once all have answered, naming every server that
+        refused, failed or did not answer, with its error.
+        """
         if not self.servers:
             raise RolloutError("control calls need client.server_urls (the router does not proxy them)")
         timeout = timeout or self.cfg.control_timeout_s
 
         def one(s: _Server):
-            r = httpx.request(method, s.url + path, json=body, timeout=timeout)
+            try:
+                r = httpx.request(method, s.url + path, json=body, timeout=timeout, headers=self._headers)
+            except httpx.HTTPError as e:
+                raise RolloutError(f"{s.url}{path}: {_exception_text(e, timeout)}") from e
             if r.status_code != 200:
                 raise RolloutError(f"{s.url}{path}: HTTP {r.status_code}: {_error_text(r)}")
             try:
@@ -238,7 +400,12 @@ class RolloutClient:
             return out
 
         with cf.ThreadPoolExecutor(len(self.servers)) as ex:
-            return list(ex.map(one, self.servers))
+            futs = [ex.submit(one, s) for s in self.servers]
+        errors = [f.exception() for f in futs if f.exception() is not None]
+        if errors:
+            raise RolloutError(f"{method} {path} failed on {len(errors)} of {len(self.servers)} servers: "
+                               + " | ".join(str(e) for e in errors)) from errors[0]
+        return [f.result() for f in futs]
 
     def pause(self, mode: str = "abort") -> None:
         self._all("POST", "/pause_generation", {"mode": mode})
@@ -283,7 +450,12 @@ class RolloutClient:
             body = {"master_address": master_address, "master_port": master_port,
                     "rank_offset": 1 + i * gpus_per_server, "world_size": world,
                     "group_name": group_name, "backend": backend}
-            r = httpx.post(s.url + "/init_weights_update_group", json=body, timeout=self.cfg.control_timeout_s)
+            timeout = self.cfg.control_timeout_s
+            try:
+                r = httpx.post(s.url + "/init_weights_update_group", json=body, timeout=timeout,
+                               headers=self._headers)
+            except httpx.HTTPError as e:
+                raise RolloutError(f"{s.url}: init_weights_update_group: {_exception_text(e, timeout)}") from e
             if r.status_code != 200:
                 raise RolloutError(f"{s.url}: init_weights_update_group: {_error_text(r)}")
 
