@@ -46,7 +46,7 @@ import torch
 
 from moe_rl.rollout import routed_experts_codec
 from moe_rl.rollout.config import ClientConfig
-from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample
+from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample, per_sample_seed
 
 # Pause before asking again for aborted or stale samples: an abort means a weight sync is
 # under way, and the next request waits on the paused server anyway.
@@ -133,13 +133,17 @@ def follow_version(current: str | None, versions: list[str]) -> str | None:
     return max(others, key=others.count) if others else current
 
 
-def generate_body(req: RolloutRequest, num_samples: int, want_routes: bool) -> dict[str, Any]:
+def generate_body(req: RolloutRequest, num_samples: int, want_routes: bool, attempt: int = 0) -> dict[str, Any]:
     """The ``/generate`` body asking ``num_samples`` samples of ``req`` (SGLang 0.5.23 schema).
 
     ``routed_experts_start_len = P - 1`` makes the server return exactly one row per response
-    token: the routes of the forward passes that produced them.
+    token: the routes of the forward passes that produced them. A seeded request asked again
+    (``attempt`` > 0: samples were aborted or stale) gets a seed derived from the attempt, so
+    the re-asked samples are new draws, not copies of the ones already kept.
     """
     sp = req.sampling.to_sglang()
+    if attempt and "sampling_seed" in sp:
+        sp["sampling_seed"] = per_sample_seed(sp["sampling_seed"], req.sampling.n + attempt)
     sp.pop("n", None)
     if num_samples != 1:
         sp["n"] = num_samples
@@ -266,7 +270,7 @@ class RolloutClient:
                 raise RolloutError(f"group {gid}: {n - len(kept)} of {n} samples missing after {rounds} "
                                    f"rounds of aborted or stale samples; last: {last_err}")
             missing = n - len(kept)
-            body = generate_body(req, missing, want_routes)
+            body = generate_body(req, missing, want_routes, attempt=rounds + failures)
             resp: httpx.Response | None = None
             err = ""
             async with sem:

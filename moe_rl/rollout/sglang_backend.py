@@ -137,15 +137,12 @@ class SGLangServers:
                 env = dict(os.environ)
                 if "CUDA_VISIBLE_DEVICES" not in env:
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(spec.gpu_ids[-1] + 1))
-                log = open(os.path.join(self.log_dir, f"sglang-{i}.log"), "w")
-                self.procs.append(subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                   start_new_session=True))
+                self.procs.append(self._popen(spec.argv, f"sglang-{i}.log", env=env))
             urls = [s.url for s in self.specs]
             wait_healthy(urls, deadline_s=self.cfg.startup_timeout_s, procs=self.procs)
             if self.cfg.router_port:
-                log = open(os.path.join(self.log_dir, "router.log"), "w")
                 argv = router_command(urls, port=self.cfg.router_port, host=self.cfg.host, python=self.cfg.python)
-                self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                self.procs.append(self._popen(argv, "router.log"))
                 self.router_url = f"http://{self.cfg.host}:{self.cfg.router_port}"
                 wait_healthy([self.router_url], deadline_s=120, procs=self.procs[-1:])
             return urls
@@ -153,7 +150,15 @@ class SGLangServers:
             self.stop()
             raise
 
+    def _popen(self, argv: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
+        """Start ``argv`` in a session of its own, stdout and stderr to ``log_dir/log_name``.
+        The child writes through its own copy of the descriptor; ours is closed at once, so
+        no server (started, failed or stopped) leaves an open log file in this process."""
+        with open(os.path.join(self.log_dir, log_name), "w") as log:
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
     def stop(self, grace_s: float = 20.0) -> None:
+        """Kill every server: SIGTERM to its process group, SIGKILL after ``grace_s``."""
         for p in self.procs:
             if p.poll() is None:
                 try:

@@ -26,6 +26,21 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # aborted (pause, abort_request, shutdown): the client retries it
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def per_sample_seed(seed: int, index: int) -> int:
+    """The RNG seed of sample ``index`` of a request seeded with ``seed``: ``seed`` itself for
+    sample 0 (so ``n = 1`` is unchanged), a SplitMix64 mix of ``(seed, index)`` otherwise, so
+    the ``n`` samples of a seeded group are distinct draws. In ``[0, 2**63)``."""
+    if index == 0:
+        return seed
+    z = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """Per-request sampling knobs; the subset of SGLang's ``sampling_params`` RL needs."""

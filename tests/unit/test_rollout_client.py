@@ -479,3 +479,18 @@ def test_config_checks_backoff():
         ClientConfig(retry_backoff_base_s=2.0, retry_backoff_max_s=1.0)
     with pytest.raises(ValueError, match=r"health_timeout_s \(0\) must be > 0"):
         ClientConfig(health_timeout_s=0)
+
+
+def test_reasked_seeded_samples_are_new_draws():
+    """A seeded group asked again after aborts must not replay the seeds of the samples it
+    already kept (the server draws sample i from per_sample_seed(seed, i))."""
+    from moe_rl.rollout.client import generate_body
+    from moe_rl.rollout.types import per_sample_seed
+
+    req = RolloutRequest([1, 2, 3], SamplingParams(n=4, sampling_seed=99))
+    assert generate_body(req, 4, False)["sampling_params"]["sampling_seed"] == 99
+    used = {per_sample_seed(99, i) for i in range(4)}
+    again = [generate_body(req, 2, False, attempt=a)["sampling_params"]["sampling_seed"] for a in (1, 2, 3)]
+    assert len(set(again)) == 3
+    for s in again:  # neither the first request's draws nor those of the re-ask's own samples collide
+        assert not ({per_sample_seed(s, i) for i in range(2)} & used)

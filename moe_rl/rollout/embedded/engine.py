@@ -27,7 +27,7 @@ raise it, and :attr:`error` says why, for the server's ``/health``. A control ca
 caller gave up (its future cancelled) before it ran never runs.
 
 Seeds: a request with ``sampling_seed`` and ``n > 1`` draws sample ``i`` from
-:func:`~moe_rl.rollout.embedded.sampler.per_sample_seed` ``(seed, i)``, so the samples of a
+:func:`~moe_rl.rollout.types.per_sample_seed` ``(seed, i)``, so the samples of a
 group differ (and sample 0 is what ``n = 1`` gives).
 """
 
@@ -49,8 +49,8 @@ from moe_rl.rollout.config import EmbeddedEngineConfig
 from moe_rl.rollout.embedded.hf_contract import cache_kwarg, check_engine_contract
 from moe_rl.rollout.embedded.kv_cache import SlotKVCache
 from moe_rl.rollout.embedded.router_capture import RouterCapture
-from moe_rl.rollout.embedded.sampler import RowParams, per_sample_seed, sample_tokens
-from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample, SamplingParams
+from moe_rl.rollout.embedded.sampler import RowParams, sample_tokens
+from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample, SamplingParams, per_sample_seed
 
 
 class EngineFailed(RuntimeError):
