@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     from moe_rl.config import ConfigError, load_config
     from moe_rl.config.run import RunConfig
     from moe_rl.models import family_for
-    from moe_rl.models.tiny import save_tiny_hf
+    from moe_rl.models.tiny import ensure_tiny_hf
     from moe_rl.parallel import ParallelDims
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
@@ -57,8 +57,8 @@ def main(argv: list[str]) -> int:
     hf_dir = cfg.model.hf_dir
     if hf_dir is None:
         hf_dir = os.path.join(cfg.output_dir, "hf_tiny_" + cfg.model.tiny_family)
-        if rank == 0 and not os.path.exists(os.path.join(hf_dir, "config.json")):
-            save_tiny_hf(cfg.model.tiny_family, hf_dir, seed=cfg.train.seed)
+        if rank == 0:  # a directory without its weights (an interrupted write) is rebuilt
+            ensure_tiny_hf(cfg.model.tiny_family, hf_dir, seed=cfg.train.seed)
         dist.barrier()
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     try:
@@ -77,7 +77,8 @@ def main(argv: list[str]) -> int:
 
     # Training: a learnable toy language (arithmetic progressions mod V), token-mean CE over
     # the global number of tokens of each step.
-    built = build_model(hf.config, groups, params_dtype=getattr(torch, cfg.model.params_dtype))
+    built = build_model(hf.config, groups, params_dtype=getattr(torch, cfg.model.params_dtype),
+                        moe_aux_loss_coeff=cfg.train.moe_aux_loss_coeff)
     load_hf_weights(built, hf_dir, groups)
     state = wrap_for_training(built.module, cfg.optim, groups)
     state.model.train()

@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_hf_dirs(tmp_path_factory):
     """{family: directory} of tiny random HF checkpoints (built once per session)."""
-    from moe_rl.models.tiny import FAMILIES, save_tiny_hf
+    from moe_rl.models.tiny import TINY_FAMILIES, save_tiny_hf
 
     base = tmp_path_factory.mktemp("tiny_hf")
-    return {f: save_tiny_hf(f, base / f, seed=0) for f in FAMILIES}
+    return {f: save_tiny_hf(f, base / f, seed=0) for f in TINY_FAMILIES}

@@ -10,17 +10,14 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclass
 class ModelConfig:
-    hf_dir: Optional[str] = None
-    """HF checkpoint directory (config.json + safetensors); None builds a tiny random one."""
-    tiny_family: str = "qwen3_moe"
-    """Family of the tiny random checkpoint built when hf_dir is None."""
-    params_dtype: str = "float32"
-    """Parameter dtype of the Megatron model: float32 | bfloat16."""
+    hf_dir: Optional[str] = None  # HF checkpoint directory (config.json + safetensors); None = tiny random
+    tiny_family: str = "qwen3_moe"  # family of the tiny random checkpoint built when hf_dir is None
+    params_dtype: str = "float32"  # parameter dtype of the Megatron model: float32 | bfloat16
 
     def __post_init__(self):
-        from moe_rl.models.tiny import FAMILIES
+        from moe_rl.models.tiny import TINY_FAMILIES
 
         if self.params_dtype not in DTYPES:
             raise ValueError(f"model.params_dtype {self.params_dtype!r} not in {DTYPES}")
-        if self.hf_dir is None and self.tiny_family not in FAMILIES:
-            raise ValueError(f"model.tiny_family {self.tiny_family!r} not in {FAMILIES}")
+        if self.hf_dir is None and self.tiny_family not in TINY_FAMILIES:
+            raise ValueError(f"model.tiny_family {self.tiny_family!r} not in {TINY_FAMILIES}")

@@ -84,8 +84,11 @@ class Family:
         return -(-v // tp) * tp
 
     def transformer_config(self, hf, dims: ParallelDims, *, params_dtype=torch.float32,
-                           on_cpu: bool | None = None, **overrides):
-        """Megatron ``TransformerConfig`` equivalent to ``hf`` at layout ``dims``."""
+                           moe_aux_loss_coeff: float = 0.0, on_cpu: bool | None = None, **overrides):
+        """Megatron ``TransformerConfig`` equivalent to ``hf`` at layout ``dims``.
+
+        ``moe_aux_loss_coeff`` is the trainer's choice (``TrainConfig.moe_aux_loss_coeff``),
+        never the checkpoint's ``router_aux_loss_coef``: that is a pre-training value."""
         if on_cpu is None:
             on_cpu = not torch.cuda.is_available()
         moe = any(self.moe_layers(hf))
@@ -136,9 +139,8 @@ class Family:
                 moe_permute_fusion=False,
                 moe_layer_freq=[1 if x else 0 for x in self.moe_layers(hf)],
             )
-            aux = float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0)
-            kw.update(moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
-                      moe_aux_loss_coeff=aux)
+            kw.update(moe_router_load_balancing_type="aux_loss" if moe_aux_loss_coeff > 0 else "none",
+                      moe_aux_loss_coeff=float(moe_aux_loss_coeff))
             kw.update(self.moe_kwargs(hf))
         kw.update(overrides)
         return self.config_class()(**kw)

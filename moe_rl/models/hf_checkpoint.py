@@ -1,5 +1,9 @@
 """Lazy reader of a HuggingFace safetensors checkpoint: a rank opens every file but reads
-only the tensors it asks for, so each rank loads just its own shards."""
+only the tensors it asks for, so each rank loads just its own shards.
+
+The files stay open (memory-mapped) between reads until :meth:`HFCheckpoint.close`; use it as
+a context manager, ``with HFCheckpoint(path) as ckpt: ...``, so a loop that loads many
+checkpoints (weight sync, tests over many layouts) does not keep every one of them mapped."""
 
 from __future__ import annotations
 
@@ -32,6 +36,18 @@ class HFCheckpoint:
         self.weight_map: dict[str, str] = weight_map
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
+
+    def close(self) -> None:
+        """Release every open file (and its memory map). Reading again reopens a file."""
+        handles, self._handles = self._handles, {}
+        for h in handles.values():
+            h.__exit__(None, None, None)
+
+    def __enter__(self) -> "HFCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def config(self):
         import transformers

@@ -27,16 +27,11 @@ import torch
 
 @dataclass(frozen=True)
 class Entry:
-    mcore: str
-    """Canonical Megatron name (TP1/EP1/PP1, global layer and expert indices)."""
-    hf: tuple[str, ...]
-    """The HF tensor names it is built from, in the order the kind expects."""
-    kind: str = "copy"
-    """copy | qkv | glu"""
-    qkv_shape: tuple[int, int, int] | None = None
-    """(Q, G, D) for qkv entries."""
-    vocab: bool = False
-    """Vocabulary-indexed rows (embedding, output layer): padded to the Megatron vocab size."""
+    mcore: str  # canonical Megatron name (TP1/EP1/PP1, global layer and expert indices)
+    hf: tuple[str, ...]  # the HF tensor names it is built from, in the order the kind expects
+    kind: str = "copy"  # copy | qkv | glu
+    qkv_shape: tuple[int, int, int] | None = None  # (Q, G, D) for qkv entries
+    vocab: bool = False  # vocabulary-indexed rows (embedding, output layer): padded to the Megatron vocab
 
     def to_mcore(self, get: Callable[[str], torch.Tensor], padded_vocab: int | None = None) -> torch.Tensor:
         ts = [get(n) for n in self.hf]

@@ -4,16 +4,27 @@ Tests, the quickstart and ``tools/check_parity.py`` need real HF checkpoints wit
 hub: this builds one from a ``transformers`` config with random weights and
 ``save_pretrained``. Weights are re-drawn with a scale large enough that MoE routing is
 decisive (a swapped expert changes the logits by O(1)) while activations stay finite.
+
+``save_pretrained`` writes config.json before the weights, so a directory is written under a
+temporary sibling name and renamed into place: a crash never leaves a half checkpoint under
+the real name. :func:`ensure_tiny_hf` rebuilds a directory that is not complete (left by an
+older writer or by hand) instead of trusting its config.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import uuid
+from pathlib import Path
 from typing import Any
 
 import torch
 
-FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "qwen3", "llama")
+from moe_rl.models import FAMILIES
+
+TINY_FAMILIES: tuple[str, ...] = tuple(FAMILIES)  # every supported family has a tiny checkpoint
 
 
 def tiny_hf_config(family: str, **overrides: Any):
@@ -59,7 +70,7 @@ def tiny_hf_config(family: str, **overrides: Any):
     elif family == "llama":
         cfg = tf.LlamaConfig(**common, head_dim=16, intermediate_size=128)
     else:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -90,12 +101,83 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def save_tiny_hf(family: str, out_dir: str | os.PathLike, *, seed: int = 0, **overrides: Any) -> str:
-    """Write a tiny random ``family`` checkpoint (config + safetensors) to ``out_dir``."""
+    """Write a tiny random ``family`` checkpoint (config + safetensors) to ``out_dir``,
+    atomically: built in a temporary sibling directory, fsynced, then renamed into place
+    (replacing whatever ``out_dir`` held)."""
     import transformers as tf
 
+    out = Path(out_dir)
     cfg = tiny_hf_config(family, **overrides)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     randomize_(model, seed)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    return str(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "tmp")
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        _fsync_tree(tmp)
+        if out.exists():
+            old = _sibling(out, "old", create=False)
+            os.replace(out, old)
+            shutil.rmtree(old)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)
+
+
+def is_complete_hf_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds config.json and every safetensors file its weights need (the
+    index's files, else at least one ``*.safetensors``), each with a readable header."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return False
+    index = p / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted({p / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(p.glob("*.safetensors"))
+        if not files:
+            return False
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+    except Exception:  # missing, truncated or garbled (safetensors raises its own error type)
+        return False
+    return True
+
+
+def ensure_tiny_hf(family: str, out_dir: str | os.PathLike, *, seed: int = 0, **overrides: Any) -> str:
+    """``out_dir`` if it already holds a complete checkpoint, else (re)build it there."""
+    if is_complete_hf_dir(out_dir):
+        return str(out_dir)
+    return save_tiny_hf(family, out_dir, seed=seed, **overrides)
+
+
+def _sibling(out: Path, tag: str, create: bool = True) -> Path:
+    """A fresh hidden name next to ``out`` (same file system, so renames are atomic)."""
+    p = out.parent / f".{out.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if create:
+        p.mkdir()  # not mkdtemp: its 0700 mode would become the checkpoint's
+    return p
+
+
+def _fsync_tree(root: Path) -> None:
+    for f in root.iterdir():
+        if f.is_file():
+            with open(f, "rb") as h:
+                os.fsync(h.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

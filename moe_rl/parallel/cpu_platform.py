@@ -29,13 +29,10 @@ _ACTIVE: list[str] = []
 
 @dataclasses.dataclass(frozen=True)
 class Substitution:
-    name: str
-    """Short name used in logs and docs."""
-    covers: str
-    """The Megatron-Core 0.16.1 locations (file:line) whose CUDA assumption this replaces."""
-    anchors: tuple[tuple[str, str], ...]
-    """(module, source text) pairs that must exist in the pinned Megatron for this to apply."""
-    apply: Callable[[], None]
+    name: str  # short name used in logs and docs
+    covers: str  # the Megatron-Core 0.16.1 locations (file:line) whose CUDA assumption this replaces
+    anchors: tuple[tuple[str, str], ...]  # (module, source text) pairs the pinned Megatron must contain
+    apply: Callable[[], None]  # installs the substitution
 
 
 # --------------------------------------------------------------------------- helpers

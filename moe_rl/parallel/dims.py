@@ -17,17 +17,12 @@ from typing import Optional
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
-    """TP: attention heads, dense MLP and vocabulary split over this many ranks."""
-    pipeline_parallel: int = 1
-    """PP: consecutive layer stages, run through Megatron's 1F1B schedule."""
-    expert_parallel: int = 1
-    """EP: routed experts of each MoE layer split over this many ranks."""
-    expert_tensor_parallel: Optional[int] = None
-    """ETP: each expert's matrices split over this many ranks (None: same as tensor_parallel)."""
-    sequence_parallel: bool = True
-    """SP: shard activations along the sequence inside TP regions (used only when TP > 1;
-    Megatron requires it for MoE training with TP)."""
+    tensor_parallel: int = 1  # TP: attention heads, dense MLP and vocabulary split over this many ranks
+    pipeline_parallel: int = 1  # PP: consecutive layer stages, run through Megatron's 1F1B schedule
+    expert_parallel: int = 1  # EP: routed experts of each MoE layer split over this many ranks
+    expert_tensor_parallel: Optional[int] = None  # ETP: each expert's matrices split over this many ranks (None: = TP)
+    # Used only when TP > 1; Megatron requires it for MoE training with TP.
+    sequence_parallel: bool = True  # SP: shard activations along the sequence inside TP regions
 
 
 @dataclass(frozen=True)
@@ -50,10 +45,8 @@ class ParallelDims:
     ep: int
     etp: int
     sp: bool
-    dp: int
-    """Data-parallel degree of the dense part: world / (tp * pp)."""
-    edp: int
-    """Data-parallel degree of the experts: world / (etp * ep * pp)."""
+    dp: int  # data-parallel degree of the dense part: world / (tp * pp)
+    edp: int  # data-parallel degree of the experts: world / (etp * ep * pp)
 
     @classmethod
     def build(cls, cfg: ParallelConfig, world_size: int, model: ModelShape | None = None) -> "ParallelDims":

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_rl.parallel.dims import ParallelDims
+from moe_rl.parallel.launch_env import resolve_launch_env
 
 
 @dataclass
@@ -37,12 +38,9 @@ class Groups:
     pp_group: Any
     ep_group: Any
     etp_group: Any
-    dp_group: Any
-    """Dense data-parallel group (gradient all-reduce of non-expert params)."""
-    mp_group: Any
-    """Model-parallel group (TP x PP): the ranks that hold one copy of the model."""
-    pg_collection: Any
-    """Megatron's ``ProcessGroupCollection`` for modules that take groups explicitly."""
+    dp_group: Any  # dense data-parallel group (gradient all-reduce of non-expert params)
+    mp_group: Any  # model-parallel group (TP x PP): the ranks that hold one copy of the model
+    pg_collection: Any  # Megatron's ProcessGroupCollection, for modules that take groups explicitly
 
     @property
     def is_first_stage(self) -> bool:
@@ -58,7 +56,9 @@ def backend_for_device() -> str:
 
 
 def init_distributed(timeout_minutes: float | None = None) -> None:
-    """Start torch.distributed from torchrun's environment (or a 1-rank world without it).
+    """Start torch.distributed from torchrun's environment, a Slurm job step's (``srun``
+    without torchrun), or as a 1-rank world when the process is the whole job; anything in
+    between is refused (``moe_rl.parallel.launch_env``).
 
     A collective that waits longer than the timeout fails instead of hanging until the
     walltime (default 10 min; ``MOE_RL_DIST_TIMEOUT_S`` overrides, the tests use 5 min)."""
@@ -66,13 +66,13 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         timeout_minutes = float(os.environ.get("MOE_RL_DIST_TIMEOUT_S", 600)) / 60
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    launch = resolve_launch_env(os.environ)
+    os.environ.update(launch.env_vars())
+    if launch.master_port is None:
+        os.environ["MASTER_PORT"] = str(_free_port())
     backend = backend_for_device()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(launch.local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 

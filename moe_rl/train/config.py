@@ -1,4 +1,4 @@
-"""Typed configuration of the Megatron training side."""
+"""Typed configuration of the Megatron training side: the optimizer and the training steps."""
 
 from __future__ import annotations
 
@@ -9,31 +9,21 @@ _DECAY = ("constant", "linear", "cosine", "inverse-square-root")
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    """Peak learning rate."""
-    min_lr: float = 0.0
-    """Floor of the decay schedule."""
-    lr_warmup_steps: int = 0
-    """Linear warm-up from 0 over this many optimizer steps."""
-    lr_decay_steps: int = 0
-    """Step at which the decay reaches min_lr, counted from step 0 including the warm-up
-    (Megatron's convention; 0: constant after warm-up)."""
-    lr_decay_style: str = "constant"
-    """constant | linear | cosine | inverse-square-root."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay (AdamW), not applied to norms and biases."""
-    adam_beta1: float = 0.9
-    """Adam first-moment decay."""
-    adam_beta2: float = 0.98
-    """Adam second-moment decay."""
-    adam_eps: float = 1e-8
-    """Adam denominator epsilon."""
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
-    use_distributed_optimizer: bool = True
-    """Shard optimizer state over data-parallel ranks (Megatron's DistributedOptimizer)."""
-    overlap_grad_reduce: bool = False
-    """Overlap the DP gradient reduce-scatter/all-reduce with backward."""
+    """Megatron's Adam (plain or distributed), gradient clipping and LR schedule."""
+
+    lr: float = 1e-6  # peak learning rate
+    min_lr: float = 0.0  # floor of the decay schedule
+    lr_warmup_steps: int = 0  # linear warm-up from 0 over this many successful optimizer steps
+    # Megatron's convention: counted from step 0, warm-up included; 0 = constant after warm-up.
+    lr_decay_steps: int = 0  # step at which the decay reaches min_lr
+    lr_decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
+    weight_decay: float = 0.01  # decoupled weight decay (AdamW), not applied to norms and biases
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.98  # Adam second-moment decay
+    adam_eps: float = 1e-8  # Adam denominator epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip (0 disables)
+    use_distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+    overlap_grad_reduce: bool = False  # overlap the DP gradient reduce-scatter/all-reduce with backward
 
     def __post_init__(self):
         if self.lr_decay_style not in _DECAY:
@@ -47,3 +37,25 @@ class OptimConfig:
         if 0 < self.lr_decay_steps <= self.lr_warmup_steps:
             raise ValueError(f"optim.lr_decay_steps ({self.lr_decay_steps}) must be greater than "
                              f"optim.lr_warmup_steps ({self.lr_warmup_steps})")
+
+
+@dataclass
+class TrainConfig:
+    """Step counts, batch shapes and the loss terms the trainer adds beside the objective."""
+
+    steps: int = 4  # optimizer steps to run
+    global_batch: int = 8  # sequences per optimizer step (over all data-parallel ranks)
+    micro_batch: int = 2  # sequences per micro-batch on one rank
+    seq_len: int = 64  # tokens per sequence (padded)
+    seed: int = 1234  # seed of data sampling and model-parallel RNG
+    # Off by default: the gradient is then the RL objective's alone, as the transformers
+    # references compute it. A checkpoint's HF router_aux_loss_coef (0.001 Qwen3-MoE, 0.02
+    # Mixtral) is its pre-training value and is never picked up silently; set this to opt in.
+    moe_aux_loss_coeff: float = 0.0  # weight of Megatron's MoE load-balancing aux loss (0 = off)
+
+    def __post_init__(self):
+        for k in ("steps", "global_batch", "micro_batch", "seq_len"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.moe_aux_loss_coeff < 0:
+            raise ValueError(f"train.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")

@@ -6,6 +6,7 @@ each rank builds only its pipeline stage and its experts and reads only its own 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +16,15 @@ from moe_rl.models import Family, family_for
 from moe_rl.models.hf_checkpoint import HFCheckpoint
 from moe_rl.models.param_map import ParamMap, canonical_name, shard
 from moe_rl.models.spec import decoder_block_spec
+from moe_rl.parallel.dims import ParallelDims
 from moe_rl.parallel.groups import Groups
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
 class BuiltModel:
-    module: torch.nn.Module
-    """The GPTModel of this rank's pipeline stage (unwrapped)."""
+    module: torch.nn.Module  # the GPTModel of this rank's pipeline stage (unwrapped)
     family: Family
     hf_config: Any
     param_map: ParamMap
@@ -30,13 +33,33 @@ class BuiltModel:
     padded_vocab_size: int
 
 
-def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, **config_overrides) -> BuiltModel:
+def megatron_config(hf_config, dims: ParallelDims, *, params_dtype=torch.float32, moe_aux_loss_coeff: float = 0.0,
+                    log: bool = True, **config_overrides):
+    """The Megatron ``TransformerConfig`` :func:`build_model` builds with (pure, no process group).
+
+    ``moe_aux_loss_coeff`` (``TrainConfig.moe_aux_loss_coeff``) is the only source of the MoE
+    load-balancing loss; a non-zero value is logged once (``log``), since it adds a gradient
+    term beside the RL objective."""
+    family = family_for(hf_config)
+    tc = family.transformer_config(hf_config, dims, params_dtype=params_dtype,
+                                   moe_aux_loss_coeff=moe_aux_loss_coeff, **config_overrides)
+    if log and tc.num_moe_experts and tc.moe_aux_loss_coeff > 0:
+        hf_coef = getattr(hf_config, "router_aux_loss_coef", None)
+        unused = f"; the checkpoint's router_aux_loss_coef {hf_coef:g} is not used" if hf_coef is not None else ""
+        _log.warning(f"MoE load-balancing aux loss ON: coefficient {tc.moe_aux_loss_coeff:g} from "
+                     f"train.moe_aux_loss_coeff, type {tc.moe_router_load_balancing_type}{unused}")
+    return tc
+
+
+def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, moe_aux_loss_coeff: float = 0.0,
+                **config_overrides) -> BuiltModel:
     from megatron.core.models.gpt import GPTModel
 
     family = family_for(hf_config)
     dims = groups.dims
     dims.check_model(family.shape(hf_config))
-    tc = family.transformer_config(hf_config, dims, params_dtype=params_dtype, **config_overrides)
+    tc = megatron_config(hf_config, dims, params_dtype=params_dtype, moe_aux_loss_coeff=moe_aux_loss_coeff,
+                         log=groups.rank == 0, **config_overrides)
     spec = decoder_block_spec(tc, pp_rank=groups.pp_rank)
     padded = family.padded_vocab_size(hf_config, dims)
     model = GPTModel(
@@ -103,9 +126,12 @@ def load_hf_weights(built: BuiltModel, ckpt: HFCheckpoint | str, groups: Groups)
 
     Every parameter must be covered by the family's map (an unmapped parameter is an error,
     never silently left at its random init); buffers outside the map are Megatron state.
+    A checkpoint given as a path is opened and closed here; an open ``HFCheckpoint`` stays
+    open (its owner closes it).
     """
     if not isinstance(ckpt, HFCheckpoint):
-        ckpt = HFCheckpoint(ckpt)
+        with HFCheckpoint(ckpt) as opened:
+            return load_hf_weights(built, opened, groups)
     params = {n for n, _ in built.module.named_parameters()}
     loaded = 0
     cache: dict[str, torch.Tensor] = {}

@@ -20,11 +20,10 @@ from moe_rl.train.config import OptimConfig
 
 @dataclass
 class TrainState:
-    model: Any
-    """The DDP-wrapped model chunk."""
-    optimizer: Any
-    scheduler: Any
-    step: int = 0
+    model: Any  # the DDP-wrapped model chunk
+    optimizer: Any  # Megatron's optimizer (get_megatron_optimizer)
+    scheduler: Any  # Megatron's OptimizerParamScheduler, advanced by applied updates only
+    step: int = 0  # optimizer_step calls so far, skipped steps included
 
 
 def wrap_for_training(module: torch.nn.Module, cfg: OptimConfig, groups: Groups) -> TrainState:
@@ -124,11 +123,16 @@ def build_lr_scheduler(optimizer, cfg: OptimConfig):
 def optimizer_step(state: TrainState) -> dict[str, float]:
     """Apply the accumulated gradients: clip, step, advance the LR schedule, zero grads.
 
-    Returns ``train/grad_norm``, ``train/lr`` and whether the step was skipped (non-finite).
+    A step Megatron skips (non-finite gradients: ``update_successful`` False) changes no
+    weight and does not advance the LR schedule either (Megatron's own training loop does the
+    same): warm-up and decay count applied updates. ``state.step`` counts calls, skipped
+    ones included. Returns ``train/grad_norm``, ``train/lr`` (the rate this step used) and
+    ``train/skipped`` (1.0 when skipped).
     """
     ok, grad_norm, _ = state.optimizer.step()
     lr = state.optimizer.param_groups[0]["lr"]
-    state.scheduler.step(increment=1)
+    if ok:
+        state.scheduler.step(increment=1)
     state.model.zero_grad_buffer()
     state.optimizer.zero_grad()
     state.step += 1

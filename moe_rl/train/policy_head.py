@@ -1,10 +1,11 @@
 """The policy's output head without full-vocabulary logits.
 
-``emit_hidden_states(model)`` makes a GPTModel return its final (normed) hidden states
-instead of logits; :func:`sequence_logprobs` then computes per-token log-probs of given
-tokens and the entropy with ``moe_rl.train.logprobs`` (chunked, vocab-parallel, recomputed in
-backward) from those states and the output-layer weight shard. The output weight is still a
-parameter of the model: its gradient flows through our function into Megatron's DDP buffers.
+``with emit_hidden_states(model):`` makes a GPTModel return its final (normed) hidden
+states instead of logits inside the block; :func:`sequence_logprobs` then computes per-token
+log-probs of given tokens and the entropy with ``moe_rl.train.logprobs`` (chunked,
+vocab-parallel, recomputed in backward) from those states and the output-layer weight shard.
+The output weight is still a parameter of the model: its gradient flows through our function
+into Megatron's DDP buffers.
 
 Sequence parallelism: the final norm's output is sharded along the sequence over TP; it is
 gathered here. Its backward only splits, because the log-prob function already all-reduces
@@ -19,18 +20,43 @@ from moe_rl.parallel.groups import Groups
 from moe_rl.train.logprobs import token_logprobs_and_entropy
 
 
-def emit_hidden_states(model) -> None:
+class _HiddenStatesHead:
+    """What :func:`emit_hidden_states` returns: restores the output layer on ``restore()`` or
+    at the end of a ``with`` block (also when it raises)."""
+
+    def __init__(self, head) -> None:
+        self._head = head
+
+    def restore(self) -> None:
+        head, self._head = self._head, None
+        if head is not None:
+            del head.forward  # the instance attribute: the class's forward shows through again
+            del head._moe_rl_emits_hidden
+
+    def __enter__(self) -> "_HiddenStatesHead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def emit_hidden_states(model) -> _HiddenStatesHead:
     """Make ``model`` (a GPTModel of the last pipeline stage) return hidden states [B, S', H]
-    in place of logits (S' = S/TP under sequence parallelism)."""
+    in place of logits (S' = S/TP under sequence parallelism) until the returned handle
+    restores it: ``with emit_hidden_states(model): ...`` restores the output layer when the
+    block ends, exceptions included (a bare call stays in force until ``.restore()``). Inside
+    an active scope, or on a stage without an output layer, it changes nothing and its handle
+    restores nothing."""
     head = getattr(model, "output_layer", None)
     if head is None or getattr(head, "_moe_rl_emits_hidden", False):
-        return
+        return _HiddenStatesHead(None)
 
     def forward(hidden_states, weight=None, runtime_gather_output=None):
         return hidden_states, None
 
     head.forward = forward
     head._moe_rl_emits_hidden = True
+    return _HiddenStatesHead(head)
 
 
 def output_weight(model) -> torch.Tensor:

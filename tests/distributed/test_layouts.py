@@ -12,7 +12,7 @@ import math
 import pytest
 
 from launcher import run_layouts
-from moe_rl.models.tiny import FAMILIES
+from moe_rl.models.tiny import TINY_FAMILIES
 from moe_rl.train.parity import LOGIT_TOLERANCE
 
 pytestmark = pytest.mark.distributed
@@ -33,6 +33,13 @@ MOE = {"qwen3_moe", "mixtral", "deepseek_v3"}
 READ_BOUND = {"TP2": 0.6, "PP2": 0.7, "EP2": 0.8, "EP2xTP2": 0.45, "EP2xPP2": 0.5}
 
 
+# A checkpoint whose HF config carries a load-balancing coefficient (Mixtral's real 0.02): the
+# trainer adds no aux loss unless train.moe_aux_loss_coeff asks, so it still trains exactly like
+# transformers + AdamW. Measured with the checkpoint's 0.02 picked up: first grad norm 5.1541 vs
+# 5.1680, step-3 loss 5.4811 vs 5.5049. Runs in the 1-rank launch.
+AUX_CHECKPOINT = "mixtral_aux"
+
+
 class _Launches:
     """One torchrun launch per world size, run when a test of that world first asks for it: a
     launch that fails or hangs fails its own world's tests, not the whole matrix."""
@@ -46,8 +53,13 @@ class _Launches:
     def world(self, nproc: int) -> dict:
         if nproc not in self.done:
             self.done.add(nproc)
+            dirs = dict(self.dirs)
+            if nproc == 1:
+                from moe_rl.models.tiny import save_tiny_hf
+
+                dirs[AUX_CHECKPOINT] = save_tiny_hf("mixtral", self.tmp / AUX_CHECKPOINT, router_aux_loss_coef=0.02)
             try:
-                for rec in run_layouts(self.tmp, nproc, self.dirs, LAYOUTS[nproc],
+                for rec in run_layouts(self.tmp, nproc, dirs, LAYOUTS[nproc],
                                        ["parity", "train", "logprobs", "actor"]):
                     self.results[(nproc, rec["family"], _name(rec["layout"]))] = rec
             except AssertionError as e:
@@ -108,7 +120,7 @@ def _name(lay: dict) -> str:
             ("-bf16" if lay.get("dtype") == "bfloat16" else "")) or "base"
 
 
-CASES = [(n, f, _name(l)) for n, ls in LAYOUTS.items() for l in ls for f in FAMILIES]
+CASES = [(n, f, _name(l)) for n, ls in LAYOUTS.items() for l in ls for f in TINY_FAMILIES]
 
 
 def _rec(layout_results, case):
@@ -148,6 +160,12 @@ def _assert_same_training(rec, ours):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"w{c[0]}-{c[1]}-{c[2]}")
 def test_training_steps_match_transformers_adamw(layout_results, case):
     rec = _rec(layout_results, case)
+    assert "train_error" not in rec, rec["train_error"]
+    _assert_same_training(rec, rec["train"])
+
+
+def test_checkpoint_aux_loss_coefficient_is_not_trained_by_default(layout_results):
+    rec = layout_results[(1, AUX_CHECKPOINT, "base")]
     assert "train_error" not in rec, rec["train_error"]
     _assert_same_training(rec, rec["train"])
 

@@ -67,3 +67,22 @@ def test_not_yaml_and_not_mapping(tmp_path):
     f.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(Root, f)
+
+
+def test_fields_are_documented_by_a_trailing_comment():
+    """House style, one convention for the whole package: ``lr: float = 1e-6  # peak learning
+    rate``; a string statement below a field (an attribute docstring) is the other one."""
+    import ast
+    import pathlib
+
+    import moe_rl
+
+    found = []
+    for path in sorted(pathlib.Path(moe_rl.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for a, b in zip(node.body, node.body[1:]):
+                    if (isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+                            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                        found.append(f"{path.name}:{b.lineno} {node.name}.{ast.unparse(a.target)}")
+    assert found == []

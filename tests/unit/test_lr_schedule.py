@@ -46,3 +46,37 @@ def test_linear_decay_and_constant():
 def test_decay_must_end_after_warmup():
     with pytest.raises(ValueError, match=r"lr_decay_steps \(2\) must be greater than optim.lr_warmup_steps \(2\)"):
         OptimConfig(lr_warmup_steps=2, lr_decay_steps=2, lr_decay_style="cosine")
+
+
+class _StepOpt(_Opt):  # Megatron's optimizer contract: step() -> (update_successful, grad_norm, zeros)
+    def __init__(self, outcomes):
+        super().__init__()
+        self.outcomes = list(outcomes)
+
+    def step(self):
+        ok = self.outcomes.pop(0)
+        return ok, 1.0 if ok else float("inf"), None
+
+    def zero_grad(self):
+        pass
+
+
+class _Model:
+    def zero_grad_buffer(self):
+        pass
+
+
+def test_skipped_step_does_not_advance_the_schedule():
+    """Megatron skips the update on inf/nan gradients; the warm-up must count applied
+    updates only, as Megatron's own training loop does."""
+    from moe_rl.train.optimizer import TrainState, optimizer_step
+
+    cfg = OptimConfig(lr=1.0, lr_warmup_steps=4)
+    outcomes = [True, False, False, True, True]
+    opt = _StepOpt(outcomes)
+    state = TrainState(_Model(), opt, build_lr_scheduler(opt, cfg))
+    got = [optimizer_step(state) for _ in outcomes]
+    # lr used by each call: warm-up k/4 over the k applied updates before it
+    assert [m["train/lr"] for m in got] == pytest.approx([0.0, 0.25, 0.25, 0.25, 0.5])
+    assert [m["train/skipped"] for m in got] == [0.0, 1.0, 1.0, 0.0, 0.0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.75) and state.step == 5

@@ -58,15 +58,15 @@ def test_canonical_names_offset_layers_and_experts():
 def test_map_covers_every_hf_tensor_and_round_trips(family, tiny_hf_dirs):
     from moe_rl.models.hf_checkpoint import HFCheckpoint
 
-    ck = HFCheckpoint(tiny_hf_dirs[family])
-    hf = ck.config()
-    pm = family_for(hf).param_map(hf)
-    assert pm.hf_names() == set(ck.keys())  # nothing on disk is ignored, nothing invented
-    full = {name: e.to_mcore(ck.get) for name, e in pm.entries.items()}
-    back = pm.to_hf(full)
-    assert set(back) == set(ck.keys())
-    for k in back:
-        assert torch.equal(back[k], ck.get(k)), k
+    with HFCheckpoint(tiny_hf_dirs[family]) as ck:
+        hf = ck.config()
+        pm = family_for(hf).param_map(hf)
+        assert pm.hf_names() == set(ck.keys())  # nothing on disk is ignored, nothing invented
+        full = {name: e.to_mcore(ck.get) for name, e in pm.entries.items()}
+        back = pm.to_hf(full)
+        assert set(back) == set(ck.keys())
+        for k in back:
+            assert torch.equal(back[k], ck.get(k)), k
 
 
 def test_unknown_model_type_is_a_clear_error():

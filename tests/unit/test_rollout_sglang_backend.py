@@ -4,8 +4,11 @@ client sends checked against SGLang 0.5.23's own request schema (``sglang/api/v1
 from __future__ import annotations
 
 import importlib.util
+import gc
 import os
 import sys
+import time
+import warnings
 
 import pytest
 
@@ -103,3 +106,61 @@ def test_embedded_server_rejects_what_sglang_schema_rejects():
 
     fields = {f.encode_name for f in msgspec.structs.fields(api.SamplingParams)}
     assert set(SGLANG_SAMPLING_KEYS) == fields
+
+
+# ------------------------------------------------------------------ process lifecycle (no GPU):
+# the planned argv is replaced by a small python child, the rest is SGLangServers' own code.
+
+def _open_fds_under(directory) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory)):
+            out.append(target)
+    return out
+
+
+def _servers(tmp_path, code, n=2):
+    from moe_rl.rollout.sglang_backend import LaunchSpec, SGLangServers
+
+    srv = SGLangServers(SGLangConfig(model_path="/ckpt", num_servers=n, startup_timeout_s=30), str(tmp_path / "logs"))
+    srv.specs = [LaunchSpec([sys.executable, "-c", code], f"http://127.0.0.1:{9 + i}", [i]) for i in range(n)]
+    return srv
+
+
+def test_failed_start_leaves_no_log_file_open(tmp_path):
+    srv = _servers(tmp_path, "print('server says hi', flush=True); raise SystemExit(3)")
+    # the caller keeps the error (and so the traceback's frames) alive, as one that reports it does
+    with pytest.raises(RuntimeError, match="exited with 3 during startup") as err:
+        srv.start()
+    assert _open_fds_under(tmp_path) == [] and srv.procs == [], err
+    assert "server says hi" in (tmp_path / "logs" / "sglang-0.log").read_text()
+
+
+def test_started_servers_hold_no_log_file_open_here(tmp_path, monkeypatch):
+    import moe_rl.rollout.sglang_backend as backend
+
+    def healthy_when_logged(urls, *, deadline_s, procs=None, path="/health"):
+        end = time.monotonic() + deadline_s
+        while any("up" not in (tmp_path / "logs" / f"sglang-{i}.log").read_text() for i in range(len(urls))):
+            assert time.monotonic() < end
+            time.sleep(0.05)
+
+    monkeypatch.setattr(backend, "wait_healthy", healthy_when_logged)
+    srv = _servers(tmp_path, "import time; print('up', flush=True); time.sleep(60)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        srv.start()
+        gc.collect()
+    # a log file left for the garbage collector to close says so
+    assert not [w for w in caught if str(tmp_path) in str(w.message)], [str(w.message) for w in caught]
+    try:
+        procs = list(srv.procs)
+        assert all(p.poll() is None for p in procs)
+        assert _open_fds_under(tmp_path) == []  # the children write through their own descriptors
+    finally:
+        srv.stop(grace_s=5)
+    assert all(p.returncode is not None for p in procs) and _open_fds_under(tmp_path) == []
