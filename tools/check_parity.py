@@ -34,15 +34,15 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     import transformers
 
-    from moe_rl.models import FAMILIES
+    from moe_rl.models.tiny import TINY_FAMILIES
     from moe_rl.models.tiny import save_tiny_hf
     from moe_rl.parallel import ParallelConfig, ParallelDims
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
     from moe_rl.train.parity import LOGIT_TOLERANCE, logit_parity
 
-    if not args.hf_dir and args.family not in FAMILIES:
-        ap.error(f"--family must be one of {sorted(FAMILIES)} when --hf-dir is not given")
+    if not args.hf_dir and args.family not in TINY_FAMILIES:
+        ap.error(f"--family must be one of {sorted(TINY_FAMILIES)} when --hf-dir is not given")
     if not torch.cuda.is_available():
         activate_cpu_mode()
     G.init_distributed()

@@ -35,7 +35,6 @@ def actor_step(state: TrainState, built: BuiltModel, microbatches: list[dict], c
     counts = count_global([mb["mask"] for mb in microbatches], dp_group=groups.dp_group)
     if counts.num_tokens == 0:
         raise ValueError("actor_step: no response token has mask 1 in this step (all ranks)")
-    emit_hidden_states(built.module)
     merged = Metrics()
     vocab = built.hf_config.vocab_size
 
@@ -49,7 +48,8 @@ def actor_step(state: TrainState, built: BuiltModel, microbatches: list[dict], c
         merged.merge(metrics)
         return loss, {}
 
-    forward_backward(state.model, microbatches, loss_fn, groups)
+    with emit_hidden_states(built.module):
+        forward_backward(state.model, microbatches, loss_fn, groups)
     out = _reduce(merged, groups)
     out.update(optimizer_step(state))
     return out

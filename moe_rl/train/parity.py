@@ -63,9 +63,9 @@ def logit_parity(hf_model, hf_dir: str, groups: Groups, *, batch: int = 2, seq: 
     from moe_rl.models.hf_checkpoint import HFCheckpoint
 
     built = build_model(hf_model.config, groups)
-    ckpt = HFCheckpoint(hf_dir)
-    load_hf_weights(built, ckpt, groups)
-    read_fraction = ckpt.bytes_read / ckpt.total_bytes()
+    with HFCheckpoint(hf_dir) as ckpt:
+        load_hf_weights(built, ckpt, groups)
+        read_fraction = ckpt.bytes_read / ckpt.total_bytes()
     t_build = time.perf_counter() - t0
     mbs = [random_tokens(hf_model.config.vocab_size, batch, seq, seed + i) for i in range(num_microbatches)]
     ours = megatron_logits(built, mbs, groups)
@@ -90,7 +90,6 @@ def logprob_parity(hf_model, hf_dir: str, groups: Groups, *, temperature: float 
     # The frozen reference computes reference log-probs in RL: check it through the same path.
     built = build_reference(hf_model.config, hf_dir, groups)
     frozen = not any(p.requires_grad for p in built.module.parameters())
-    emit_hidden_states(built.module)
     V = hf_model.config.vocab_size
     tokens = random_tokens(V, batch, seq, seed)
     targets = random_tokens(V, batch, seq, seed + 100)
@@ -103,7 +102,7 @@ def logprob_parity(hf_model, hf_dir: str, groups: Groups, *, temperature: float 
         return logp.sum() * 0.0, {}
 
     dev = _device()
-    with torch.no_grad():
+    with torch.no_grad(), emit_hidden_states(built.module):
         forward_backward(built.module, [{"tokens": tokens.to(dev), "targets": targets.to(dev)}],
                          score, groups, forward_only=True)
         ref = torch.log_softmax(hf_model(tokens.to(hf_model.device)).logits.float().cpu() / temperature, -1)

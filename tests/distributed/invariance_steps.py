@@ -14,6 +14,7 @@ users run (``tools/check_parity.py``) live in ``moe_rl.train.parity``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -65,10 +66,11 @@ def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int =
     mbs = [{"tokens": tokens[i:i + micro_batch], "labels": labels[i:i + micro_batch],
             "mask": mask[i:i + micro_batch]} for i in range(lo, lo + per_rank, micro_batch)]
 
+    scope = contextlib.nullcontext()
     if head == "logits":
         loss_fn = token_cross_entropy(global_tokens)
     elif head == "logprobs":
-        emit_hidden_states(built.module)
+        scope = emit_hidden_states(built.module)
 
         def loss_fn(hidden, mb):
             logp, _ = sequence_logprobs(hidden, built.module, mb["labels"], groups,
@@ -79,10 +81,11 @@ def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int =
         raise ValueError(f"head {head!r} not in ('logits', 'logprobs')")
 
     losses, norms = [], []
-    for _ in range(steps):
-        out = forward_backward(state.model, mbs, loss_fn, groups)
-        losses.append(step_loss(out, groups))
-        norms.append(optimizer_step(state)["train/grad_norm"])
+    with scope:
+        for _ in range(steps):
+            out = forward_backward(state.model, mbs, loss_fn, groups)
+            losses.append(step_loss(out, groups))
+            norms.append(optimizer_step(state)["train/grad_norm"])
     return {"losses": losses, "grad_norms": norms}
 
 

@@ -7,19 +7,18 @@ import pytest
 import torch
 import transformers as tf
 
-from moe_rl.models.tiny import save_tiny_hf
+from moe_rl.models.tiny import TINY_FAMILIES, save_tiny_hf
 from moe_rl.rollout.config import EmbeddedEngineConfig
 from moe_rl.rollout.embedded.engine import EmbeddedEngine
 from moe_rl.rollout.types import FinishReason, RolloutRequest, SamplingParams
 
-FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen3", "llama"]
 MOE = ["qwen3_moe", "mixtral", "deepseek_v3"]
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {f: save_tiny_hf(f, root / f, seed=0) for f in FAMILIES}
+    return {f: save_tiny_hf(f, root / f, seed=0) for f in TINY_FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def _engine(path, max_running=3):
     return EmbeddedEngine(EmbeddedEngineConfig(model_path=path, max_running=max_running))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_greedy_matches_hf_generate(family, ckpts, hf_models):
     # 5 prompts through 3 slots: slots are refilled mid-flight and rows run at different lengths
     prompts = _prompts()
@@ -55,7 +54,7 @@ def test_greedy_matches_hf_generate(family, ckpts, hf_models):
         assert s.finish_reason is FinishReason.LENGTH and len(s.response_ids) == b
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_logprobs_and_routes_match_full_forward(family, ckpts, hf_models):
     temp = 0.7
     prompts = _prompts(4, seed=2)
