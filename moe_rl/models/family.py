@@ -22,8 +22,13 @@ class Family:
 
     # ------------------------------------------------------------------ per family
     def moe_layers(self, hf) -> list[bool]:
-        """Which layers (global index) are MoE layers."""
+        """Which layers (global index) are MoE layers: the project's one definition, used by
+        the trainer's layer specs, the engine's router capture and the routed-experts wire format."""
         return [False] * hf.num_hidden_layers
+
+    def moe_layer_ids(self, hf) -> list[int]:
+        """Global indices of the MoE layers (those :meth:`moe_layers` marks)."""
+        return [l for l, is_moe in enumerate(self.moe_layers(hf)) if is_moe]
 
     def num_experts(self, hf) -> int:
         return 0

@@ -44,6 +44,7 @@ from typing import Any, Awaitable, Callable
 import httpx
 import torch
 
+from moe_rl.models import family_for
 from moe_rl.rollout import routed_experts_codec
 from moe_rl.rollout.config import ClientConfig
 from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample, per_sample_seed
@@ -70,7 +71,7 @@ class RoutingLayout:
     @classmethod
     def from_hf_config(cls, hf_config) -> "RoutingLayout":
         return cls(int(hf_config.num_hidden_layers), int(hf_config.num_experts_per_tok),
-                   routed_experts_codec.moe_layer_ids(hf_config))
+                   family_for(hf_config).moe_layer_ids(hf_config))
 
 
 @dataclasses.dataclass

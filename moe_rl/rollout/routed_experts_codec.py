@@ -1,4 +1,4 @@
-"""SGLang's wire format for routed experts, and which HF layers are MoE layers.
+"""SGLang's wire format for routed experts.
 
 Legend: N routed positions, H hidden layers (all of them, dense too), L MoE layers, K top-k.
 
@@ -6,7 +6,7 @@ SGLang 0.5.23 returns ``meta_info.routed_experts`` as base64 of little-endian in
 order, shape ``[prompt + completion - 1 - start, H, K]`` where ``start`` is the request's
 ``routed_experts_start_len``. Rows of dense layers are included; the embedded engine fills
 them with -1 (what SGLang puts there is not documented), and :func:`decode` keeps only the
-MoE layers.
+MoE layers (which layers those are is the model family's ``moe_layer_ids``).
 """
 
 from __future__ import annotations
@@ -33,20 +33,3 @@ def decode(b64: str, num_hidden_layers: int, topk: int, moe_layer_ids: list[int]
         routes = routes[:, moe_layer_ids]
     return routes
 
-
-def moe_layer_ids(hf_config) -> list[int]:
-    """HF layer indices that have a router, from the config's own layer-placement rules."""
-    n = int(hf_config.num_hidden_layers)
-    mt = getattr(hf_config, "model_type", "")
-    if mt in ("qwen3_moe", "qwen2_moe"):
-        step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
-        dense = set(getattr(hf_config, "mlp_only_layers", []) or [])
-        return [i for i in range(n) if i not in dense and getattr(hf_config, "num_experts", 0) > 0
-                and (i + 1) % step == 0]
-    if mt in ("mixtral",):
-        return list(range(n))
-    if mt in ("deepseek_v3", "deepseek_v2"):
-        first = int(getattr(hf_config, "first_k_dense_replace", 0))
-        freq = int(getattr(hf_config, "moe_layer_freq", 1) or 1)
-        return [i for i in range(n) if i >= first and i % freq == 0]
-    return []

@@ -297,4 +297,6 @@ def test_server_killed_mid_rollout(two_servers, hf):
     for s in samples:
         assert s.response_ids == greedy_ref(hf["v0"], s.prompt_ids, 30)
         assert s.routed_experts_TLK is not None and s.routed_experts_TLK.shape == (30, 4, 2)
-    assert routed_experts_codec.moe_layer_ids(hf["v0"].config) == [0, 1, 2, 3]
+    from moe_rl.models import family_for
+
+    assert family_for(hf["v0"].config).moe_layer_ids(hf["v0"].config) == [0, 1, 2, 3]

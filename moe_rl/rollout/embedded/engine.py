@@ -44,9 +44,8 @@ from typing import Any, Callable
 
 import torch
 
-from moe_rl.rollout import routed_experts_codec
 from moe_rl.rollout.config import EmbeddedEngineConfig
-from moe_rl.rollout.embedded.hf_contract import cache_kwarg, check_engine_contract
+from moe_rl.rollout.embedded.hf_contract import cache_kwarg, check_engine_contract, expected_moe_layer_ids
 from moe_rl.rollout.embedded.kv_cache import SlotKVCache
 from moe_rl.rollout.embedded.router_capture import RouterCapture
 from moe_rl.rollout.embedded.sampler import RowParams, sample_tokens
@@ -122,7 +121,8 @@ class EmbeddedEngine:
         self.vocab_size = self.hf_config.vocab_size
         self.context_len = cfg.max_context_len or int(self.hf_config.max_position_embeddings)
         self.capture = RouterCapture(model) if cfg.capture_routed_experts else None
-        self.expects_routers = bool(routed_experts_codec.moe_layer_ids(self.hf_config))
+        self.expected_moe_layers = expected_moe_layer_ids(self.hf_config)
+        self.expects_routers = bool(self.expected_moe_layers)
         self.num_hidden_layers = int(self.hf_config.num_hidden_layers)
         self.top_k_experts = int(getattr(self.hf_config, "num_experts_per_tok", 0) or 0)
         self.cache = SlotKVCache(cfg.max_running, self.context_len, dtype)

@@ -40,6 +40,18 @@ def _version() -> str:
     return transformers.__version__
 
 
+def expected_moe_layer_ids(hf_config) -> list[int] | None:
+    """The MoE layers the model family defines (``Family.moe_layer_ids``); None for a model
+    type outside the project's families (the engine then takes the routers it finds)."""
+    from moe_rl.models import family_for
+
+    try:
+        family = family_for(hf_config)
+    except ValueError:
+        return None
+    return family.moe_layer_ids(hf_config)
+
+
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The keyword under which ``model.forward`` takes the KV cache (clause 1)."""
     params = inspect.signature(model.forward).parameters
@@ -78,10 +90,12 @@ def _probe(engine: Any) -> None:
             f"transformers {_version()}: a prefill of {type(model).__name__} called cache.update "
             f"{cache.num_updates} times for {n_layers} layers (clause 2: every attention layer must "
             "call cache.update(key, value, layer_idx, ...) and attend to what it returns)")
-    if engine.capture is not None and engine.expects_routers and not engine.capture.num_moe_layers:
+    expected = engine.expected_moe_layers
+    if engine.capture is not None and expected is not None and engine.capture.layer_ids != expected:
         raise EngineContractError(
-            f"transformers {_version()}: the config of {type(model).__name__} has experts but no router "
-            "was found at model.layers.{i}.mlp.gate (clause 4)")
+            f"transformers {_version()}: routers of {type(model).__name__} found at layers "
+            f"{engine.capture.layer_ids}, but the model family's MoE layers are {expected} "
+            "(clause 4: a router at model.layers.{i}.mlp.gate of every MoE layer)")
     cache.load_prompt(0, kv)
     logits_1V = engine.forward_decode(torch.tensor([ids[3]]), torch.tensor([3]), cache)[0]
     ref_V = model(input_ids=torch.tensor([ids])).logits[0, -1]
