@@ -58,7 +58,7 @@ class SGLangConfig:
     startup_timeout_s: float = 900.0  # deadline for every server to answer /health
     router_port: int = 0  # start sglang-router on this port (0 = no router)
     trust_remote_code: bool = False  # --trust-remote-code: run the checkpoint's own Python (trusted checkpoints only)
-    api_key: str = ""  # --api-key the servers require (the client must send the same key)
+    api_key: str = dataclasses.field(default="", repr=False)  # --api-key the servers require; the client sends it
 
     def __post_init__(self) -> None:
         for name in ("num_servers", "tp_size", "ep_size", "dp_size", "attn_dp_size", "nnodes"):
@@ -133,6 +133,11 @@ class RolloutConfig:
             raise ValueError(f"rollout.n_samples_per_prompt ({self.n_samples_per_prompt}) must be >= 1")
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if self.sglang.api_key and self.client.api_key and self.sglang.api_key != self.client.api_key:
+            raise ValueError("rollout.sglang.api_key and rollout.client.api_key differ; set one (the client "
+                             "uses the key of the servers it launched)")
+        if self.backend == "sglang" and self.sglang.api_key:
+            self.client.api_key = self.sglang.api_key
         if self.client.router_url and self.client.return_routed_experts:
             raise ValueError(
                 "rollout.client.router_url is set but client.return_routed_experts is true: "

@@ -42,11 +42,15 @@ def launch_command(cfg: SGLangConfig, index: int = 0) -> LaunchSpec:
         raise ValueError(f"sglang.nnodes ({cfg.nnodes}) must divide sglang.tp_size ({cfg.tp_size})")
     base_gpu = cfg.base_gpu_id + index * gpus_per_node
     a = [cfg.python, "-m", "sglang.launch_server",
-         "--model-path", cfg.model_path, "--trust-remote-code",
+         "--model-path", cfg.model_path,
          "--host", cfg.host, "--port", str(port),
          "--tp-size", str(cfg.tp_size), "--dp-size", str(cfg.dp_size), "--ep-size", str(cfg.ep_size),
          "--mem-fraction-static", str(cfg.mem_fraction_static),
          "--weight-version", cfg.weight_version, "--base-gpu-id", str(base_gpu)]
+    if cfg.trust_remote_code:
+        a.append("--trust-remote-code")
+    if cfg.api_key:
+        a += ["--api-key", cfg.api_key]
     if cfg.attn_dp_size > 1:
         a += ["--attn-dp-size", str(cfg.attn_dp_size)]
     if cfg.enable_memory_saver:

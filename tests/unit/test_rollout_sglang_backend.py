@@ -164,3 +164,14 @@ def test_started_servers_hold_no_log_file_open_here(tmp_path, monkeypatch):
     finally:
         srv.stop(grace_s=5)
     assert all(p.returncode is not None for p in procs) and _open_fds_under(tmp_path) == []
+
+
+def test_remote_code_is_opt_in_and_the_api_key_reaches_server_and_client():
+    a = launch_command(SGLangConfig(model_path="/ckpt")).argv
+    assert "--trust-remote-code" not in a and "--api-key" not in a
+    a = launch_command(SGLangConfig(model_path="/ckpt", trust_remote_code=True, api_key="k1")).argv
+    assert "--trust-remote-code" in a and _flag(a, "--api-key") == "k1"
+    rc = RolloutConfig(backend="sglang", sglang=SGLangConfig(model_path="/ckpt", api_key="k1"))
+    assert rc.client.api_key == "k1" and "k1" not in repr(rc)
+    with pytest.raises(ValueError, match="api_key"):
+        RolloutConfig(backend="sglang", sglang=SGLangConfig(api_key="k1"), client=ClientConfig(api_key="k2"))
