@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
-EXECUTORS = ("thread", "process", "serial")
+EXECUTORS = ("process", "thread", "serial")
 ON_ERROR = ("raise", "zero")
 
 
@@ -63,9 +63,9 @@ class RewardConfig:
     """All rewards of a run and how they are evaluated."""
 
     rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # named rewards per sample
-    executor: str = "thread"  # thread | process | serial: where reward functions run
-    num_workers: int = 4  # threads or processes evaluating samples concurrently
-    timeout_s: float = 60.0  # per-sample limit for one reward function (process/thread executors)
+    executor: str = "process"  # process | thread | serial; only process stops a runaway reward (evaluator.py)
+    num_workers: int = 4  # worker processes or threads evaluating samples concurrently
+    timeout_s: float = 60.0  # limit for one reward call; process: its worker is killed, thread: only reported
     on_error: str = "raise"  # raise | zero: what an exception inside a reward function does
     progress: bool = True  # show a tqdm progress bar over the batch
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # code reward limits

@@ -1,14 +1,22 @@
 """Score a batch of responses with every configured reward, concurrently, with a progress bar.
 
-One task per (response, reward) pair runs on a thread pool (default: reward functions
-mostly wait on math-verify's sympy or on sandbox subprocesses), a process pool (each
-worker resolves the ``module:function`` strings itself, so nothing unpicklable crosses
-over; math-verify keeps its signal-based timeouts there) or serially in the caller.
-``async def`` reward functions are run to completion inside their worker.
+One task per (response, reward) pair runs on one of three executors:
 
-A reward that raises, returns a non-finite value or runs past ``timeout_s`` either
-raises (``on_error=raise``) or scores 0.0 and is listed in ``RewardBatch.errors``
-(``on_error=zero``). A timed-out thread cannot be stopped; it finishes in the background.
+- ``process`` (default): our own pool of worker processes (``worker_pool.py``). Each worker
+  resolves the ``module:function`` strings itself, so nothing unpicklable crosses over, and
+  runs the reward on its main thread, where math-verify's signal-based timeouts work. A task
+  still running ``timeout_s`` after it was sent has its worker killed (with the sandboxes it
+  started) and replaced; the other tasks in flight carry on. This is the only executor that
+  bounds a reward's time: a reward stuck in C code holding the GIL (sympy on
+  ``9^{9^{9^{9}}}``) or in ``while True: pass`` is stopped.
+- ``thread``: a thread pool in this process; math-verify runs with its timeouts off (they
+  need the main thread). A task past ``timeout_s`` is reported, but its thread cannot be
+  stopped: it runs on in the background, and one that holds the GIL freezes the trainer.
+- ``serial``: in the caller, one after another; nothing is bounded.
+
+``async def`` reward functions are run to completion inside their worker. A reward that raises,
+returns a non-finite value or runs past ``timeout_s`` either raises (``on_error=raise``) or
+scores 0.0 and is listed in ``RewardBatch.errors`` (``on_error=zero``).
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ import asyncio
 import concurrent.futures as cf
 import inspect
 import math
-import multiprocessing
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .config import RewardConfig, SandboxConfig
 from .registry import resolve_reward
 from .types import RewardBatch, RewardInput
+from .worker_pool import TaskFailed, WorkerPool
+
+_SCORE_ONE = "moe_rl.rewards.evaluator:score_one"
 
 
 class RewardError(RuntimeError):
@@ -60,26 +70,33 @@ class RewardEvaluator:
 
     def __init__(self, config: RewardConfig):
         self.config = config
-        for spec in config.rewards:
-            resolve_reward(spec.fn)  # a bad 'module:function' fails here, before any rollout
-        self._pool: Optional[cf.Executor] = None
+        # A bad 'module:function' fails here, before any rollout; process workers import these modules.
+        modules = {getattr(resolve_reward(spec.fn), "__module__", None) for spec in config.rewards}
+        self._modules = sorted(m for m in modules if m)
+        self._pool: Union[cf.ThreadPoolExecutor, WorkerPool, None] = None
 
-    def _executor(self) -> Optional[cf.Executor]:
+    def _executor(self) -> Union[cf.ThreadPoolExecutor, WorkerPool, None]:
         if self.config.executor == "serial":
             return None
         if self._pool is None:
             if self.config.executor == "thread":
                 self._pool = cf.ThreadPoolExecutor(self.config.num_workers, thread_name_prefix="reward")
             else:
-                # forkserver: a fork of a process holding torch/NCCL threads is unsafe.
-                ctx = multiprocessing.get_context("forkserver")
-                self._pool = cf.ProcessPoolExecutor(self.config.num_workers, mp_context=ctx)
+                self._pool = WorkerPool(_SCORE_ONE, self.config.num_workers, preload=self._modules)
         return self._pool
 
+    def start(self) -> None:
+        """Start the process workers now, so they import while the rollout runs (``evaluate`` would)."""
+        pool = self._executor()
+        if isinstance(pool, WorkerPool):
+            pool.start()
+
     def close(self) -> None:
-        if self._pool is not None:
+        if isinstance(self._pool, WorkerPool):
+            self._pool.close()
+        elif self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self._pool = None
 
     def __enter__(self) -> "RewardEvaluator":
         return self
@@ -97,11 +114,11 @@ class RewardEvaluator:
 
         def record(i: int, name: str, fn: str, result: Any) -> None:
             if isinstance(result, BaseException):
+                kind = result.kind if isinstance(result, TaskFailed) else type(result).__name__
                 if cfg.on_error == "raise":
-                    raise RewardError(f"reward {name!r} ({fn}) failed on sample {i}: "
-                                      f"{type(result).__name__}: {result}") from result
+                    raise RewardError(f"reward {name!r} ({fn}) failed on sample {i}: {kind}: {result}") from result
                 values[i][name] = 0.0
-                errors[i][name] = f"{type(result).__name__}: {result}"
+                errors[i][name] = f"{kind}: {result}"
             else:
                 values[i][name] = result
             bar.update(1)
@@ -115,6 +132,18 @@ class RewardEvaluator:
                     except Exception as e:  # noqa: BLE001 - reported per on_error
                         res = e
                     record(i, spec.name, spec.fn, res)
+            elif isinstance(pool, WorkerPool):
+                args = [(spec.fn, dict(spec.kwargs), samples[i], cfg.sandbox) for i, spec in tasks]
+                results = pool.run(args, timeout_s=cfg.timeout_s)
+                try:
+                    for k, res in results:
+                        i, spec = tasks[k]
+                        if isinstance(res, TimeoutError):
+                            res = TimeoutError(f"no result within rewards.timeout_s={cfg.timeout_s}s; "
+                                               f"its worker was killed")
+                        record(i, spec.name, spec.fn, res)
+                finally:
+                    results.close()  # on a raise, kills the workers still busy with this batch
             else:
                 futs = {pool.submit(score_one, spec.fn, dict(spec.kwargs), samples[i], cfg.sandbox): (i, spec)
                         for i, spec in tasks}

@@ -5,10 +5,13 @@ The gold answer is parsed as LaTeX or a plain expression; the response is parsed
 expression (math-verify's ``LatexExtractionConfig``/``ExprExtractionConfig``). Only the
 text after ``</think>`` is parsed, so numbers in the reasoning do not count as the answer.
 
-math-verify bounds its own parsing time with ``signal.alarm``, which works only in a
-process's main thread. Off the main thread (the thread executor) the reward calls it with
-the timeouts off, as math-verify documents; use ``rewards.executor=process`` to keep
-them when answers may be adversarial.
+math-verify bounds its parsing and comparison time with ``signal.alarm``, which works only
+in a process's main thread, and only between Python bytecodes: sympy evaluating
+``9^{9^{9^{9}}}`` sits in one C-level power that no alarm interrupts, holding the GIL. So the
+real bound is the evaluator's default ``process`` executor, which kills the worker past
+``rewards.timeout_s``; there the reward runs on the worker's main thread and math-verify's own
+timeouts apply too. Only off the main thread (the ``thread`` executor, which cannot stop a
+runaway answer anyway) are they turned off, as math-verify requires.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ _PRED_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionCon
 
 
 def _timeout_s(requested: int) -> int | None:
+    """math-verify's timeout here: ``requested`` on the main thread, None (off) elsewhere."""
     return requested if threading.current_thread() is threading.main_thread() else None
 
 
