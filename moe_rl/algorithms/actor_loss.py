@@ -13,23 +13,29 @@ ranks (``metrics.py``):
 - ``actor/clipfrac``, ``actor/clipfrac_low``, ``actor/clipfrac_high``, ``actor/dualclip_frac``:
   fractions of valid tokens (gspo: a token counts when its response's clipped branch was
   taken; gmpo: when its own log-ratio was clipped); ``actor/seq_clipfrac``: fraction of
-  responses with a clipped branch taken (sequence-level surrogates only);
+  responses with a clipped branch taken, over every response, empty ones included
+  (sequence-level surrogates only); sapo and vespo clip nothing (all 0);
 - ``mismatch/*`` when ``rollout_logp_BT`` is given.
+
+Advantages may be per token [B, T] or per response [B]. With ``with_token_loss=True`` the
+per-token loss matrix comes back too: the surrogate times the mismatch weight plus
+kl_beta x the KL estimate when the KL is in the loss, detached, zero at padding;
+``aggregate`` of it under ``cfg.loss_agg`` is the returned loss share.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from moe_rl.algorithms.aggregation import aggregate
-from moe_rl.algorithms.config import AlgorithmConfig
+from moe_rl.algorithms.config import SEQUENCE_MISMATCH_MODES, AlgorithmConfig
 from moe_rl.algorithms.kl import kl_estimate
 from moe_rl.algorithms.metrics import Metrics
 from moe_rl.algorithms.mismatch import mismatch_weights
-from moe_rl.algorithms.policy_loss import policy_loss
+from moe_rl.algorithms.policy_loss import policy_loss, vespo_is_log_weight
 from moe_rl.algorithms.ratio import clamped_ratio
 
 # B responses, T tokens
@@ -47,22 +53,21 @@ def actor_loss(
     ref_logp_BT: Optional[Tensor] = None,
     rollout_logp_BT: Optional[Tensor] = None,
     entropy_BT: Optional[Tensor] = None,
-) -> Tuple[Tensor, Metrics]:
-    """(loss share, metrics) for one micro-batch under ``cfg``.
+    with_token_loss: bool = False,
+) -> Union[Tuple[Tensor, Metrics], Tuple[Tensor, Metrics, Tensor]]:
+    """(loss share, metrics) for one micro-batch under ``cfg``; with ``with_token_loss``
+    also the detached per-token loss [B, T] (zero at padding).
 
-    ``ref_logp_BT`` is required when ``cfg.kl_beta > 0`` and the KL is in the loss;
-    ``rollout_logp_BT`` when ``cfg.mismatch != "none"``.
+    ``adv_BT``: [B, T] or per response [B]. ``ref_logp_BT`` is required when
+    ``cfg.kl_beta > 0`` and the KL is in the loss; ``rollout_logp_BT`` when
+    ``cfg.mismatch != "none"``.
     """
     m = mask_BT.bool()
     denoms = dict(
         num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
         max_response_len=cfg.max_response_len,
     )
-    out = policy_loss(
-        cfg.policy_loss, logp_BT, old_logp_BT, adv_BT, m,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c,
-    )
-    loss_BT = out.loss_BT
+    weight_BT = None
     metrics = Metrics()
     if cfg.mismatch != "none":
         if rollout_logp_BT is None:
@@ -72,10 +77,23 @@ def actor_loss(
             icepop_low=cfg.icepop_low, icepop_high=cfg.icepop_high,
             seq_mis_low=cfg.seq_mis_low, seq_mis_high=cfg.seq_mis_high,
         )
-        loss_BT = loss_BT * weight_BT
         metrics.merge(mm)
     elif rollout_logp_BT is not None:
         metrics.merge(mismatch_weights(old_logp_BT, rollout_logp_BT, m, "none")[1])
+    # VESPO folds the correction into its sequence weight (as TRL) instead of multiplying the loss
+    fold = cfg.policy_loss == "vespo" and weight_BT is not None
+    out = policy_loss(
+        cfg.policy_loss, logp_BT, old_logp_BT, adv_BT, m,
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c,
+        sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
+        vespo_k_pos=cfg.vespo_k_pos, vespo_lambda_pos=cfg.vespo_lambda_pos,
+        vespo_k_neg=cfg.vespo_k_neg, vespo_lambda_neg=cfg.vespo_lambda_neg,
+        vespo_log_is_B=vespo_is_log_weight(weight_BT, m, per_sequence=cfg.mismatch in SEQUENCE_MISMATCH_MODES)
+        if fold else None,
+    )
+    loss_BT = out.loss_BT
+    if weight_BT is not None and not fold:
+        loss_BT = loss_BT * weight_BT
 
     pg = aggregate(loss_BT, m, cfg.loss_agg, **denoms)
     total = pg
@@ -87,10 +105,13 @@ def actor_loss(
         if cfg.kl_ratio_weighted:
             delta = torch.where(m, logp_BT - old_logp_BT.detach(), torch.zeros_like(logp_BT))
             ratio_BT = clamped_ratio(delta)
-        kl_BT = kl_estimate(logp_BT, ref_logp_BT.detach(), cfg.kl_estimator, ratio_BT=ratio_BT)
+        kl_BT = kl_estimate(logp_BT, ref_logp_BT.detach(), cfg.kl_estimator, ratio_BT=ratio_BT,
+                            straight_through=cfg.kl_straight_through)
         kl = aggregate(kl_BT, m, cfg.loss_agg, **denoms)
         total = total + cfg.kl_beta * kl
         metrics.add_sum("actor/kl_loss", kl)
+        if with_token_loss:
+            loss_BT = loss_BT + cfg.kl_beta * kl_BT
 
     if entropy_BT is not None:
         metrics.add_masked("actor/entropy", entropy_BT, m)
@@ -100,7 +121,7 @@ def actor_loss(
         has_B = m.any(-1)
         metrics.add_masked("actor/ratio_mean", out.seq_ratio_B, has_B,
                            min_name="actor/ratio_min", max_name="actor/ratio_max")
-        metrics.add_masked("actor/seq_clipfrac", out.seq_clipped_B.to(torch.float64), has_B)
+        metrics.add_masked("actor/seq_clipfrac", out.seq_clipped_B.to(torch.float64), torch.ones_like(has_B))
     else:
         metrics.add_masked("actor/ratio_mean", out.ratio_BT, m,
                            min_name="actor/ratio_min", max_name="actor/ratio_max")
@@ -108,4 +129,6 @@ def actor_loss(
     metrics.add_masked("actor/clipfrac_low", out.clip_low_BT.to(torch.float64), m)
     metrics.add_masked("actor/clipfrac_high", out.clip_high_BT.to(torch.float64), m)
     metrics.add_masked("actor/dualclip_frac", out.dualclip_BT.to(torch.float64), m)
+    if with_token_loss:
+        return total, metrics, torch.where(m, loss_BT, torch.zeros_like(loss_BT)).detach()
     return total, metrics

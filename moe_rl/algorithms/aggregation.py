@@ -11,6 +11,9 @@ gradient as one big batch. Consequences for the caller:
 - if the data-parallel gradient reduction averages instead of summing, multiply the
   loss by the data-parallel world size.
 
+``num_global_seqs`` counts every response of the step, empty (zero-token) ones included:
+they add 0 to the numerator and 1 to N_seq, as verl's trainer and TRL's losses divide.
+
 ``seq-mean-token-mean`` needs a response's own token count, so a response must not be
 split across micro-batches (it never is: micro-batches hold whole responses).
 """
@@ -20,9 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_rl.algorithms.config import LOSS_AGGS
+
 # B responses, T tokens
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def aggregate(
@@ -40,11 +44,14 @@ def aggregate(
     seq-mean-token-mean:     sum_i (sum_t m*l / |o_i|) / num_global_seqs
     seq-mean-token-sum:      sum m*l / num_global_seqs
     seq-mean-token-sum-norm: sum m*l / (num_global_seqs * max_response_len)
+    token-sum:               sum m*l (no denominator; verl agg_loss "token-sum")
     A zero denominator (nothing to train on anywhere) gives a zero loss that still
     carries the graph.
     """
     mask = mask_BT.bool()
     lm_BT = torch.where(mask, loss_BT, torch.zeros_like(loss_BT))
+    if mode == "token-sum":
+        return lm_BT.sum()
     if mode == "token-mean":
         num, den = lm_BT.sum(), num_global_tokens
     elif mode == "seq-mean-token-mean":
@@ -57,7 +64,7 @@ def aggregate(
             raise ValueError(f"seq-mean-token-sum-norm needs max_response_len > 0, got {max_response_len}")
         num, den = lm_BT.sum(), num_global_seqs * max_response_len
     else:
-        raise ValueError(f"loss aggregation {mode!r} is not one of {', '.join(AGG_MODES)}")
+        raise ValueError(f"loss aggregation {mode!r} is not one of {', '.join(LOSS_AGGS)}")
     den = float(den)
     if den < 0:
         raise ValueError(f"global denominator for {mode} must be >= 0, got {den}")

@@ -25,19 +25,26 @@ from typing import Any, Dict, List, Optional
 
 from moe_rl.algorithms.presets import PRESETS
 
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo")
-POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "gmpo", "pg")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo", "opo", "gpg", "pass_at_k")
+STD_SCOPES = ("group", "batch")
+POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "gmpo", "pg", "sapo", "vespo")
 SEQUENCE_LEVEL_LOSSES = ("gspo", "gmpo")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# surrogates that read one advantage per response (gspo/gmpo: the sequence loss; vespo: its (k, lambda) branch)
+RESPONSE_ADVANTAGE_LOSSES = ("gspo", "gmpo", "vespo")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 KL_PLACEMENTS = ("loss", "reward")
-MISMATCH_MODES = ("none", "tis", "icepop", "seq-mis")
+MISMATCH_MODES = ("none", "tis", "icepop", "seq-mis", "seq-tis", "seq-icepop")
+SEQUENCE_MISMATCH_MODES = ("seq-mis", "seq-tis", "seq-icepop")  # one weight per response
 GFPO_METRICS = ("length", "reward_per_token")
 
 # Values a field takes when neither the preset nor the user sets it.
 BASE_DEFAULTS: Dict[str, Any] = {
     "advantage": "grpo",
     "std_eps": 1e-6,
+    "std_scope": "group",
+    "gamma": 1.0,
+    "rloo_normalize": False,
     "reward_names": [],
     "reward_weights": [],
     "process_rewards": False,
@@ -45,12 +52,19 @@ BASE_DEFAULTS: Dict[str, Any] = {
     "clip_low": 0.2,
     "clip_high": 0.2,
     "dual_clip_c": 0.0,
+    "sapo_tau_pos": 1.0,
+    "sapo_tau_neg": 1.05,
+    "vespo_k_pos": 2.0,
+    "vespo_lambda_pos": 3.0,
+    "vespo_k_neg": 3.0,
+    "vespo_lambda_neg": 2.0,
     "loss_agg": "seq-mean-token-mean",
     "max_response_len": 0,
     "kl_beta": 0.0,
     "kl_estimator": "k3",
     "kl_placement": "loss",
     "kl_ratio_weighted": False,
+    "kl_straight_through": False,
     "dynamic_sampling": False,
     "max_extra_rounds": 0,
     "overlong_shaping": False,
@@ -78,25 +92,35 @@ class AlgorithmConfig:
 
     preset: str = "grpo"  # named preset applied under explicit fields (presets.PRESETS)
     # Axis 1: advantage estimator
-    advantage: Optional[str] = None  # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gdpo
-    std_eps: Optional[float] = None  # added to the group std in grpo/gdpo normalization (verl: 1e-6)
+    advantage: Optional[str] = None  # grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline|gdpo|opo|gpg|pass_at_k
+    std_eps: Optional[float] = None  # added to the std in grpo/gdpo/pass_at_k/rloo_normalize (verl: 1e-6)
+    std_scope: Optional[str] = None  # grpo: std of the group | of the whole global batch (TRL scale_rewards=batch)
+    gamma: Optional[float] = None  # reinforce_pp: discount per valid token of the token returns (verl gamma)
+    rloo_normalize: Optional[bool] = None  # rloo: re-normalize A over the global batch (TRL normalize_advantages)
     reward_names: Optional[List[str]] = None  # gdpo: names of the rewards combined (empty = one reward)
     reward_weights: Optional[List[float]] = None  # gdpo: weight of each reward in reward_names, same order
     process_rewards: Optional[bool] = None  # per-step rewards, normalized over the group, summed from t on
     # Axis 2: surrogate / ratio granularity
-    policy_loss: Optional[str] = None  # ppo | gspo | gspo_token | cispo | gmpo | pg
+    policy_loss: Optional[str] = None  # ppo | gspo | gspo_token | cispo | gmpo | pg | sapo | vespo
+    sapo_tau_pos: Optional[float] = None  # sapo: gate temperature tau where A > 0
+    sapo_tau_neg: Optional[float] = None  # sapo: gate temperature tau where A <= 0
+    vespo_k_pos: Optional[float] = None  # vespo: shape k of phi(w) = e^lam w^k e^(-lam w) where A_i >= 0
+    vespo_lambda_pos: Optional[float] = None  # vespo: rate lambda where A_i >= 0 (floored at 1e-4)
+    vespo_k_neg: Optional[float] = None  # vespo: shape k where A_i < 0
+    vespo_lambda_neg: Optional[float] = None  # vespo: rate lambda where A_i < 0 (floored at 1e-4)
     # Axis 3: clip width (never one shared epsilon)
     clip_low: Optional[float] = None  # lower clip bound 1 - clip_low (gmpo: log-space bound -clip_low)
     clip_high: Optional[float] = None  # upper clip bound 1 + clip_high (DAPO clip-higher: 0.28)
     dual_clip_c: Optional[float] = None  # dual-clip constant c > 1 for A < 0 (ppo only); 0 = off
     # Axis 4: aggregation
-    loss_agg: Optional[str] = None  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    loss_agg: Optional[str] = None  # token-mean|seq-mean-token-mean|seq-mean-token-sum|seq-mean-token-sum-norm|token-sum
     max_response_len: Optional[int] = None  # L_max: seq-mean-token-sum-norm constant and overlong shaping limit
     # Axis 5: KL to the reference policy
     kl_beta: Optional[float] = None  # KL coefficient; 0 = off and no reference model is built
-    kl_estimator: Optional[str] = None  # k1 | k2 | k3 (k3 clamped: x to +-20, value to <= 10)
+    kl_estimator: Optional[str] = None  # k1 | k2 | k3 (k3 clamped: x to +-20, value to <= 10) | abs
     kl_placement: Optional[str] = None  # loss (beta*KL added to the token loss) | reward (r_t -= beta*k1)
     kl_ratio_weighted: Optional[bool] = None  # weight k3 by the current ratio rho (DeepSeek-V3.2)
+    kl_straight_through: Optional[bool] = None  # the estimator's value with k2's gradient (verl "k3+")
     # Axis 6: sampling and length shaping
     dynamic_sampling: Optional[bool] = None  # drop groups whose rewards all equal and regenerate (DAPO)
     max_extra_rounds: Optional[int] = None  # cap on extra generation rounds for dynamic sampling
@@ -106,10 +130,10 @@ class AlgorithmConfig:
     gfpo_keep: Optional[int] = None  # GFPO: keep this many responses per group (0 = off)
     gfpo_metric: Optional[str] = None  # GFPO ranking: length (shortest kept) | reward_per_token (highest kept)
     # Axis 7: training-inference mismatch correction
-    mismatch: Optional[str] = None  # none | tis | icepop | seq-mis
-    tis_cap: Optional[float] = None  # TIS truncation C: loss weight min(w, C)
-    icepop_low: Optional[float] = None  # IcePop: zero tokens with w < icepop_low
-    icepop_high: Optional[float] = None  # IcePop: zero tokens with w > icepop_high
+    mismatch: Optional[str] = None  # none | tis | icepop | seq-mis | seq-tis | seq-icepop
+    tis_cap: Optional[float] = None  # tis / seq-tis truncation C: loss weight min(w, C) (seq-tis: of the product W_i)
+    icepop_low: Optional[float] = None  # icepop / seq-icepop: weight 0 where w (seq: W_i) < icepop_low
+    icepop_high: Optional[float] = None  # icepop / seq-icepop: weight 0 where w (seq: W_i) > icepop_high
     seq_mis_low: Optional[float] = None  # seq-mis: drop responses whose geometric-mean w < this
     seq_mis_high: Optional[float] = None  # seq-mis: drop responses whose geometric-mean w > this
 
@@ -166,18 +190,29 @@ class AlgorithmConfig:
         """Whether the surrogate is one value per response (needs per-response A)."""
         return self.policy_loss in SEQUENCE_LEVEL_LOSSES
 
+    @property
+    def needs_response_advantage(self) -> bool:
+        """Whether the surrogate reads one advantage per response (no per-token advantages)."""
+        return self.policy_loss in RESPONSE_ADVANTAGE_LOSSES
+
     def _validate(self) -> None:
         _choice("advantage", self.advantage, ADVANTAGES)
+        _choice("std_scope", self.std_scope, STD_SCOPES)
         _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
         _choice("loss_agg", self.loss_agg, LOSS_AGGS)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("kl_placement", self.kl_placement, KL_PLACEMENTS)
         _choice("mismatch", self.mismatch, MISMATCH_MODES)
         _choice("gfpo_metric", self.gfpo_metric, GFPO_METRICS)
-        for name in ("std_eps", "clip_low", "clip_high", "kl_beta", "dual_clip_c"):
+        for name in ("std_eps", "clip_low", "clip_high", "kl_beta", "dual_clip_c", "vespo_k_pos", "vespo_lambda_pos",
+                     "vespo_k_neg", "vespo_lambda_neg"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"algorithm.{name} ({v}) must be finite and >= 0")
+        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"algorithm.{name} ({v}) must be finite and > 0")
         if self.policy_loss in ("ppo", "gspo", "gspo_token") and self.clip_low >= 1:
             raise ValueError(
                 f"algorithm.clip_low ({self.clip_low}) must be < 1 for policy_loss={self.policy_loss} "
@@ -204,6 +239,11 @@ class AlgorithmConfig:
                 "algorithm.kl_ratio_weighted needs kl_estimator=k3 and kl_placement=loss "
                 f"(got kl_estimator={self.kl_estimator}, kl_placement={self.kl_placement})"
             )
+        if self.kl_straight_through and self.kl_placement != "loss":
+            raise ValueError(
+                "algorithm.kl_straight_through only changes the KL's gradient; KL in the reward has none "
+                f"(got kl_placement={self.kl_placement})"
+            )
         if self.kl_placement == "reward" and self.kl_estimator != "k1":
             raise ValueError(
                 f"algorithm.kl_placement=reward uses the k1 estimator (r_t -= beta*k1); "
@@ -229,11 +269,26 @@ class AlgorithmConfig:
                 raise ValueError(
                     f"algorithm.process_rewards needs advantage=grpo (got {self.advantage})"
                 )
-            if self.sequence_level:
+            if self.std_scope != "group":
+                raise ValueError("algorithm.process_rewards normalizes step rewards within the group; "
+                                 f"std_scope={self.std_scope} is not supported with it")
+            if self.needs_response_advantage:
                 raise ValueError(
                     f"algorithm.process_rewards gives per-token advantages; policy_loss={self.policy_loss} "
                     "needs one advantage per response (use gspo_token)"
                 )
+        if self.std_scope != "group" and self.advantage != "grpo":
+            raise ValueError(
+                f"algorithm.std_scope={self.std_scope} applies only to advantage=grpo (got {self.advantage})"
+            )
+        if not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
+            raise ValueError(f"algorithm.gamma ({self.gamma}) must be in (0, 1]")
+        if self.gamma != 1 and self.advantage != "reinforce_pp":
+            raise ValueError(
+                f"algorithm.gamma ({self.gamma}) applies only to advantage=reinforce_pp (got {self.advantage})"
+            )
+        if self.rloo_normalize and self.advantage != "rloo":
+            raise ValueError(f"algorithm.rloo_normalize applies only to advantage=rloo (got {self.advantage})")
         if self.max_extra_rounds < 0:
             raise ValueError(f"algorithm.max_extra_rounds ({self.max_extra_rounds}) must be >= 0")
         if self.overlong_shaping:

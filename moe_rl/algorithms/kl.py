@@ -6,6 +6,11 @@ x = logp - ref_logp on tokens sampled from the (old) policy.
 - k3 = exp(-x) + x - 1 (Schulman's low-variance estimator, >= 0), x clamped to +-20 (the
   log-ratio clamp of ``ratio.py``) and the value clamped to <= 10 (as verl's ``low_var_kl``),
   so one wild token cannot blow up.
+- abs = |x| (verl kl_penalty "abs"; gradient sign(x)).
+
+Straight-through (verl's "+" suffix, e.g. "k3+"): sg(kX) + k2 - sg(k2), the value of the
+chosen estimator (with its clamps) and the gradient of k2, which is x, also where k3's
+clamps bind (there k3 itself has zero gradient).
 
 Ratio-weighted k3 (DeepSeek-V3.2): the samples come from pi_old, not pi_theta, so the
 estimate of KL(pi_theta || pi_ref) is weighted by rho = pi_theta / pi_old. rho keeps its
@@ -23,6 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moe_rl.algorithms.config import KL_ESTIMATORS
 from moe_rl.algorithms.ratio import clamp_log_ratio
 
 # B responses, T tokens
@@ -31,9 +37,12 @@ K3_MAX = 10.0
 
 
 def kl_estimate(
-    logp_BT: Tensor, ref_logp_BT: Tensor, estimator: str, *, ratio_BT: Optional[Tensor] = None
+    logp_BT: Tensor, ref_logp_BT: Tensor, estimator: str, *, ratio_BT: Optional[Tensor] = None,
+    straight_through: bool = False,
 ) -> Tensor:
-    """Per-token KL estimate [B, T]; ``ratio_BT`` (k3 only) weights it by rho."""
+    """Per-token KL estimate [B, T]; ``ratio_BT`` (k3 only) weights it by rho.
+
+    ``straight_through``: the estimator's value with k2's gradient, sg(kX) + k2 - sg(k2)."""
     x = logp_BT - ref_logp_BT
     if estimator == "k1":
         kl = x
@@ -42,8 +51,13 @@ def kl_estimate(
     elif estimator == "k3":
         xc = clamp_log_ratio(x)
         kl = (torch.exp(-xc) + xc - 1).clamp(max=K3_MAX)
+    elif estimator == "abs":
+        kl = x.abs()
     else:
-        raise ValueError(f"kl estimator {estimator!r} is not one of k1, k2, k3")
+        raise ValueError(f"kl estimator {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
+    if straight_through and estimator != "k2":
+        k2 = 0.5 * x * x
+        kl = kl.detach() + k2 - k2.detach()
     if ratio_BT is not None:
         if estimator != "k3":
             raise ValueError(f"ratio weighting applies to k3 only, got {estimator}")

@@ -4,9 +4,15 @@ w_{i,t} = exp(old_logp - rollout_logp): the trainer's recomputed log-prob of the
 token over the one the inference engine reported (kernels, precision, MoE routing
 differ). The result is a detached per-token weight that multiplies the token loss:
 - ``tis``: min(w, C) (truncated importance sampling);
-- ``icepop``: 1 where alpha <= w <= beta, else 0 (token masking);
+- ``icepop``: w where alpha <= w <= beta, else 0 (token masking: M(k) = k inside the band,
+  as the IcePop paper, verl's rollout_is "lo_hi" and TRL's token_mask; not 1);
 - ``seq-mis``: 1 for a response whose geometric-mean w lies in [lo, hi], else 0 for all
-  its tokens.
+  its tokens;
+- ``seq-tis``: every token of response i gets min(W_i, C), W_i = exp(clamp(sum_t log w, +-20))
+  the product of its token weights (verl rollout_is="sequence"; TRL sequence_truncate has no
+  +-20 clamp and C_max 3);
+- ``seq-icepop``: every token of response i gets W_i where alpha <= W_i <= beta, else 0
+  (verl rollout_is="sequence" with "lo_hi"; TRL sequence_mask).
 Masking is a weight of zero on the loss: the aggregation denominators (counted before
 the step, from the response masks) do not change, so a masked token is "no gradient",
 not "not there". That keeps the global counts independent of old_logp, which is only
@@ -15,8 +21,8 @@ multiplies the broadcast response loss, i.e. a token-weighted correction of l_i.
 
 Metrics (rollout vs trainer, on valid tokens): ``mismatch/k1`` = mean(rollout - old)
 (estimates KL(pi_rollout || pi_old)), ``mismatch/k3`` = mean(w - log w - 1),
-``mismatch/is_weight_mean|max``, ``mismatch/masked_frac`` (tokens whose weight is zero
-under icepop/seq-mis), ``mismatch/extreme_frac`` (|old - rollout| > ln 2).
+``mismatch/is_weight_mean|max`` (token w), ``mismatch/masked_frac`` (tokens whose weight is
+zero under icepop/seq-mis/seq-icepop), ``mismatch/extreme_frac`` (|old - rollout| > ln 2).
 """
 
 from __future__ import annotations
@@ -27,10 +33,14 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from moe_rl.algorithms.config import BASE_DEFAULTS, MISMATCH_MODES, SEQUENCE_MISMATCH_MODES
 from moe_rl.algorithms.metrics import Metrics
 from moe_rl.algorithms.ratio import clamped_ratio
 
 # B responses, T tokens
+
+# |log w| above this counts toward mismatch/extreme_frac (w beyond [1/2, 2])
+EXTREME_LOG_W = math.log(2)
 
 
 def mismatch_weights(
@@ -39,13 +49,15 @@ def mismatch_weights(
     mask_BT: Tensor,
     mode: str,
     *,
-    tis_cap: float = 2.0,
-    icepop_low: float = 0.5,
-    icepop_high: float = 5.0,
-    seq_mis_low: float = 0.5,
-    seq_mis_high: float = 2.0,
+    tis_cap: float = BASE_DEFAULTS["tis_cap"],
+    icepop_low: float = BASE_DEFAULTS["icepop_low"],
+    icepop_high: float = BASE_DEFAULTS["icepop_high"],
+    seq_mis_low: float = BASE_DEFAULTS["seq_mis_low"],
+    seq_mis_high: float = BASE_DEFAULTS["seq_mis_high"],
 ) -> Tuple[Tensor, Metrics]:
-    """Detached loss weights [B, T] for ``mode`` (none | tis | icepop | seq-mis) and metrics."""
+    """Detached loss weights [B, T] for ``mode`` (``config.MISMATCH_MODES``) and metrics; for the
+    sequence modes (``config.SEQUENCE_MISMATCH_MODES``) every valid token of a response carries
+    its response's one weight."""
     m = mask_BT.bool()
     log_w = (old_logp_BT - rollout_logp_BT).detach()
     log_w = torch.where(m, log_w, torch.zeros_like(log_w))
@@ -55,14 +67,21 @@ def mismatch_weights(
     elif mode == "tis":
         weight = w.clamp(max=tis_cap)
     elif mode == "icepop":
-        weight = ((w >= icepop_low) & (w <= icepop_high)).to(w.dtype)
+        weight = torch.where((w >= icepop_low) & (w <= icepop_high), w, torch.zeros_like(w))
     elif mode == "seq-mis":
         n_B = m.sum(-1).clamp(min=1).to(w.dtype)
         geo_B = clamped_ratio(log_w.sum(-1) / n_B)
         keep_B = (geo_B >= seq_mis_low) & (geo_B <= seq_mis_high)
         weight = keep_B[:, None].to(w.dtype).expand_as(w).clone()
+    elif mode in ("seq-tis", "seq-icepop"):
+        W_B = clamped_ratio(log_w.sum(-1))  # the product of the response's token weights
+        if mode == "seq-tis":
+            wseq_B = W_B.clamp(max=tis_cap)
+        else:
+            wseq_B = torch.where((W_B >= icepop_low) & (W_B <= icepop_high), W_B, torch.zeros_like(W_B))
+        weight = wseq_B[:, None].expand_as(w).clone()
     else:
-        raise ValueError(f"mismatch mode {mode!r} is not one of none, tis, icepop, seq-mis")
+        raise ValueError(f"mismatch mode {mode!r} is not one of {', '.join(MISMATCH_MODES)}")
     weight = torch.where(m, weight, torch.zeros_like(weight))
 
     metrics = Metrics()
@@ -70,5 +89,5 @@ def mismatch_weights(
     metrics.add_masked("mismatch/k3", w - log_w - 1, m)
     metrics.add_masked("mismatch/is_weight_mean", w, m, max_name="mismatch/is_weight_max")
     metrics.add_masked("mismatch/masked_frac", (weight == 0).to(w.dtype), m)
-    metrics.add_masked("mismatch/extreme_frac", (log_w.abs() > math.log(2)).to(w.dtype), m)
+    metrics.add_masked("mismatch/extreme_frac", (log_w.abs() > EXTREME_LOG_W).to(w.dtype), m)
     return weight, metrics

@@ -19,6 +19,13 @@ Choices where the papers leave room, and why:
 - gdpo: the reward names are the user's; the preset sets none, and the config then asks
   for ``reward_names`` and ``reward_weights``.
 - gfpo: the paper's 16 -> 8 retention by length; the rollout must sample G' > gfpo_keep.
+- sapo: the paper's temperatures tau+ = 1.0, tau- = 1.05 (TRL's defaults) and
+  seq-mean-token-mean, which verl forces for sapo whatever its agg mode; here it is only
+  the preset's value.
+- opo: pg, since OPO is exactly on-policy (one optimizer step per rollout batch, so the
+  ratio is 1 and a clip would never act); token-mean as verl's recipe.
+- gpg: pg, as verl's "gpg" policy loss (-A * logp), token-mean.
+- pass_at_k: the grpo preset with the pass@k advantage (verl grpo_passk).
 """
 
 from __future__ import annotations
@@ -73,5 +80,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "advantage": "grpo", "policy_loss": "ppo", **_CLIP_SYM,
         "loss_agg": "token-mean", "kl_beta": 0.0, "gfpo_keep": 8, "gfpo_metric": "length",
     },
+    "sapo": {
+        "advantage": "grpo", "policy_loss": "sapo", "sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05,
+        "loss_agg": "seq-mean-token-mean", "kl_beta": 0.0,
+    },
+    "opo": {"advantage": "opo", "policy_loss": "pg", "loss_agg": "token-mean", "kl_beta": 0.0},
+    "gpg": {"advantage": "gpg", "policy_loss": "pg", "loss_agg": "token-mean", "kl_beta": 0.0},
 }
+PRESETS["pass_at_k"] = {**PRESETS["grpo"], "advantage": "pass_at_k"}
 

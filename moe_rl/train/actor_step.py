@@ -7,8 +7,8 @@ exactly: over micro-batches by ``Metrics.merge``, over DP ranks by SUM/MIN/MAX a
 and are then sent from the last pipeline stage to every rank.
 
 Micro-batch contract (all [B, S]; position t scores ``targets[:, t]`` given ``tokens[:, :t+1]``):
-``tokens``, ``targets``, ``mask`` (1 on response tokens that count), ``old_logp``, ``adv``,
-and optionally ``ref_logp``, ``rollout_logp``.
+``tokens``, ``targets``, ``mask`` (1 on response tokens that count), ``old_logp``, ``adv``
+([B, S], or [B]: one advantage per response), and optionally ``ref_logp``, ``rollout_logp``.
 
 Parallel semantics: every rank calls :func:`actor_step` with its DP shard of the step's
 micro-batches (identical across TP/PP/EP peers); every rank returns the same metrics.

@@ -177,7 +177,7 @@ def hf_actor_steps(hf_model, batch: dict, *, steps: int = 2, lr: float = ACTOR_L
         logp = logq.gather(-1, batch["targets"][..., None])[..., 0]
         ent = -(logq.exp() * logq).sum(-1)
         loss, metrics = actor_loss(cfg, logp, batch["old_logp"], batch["adv"], m,
-                                   num_global_tokens=float(m.sum()), num_global_seqs=float((m > 0).any(-1).sum()),
+                                   num_global_tokens=float(m.sum()), num_global_seqs=float(m.shape[0]),
                                    ref_logp_BT=batch["ref_logp"], rollout_logp_BT=batch["rollout_logp"],
                                    entropy_BT=ent.detach())
         loss.backward()

@@ -8,8 +8,13 @@ report max errors; the tests below read them.
    (the reference), 1, 2 and 4 uneven micro-batches in one process, and 2 DP ranks each
    with 2 micro-batches of uneven sizes, gradients summed over ranks. All must give the
    reference gradient to 1e-6 (float64). The step metrics reduced over micro-batches and
-   ranks (sum/min/max all-reduce) must equal the single-batch metrics.
-2. Vocab-parallel log-prob / entropy on 2 TP ranks (a padded vocab, so the last shard
+   ranks (sum/min/max all-reduce) must equal the single-batch metrics. One response is
+   empty: it counts in N_seq wherever it lands.
+2. Advantages with batch statistics (grpo std_scope=batch, rloo_normalize, the REINFORCE++
+   and gdpo whitening, gpg's alpha; opo and pass_at_k as group-only controls): each rank
+   computes its own groups (uneven: 1 and 3 groups) with ``dp_batch_sum`` and must give
+   the single-process advantages of the whole batch; without the sum they would not.
+3. Vocab-parallel log-prob / entropy on 2 TP ranks (a padded vocab, so the last shard
    has fewer real rows) equal the single-process full-vocab log_softmax + gather and
    entropy, and so do the hidden gradient and each rank's slice of the weight gradient.
 """
@@ -26,7 +31,8 @@ import torch.multiprocessing as mp
 from moe_rl.algorithms.actor_loss import actor_loss
 from moe_rl.algorithms.config import AlgorithmConfig
 from moe_rl.algorithms.metrics import Metrics
-from moe_rl.train.global_counts import count_global
+from moe_rl.algorithms.advantages import compute_advantages
+from moe_rl.train.global_counts import count_global, dp_batch_sum
 from moe_rl.train.logprobs import token_logprobs_and_entropy
 
 pytestmark = pytest.mark.distributed
@@ -34,7 +40,7 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 D = torch.float64
 B, T, H, V = 8, 7, 5, 11
-LENS = [7, 2, 5, 1, 6, 3, 7, 4]
+LENS = [7, 2, 5, 0, 6, 3, 7, 4]  # response 3 is empty
 
 CONFIGS = {
     "token-mean": dict(preset="grpo", kl_beta=0.0, loss_agg="token-mean"),
@@ -42,6 +48,26 @@ CONFIGS = {
     "seq-mean-token-sum": dict(preset="grpo", kl_beta=0.0, loss_agg="seq-mean-token-sum"),
     "seq-mean-token-sum-norm": dict(preset="dr_grpo", max_response_len=T),
     "kl+tis+gspo_token": dict(preset="gspo_token", clip_low=0.05, clip_high=0.1, kl_beta=0.1, mismatch="tis"),
+    "token-sum": dict(preset="grpo", kl_beta=0.0, loss_agg="token-sum"),
+    "sapo+seq-tis": dict(preset="sapo", mismatch="seq-tis"),
+    "vespo+tis": dict(preset="grpo", policy_loss="vespo", kl_beta=0.0, loss_agg="token-mean", mismatch="tis"),
+    "kl-abs-st+seq-icepop": dict(preset="grpo", kl_beta=0.1, kl_estimator="abs", kl_straight_through=True,
+                                 mismatch="seq-icepop"),
+}
+
+# advantages: 4 groups of 3 responses, rank 0 holds group 0, rank 1 groups 1-3
+ADV_GIDS = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+ADV_LENS = [4, 0, 6, 2, 5, 6, 1, 3, 6, 5, 4, 2]
+ADV_RANK_ROWS = [(0, 3), (3, 12)]
+ADV_CONFIGS = {
+    "grpo-batch-std": dict(preset="grpo", std_scope="batch"),
+    "rloo-normalize": dict(preset="rloo", rloo_normalize=True),
+    "reinforce_pp-gamma-kl": dict(preset="reinforce_pp", gamma=0.9),
+    "reinforce_pp_baseline": dict(preset="reinforce_pp", advantage="reinforce_pp_baseline"),
+    "gdpo": dict(preset="gdpo", reward_names=["acc", "fmt"], reward_weights=[1.0, 0.5]),
+    "gpg": dict(preset="gpg"),
+    "opo": dict(preset="opo"),
+    "pass_at_k": dict(preset="pass_at_k"),
 }
 MICRO_SPLITS = {1: [8], 2: [3, 5], 4: [1, 2, 2, 3]}
 DP_SPLITS = [[1, 2], [2, 3]]  # rank 0 holds 3 responses, rank 1 holds 5, each in 2 micro-batches
@@ -114,7 +140,31 @@ def _worker(rank, port, out_dir):
         errs["metrics"] = max(abs(got[k] - want[k]) for k in want)
         errs["grad_norm"] = g_ref.norm().item()
         res[name] = errs
-    # 2. vocab-parallel log-probs on 2 TP ranks, padded vocab 13 -> 2 shards of 7 rows
+    # 2. advantages with batch statistics: each rank its own groups, statistics summed over DP
+    g = torch.Generator().manual_seed(3)
+    n_adv = len(ADV_GIDS)
+    gids = torch.tensor(ADV_GIDS)
+    amask = torch.tensor([[t < n for t in range(T)] for n in ADV_LENS])
+    acc = torch.randint(0, 3, (n_adv,), generator=g).to(D)
+    fmt = torch.rand(n_adv, generator=g, dtype=D)
+    pen = 0.01 * torch.randn(n_adv, T, generator=g, dtype=D)
+    lo, hi = ADV_RANK_ROWS[rank]
+    adv_res = {}
+    for name, kw in ADV_CONFIGS.items():
+        cfg = AlgorithmConfig(**kw)
+        rewards = {"acc": acc, "fmt": fmt} if cfg.advantage == "gdpo" else acc
+        part = {k: v[lo:hi] for k, v in rewards.items()} if isinstance(rewards, dict) else rewards[lo:hi]
+        penalty = pen if cfg.kl_placement == "reward" and cfg.kl_beta > 0 else None
+        want, _ = compute_advantages(cfg, rewards, gids, amask, token_penalty_BT=penalty)
+        got, _ = compute_advantages(cfg, part, gids[lo:hi], amask[lo:hi], batch_sum=dp_batch_sum(group),
+                                    token_penalty_BT=None if penalty is None else penalty[lo:hi])
+        alone, _ = compute_advantages(cfg, part, gids[lo:hi], amask[lo:hi],
+                                      token_penalty_BT=None if penalty is None else penalty[lo:hi])
+        adv_res[name] = {"err": (got - want[lo:hi]).abs().max().item(),
+                         "local_only_err": (alone - want[lo:hi]).abs().max().item(),
+                         "scale": want.abs().max().item()}
+    res["advantages"] = adv_res
+    # 3. vocab-parallel log-probs on 2 TP ranks, padded vocab 13 -> 2 shards of 7 rows
     g = torch.Generator().manual_seed(2)
     Tn, Hn, Vpad, Vtrue = 23, 6, 14, 13
     h = torch.randn(Tn, Hn, generator=g, dtype=D)
@@ -175,3 +225,16 @@ def test_vocab_parallel_logprobs_match_full_vocab(results):
     for rank in range(WORLD):
         for k, v in results[rank]["tp"].items():
             assert v < 1e-10, (rank, k, v)
+
+
+GROUP_ONLY = ("opo", "pass_at_k")  # no batch statistic: the same without the DP sum
+
+
+@pytest.mark.parametrize("name", list(ADV_CONFIGS))
+def test_advantage_batch_statistics_invariant_to_dp(results, name):
+    for rank in range(WORLD):
+        e = results[rank]["advantages"][name]
+        assert e["scale"] > 0.1
+        assert e["err"] < 1e-12, (rank, name, e)
+        if name not in GROUP_ONLY:  # the check is not vacuous: this rank's statistics alone differ
+            assert max(results[r]["advantages"][name]["local_only_err"] for r in range(WORLD)) > 1e-3, name

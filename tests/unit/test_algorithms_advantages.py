@@ -205,3 +205,134 @@ def test_compute_advantages_dispatch_from_config():
     cfg = AlgorithmConfig(preset="rloo")
     adv, _ = compute_advantages(cfg, rw["a"], gids, mask)
     assert adv[0, 0].item() == pytest.approx(1.0) and adv[1, 0].item() == pytest.approx(-1.0)
+
+
+# ------------------------------------------------------------- the peers' estimators and options
+
+
+def _by_group(gids):
+    return _groups(gids).items()
+
+
+def test_opo_length_weighted_baseline():
+    mask = _mask()
+    adv, _ = outcome_advantages("opo", torch.tensor(REWARDS, dtype=D), torch.tensor(GIDS), mask)
+    for g, idx in _by_group(GIDS):
+        r = [REWARDS[i] for i in idx]
+        base = 0.0 if len(idx) == 1 else sum(LENS[i] * REWARDS[i] for i in idx) / sum(LENS[i] for i in idx)
+        for i in idx:
+            want = 0.0 if (len(idx) > 1 and max(r) == min(r)) else REWARDS[i] - base
+            for t in range(T):
+                assert adv[i, t].item() == pytest.approx(want if t < LENS[i] else 0.0, abs=1e-12)
+    assert adv[9, 0].item() == 0.25 and adv[10, 0].item() == 7.0  # groups of one: baseline 0
+
+
+def test_gpg_alpha_over_batch_and_group_of_one():
+    mask = _mask()
+    adv, _ = outcome_advantages("gpg", torch.tensor(REWARDS, dtype=D), torch.tensor(GIDS), mask)
+    alpha = len(REWARDS) / sum(1 for r in REWARDS if r != 0)  # 11 / 10: one zero reward
+    for g, idx in _by_group(GIDS):
+        r = [REWARDS[i] for i in idx]
+        mean = 0.0 if len(idx) == 1 else sum(r) / len(r)
+        for i in idx:
+            want = 0.0 if (len(idx) > 1 and max(r) == min(r)) else alpha * (REWARDS[i] - mean)
+            assert adv[i, 0].item() == pytest.approx(want, abs=1e-12)
+            assert (adv[i, LENS[i]:] == 0).all()
+
+
+def test_pass_at_k_only_the_best_response_gets_the_gap():
+    gids = [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 4, 4]
+    rewards = [1.0, 0.0, 0.5, 2.0, 3.0, 3.0, 3.0, -1.0, 4.0, 0.25, 1.0, 1.0, 0.0]  # group 4: a tie at the top
+    mask = torch.ones(len(rewards), 2, dtype=torch.bool)
+    adv, _ = outcome_advantages("pass_at_k", torch.tensor(rewards, dtype=D), torch.tensor(gids), mask)
+    want = [0.0] * len(rewards)
+    for g, idx in _by_group(gids):
+        if len(idx) < 2:
+            continue
+        r = sorted((rewards[i] for i in idx), reverse=True)
+        best = max(idx, key=lambda i: (rewards[i], -i))
+        want[best] = (r[0] - r[1]) / (statistics.stdev([rewards[i] for i in idx]) + 1e-6)
+    assert adv[:, 0].tolist() == pytest.approx(want, abs=1e-12)
+    assert adv[3, 0] > 0 and adv[8, 0] > 0 and (adv[10:, 0] == 0).all() and adv[9, 0] == 0
+
+
+def test_grpo_batch_std_scope():
+    mask = _mask()
+    adv, _ = outcome_advantages("grpo", torch.tensor(REWARDS, dtype=D), torch.tensor(GIDS), mask, std_scope="batch")
+    sd = statistics.stdev(REWARDS)  # every reward of the batch, one per response
+    for g, idx in _by_group(GIDS):
+        r = [REWARDS[i] for i in idx]
+        for i in idx:
+            want = 0.0 if max(r) == min(r) else (REWARDS[i] - sum(r) / len(r)) / (sd + 1e-6)
+            assert adv[i, 0].item() == pytest.approx(want, abs=1e-12)
+
+
+def test_rloo_normalize_over_the_batch():
+    mask = _mask()
+    adv, _ = outcome_advantages("rloo", torch.tensor(REWARDS, dtype=D), torch.tensor(GIDS), mask,
+                                rloo_normalize=True, std_eps=1e-4)
+    a = ref_group_adv("rloo", REWARDS, GIDS)
+    mu, sd = sum(a) / len(a), statistics.stdev(a)
+    for i, n in enumerate(LENS):
+        assert adv[i, 0].item() == pytest.approx((a[i] - mu) / (sd + 1e-4), abs=1e-12)
+        assert (adv[i, n:] == 0).all()
+
+
+def test_reinforce_pp_discounted_returns_with_holes_and_kl():
+    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    pen = torch.tensor([[0.1, 0.2, 5.0, 0.3, 9.0], [0.0, -0.1, 0.05, 0.2, 0.1], [3.0, 0.1, 0.2, 7.0, 7.0]], dtype=D)
+    r = [1.0, 0.0, 2.0]
+    gamma = 0.9
+    adv, _ = outcome_advantages("reinforce_pp", torch.tensor(r, dtype=D), torch.tensor([0, 0, 1]), mask,
+                                gamma=gamma, token_penalty_BT=pen)
+    rets = []
+    for i in range(3):
+        valid = [t for t in range(5) if mask[i, t]]
+        last = valid[-1]
+        row, R = [0.0] * 5, 0.0
+        for t in reversed(range(5)):
+            if mask[i, t]:
+                u = (r[i] if t == last else 0.0) - pen[i, t].item()
+                R = u + gamma * R
+            row[t] = R
+        rets.append(row)
+    ref = ref_whiten_tokens(rets, mask.tolist())
+    assert torch.allclose(adv, torch.tensor(ref, dtype=D), atol=1e-10)
+    # gamma 1 is the undiscounted return r_i - sum_{s>=t} penalty_s
+    adv1, _ = outcome_advantages("reinforce_pp", torch.tensor(r, dtype=D), torch.tensor([0, 0, 1]), mask,
+                                 gamma=1.0, token_penalty_BT=pen)
+    ret1 = [[(r[i] - sum(pen[i, s].item() for s in range(t, 5) if mask[i, s])) if mask[i, t] else 0.0
+             for t in range(5)] for i in range(3)]
+    assert torch.allclose(adv1, torch.tensor(ref_whiten_tokens(ret1, mask.tolist()), dtype=D), atol=1e-10)
+
+
+def test_compute_advantages_passes_the_new_options():
+    mask = _mask()
+    r, g = torch.tensor(REWARDS, dtype=D), torch.tensor(GIDS)
+    for kw, est, opts in [
+        (dict(preset="grpo", std_scope="batch"), "grpo", dict(std_scope="batch")),
+        (dict(preset="rloo", rloo_normalize=True), "rloo", dict(rloo_normalize=True)),
+        (dict(preset="reinforce_pp", gamma=0.5), "reinforce_pp", dict(gamma=0.5)),
+        (dict(preset="grpo", advantage="opo"), "opo", {}),
+        (dict(preset="grpo", advantage="gpg"), "gpg", {}),
+        (dict(preset="grpo", advantage="pass_at_k"), "pass_at_k", {}),
+    ]:
+        got, _ = compute_advantages(AlgorithmConfig(**kw), r, g, mask)
+        want, _ = outcome_advantages(est, r, g, mask, **opts)
+        assert torch.equal(got, want), kw
+
+
+def test_batch_sum_is_called_the_same_way_whatever_the_data():
+    """Each rank must issue the same batch_sum calls: their number and shapes depend on the
+    estimator alone (a rank whose responses are all in flat groups calls like any other)."""
+    calls = {}
+    for data in ([1.0, 1.0, 2.0, 2.0], [0.0, 1.0, 3.0, 5.0]):
+        for est, kw in [("grpo", dict(std_scope="batch")), ("rloo", dict(rloo_normalize=True)),
+                        ("reinforce_pp", dict(gamma=0.9)), ("reinforce_pp_baseline", {}), ("gpg", {})]:
+            seen = []
+            outcome_advantages(est, torch.tensor(data, dtype=D), torch.tensor([0, 0, 1, 1]),
+                               torch.ones(4, 3, dtype=torch.bool), batch_sum=lambda x: seen.append(tuple(x.shape)) or x,
+                               **kw)
+            calls.setdefault(est, []).append(seen)
+    for est, (a, b) in calls.items():
+        assert a == b and a, est

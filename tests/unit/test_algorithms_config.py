@@ -24,6 +24,12 @@ EXPECTED = {
     "reinforce_pp": dict(advantage="reinforce_pp", kl_placement="reward", kl_estimator="k1"),
     "gdpo": dict(advantage="gdpo"),
     "gfpo": dict(advantage="grpo"),
+    "sapo": dict(advantage="grpo", policy_loss="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                 loss_agg="seq-mean-token-mean", kl_beta=0.0),
+    "opo": dict(advantage="opo", policy_loss="pg", loss_agg="token-mean", kl_beta=0.0),
+    "gpg": dict(advantage="gpg", policy_loss="pg", loss_agg="token-mean", kl_beta=0.0),
+    "pass_at_k": dict(advantage="pass_at_k", policy_loss="ppo", clip_low=0.2, clip_high=0.2,
+                      loss_agg="seq-mean-token-mean", kl_beta=0.04, kl_estimator="k3", kl_placement="loss"),
 }
 
 NEEDS = {"dr_grpo": dict(max_response_len=4096), "gdpo": dict(reward_names=["acc", "fmt"], reward_weights=[1.0, 0.5])}
@@ -86,6 +92,21 @@ def test_unknown_preset_lists_allowed():
     (dict(icepop_low=5.0, icepop_high=0.5), r"icepop_low"),
     (dict(seq_mis_low=2.0, seq_mis_high=1.0), r"seq_mis_low"),
     (dict(tis_cap=0.0), r"tis_cap"),
+    (dict(std_scope="global"), r"std_scope='global' is not one of group, batch"),
+    (dict(advantage="rloo", std_scope="batch"), r"std_scope=batch applies only to advantage=grpo"),
+    (dict(process_rewards=True, std_scope="batch"), r"std_scope=batch is not supported"),
+    (dict(preset="reinforce_pp", gamma=0.0), r"gamma \(0.0\) must be in \(0, 1\]"),
+    (dict(preset="reinforce_pp", gamma=1.5), r"gamma"),
+    (dict(advantage="reinforce_pp_baseline", gamma=0.9), r"gamma \(0.9\) applies only to advantage=reinforce_pp"),
+    (dict(rloo_normalize=True), r"rloo_normalize applies only to advantage=rloo"),
+    (dict(policy_loss="sapo", sapo_tau_neg=0.0), r"sapo_tau_neg \(0.0\) must be finite and > 0"),
+    (dict(policy_loss="vespo", vespo_lambda_neg=-1.0), r"vespo_lambda_neg"),
+    (dict(policy_loss="vespo", vespo_k_pos=float("inf")), r"vespo_k_pos"),
+    (dict(process_rewards=True, policy_loss="vespo"), r"policy_loss=vespo needs one advantage per response"),
+    (dict(preset="reinforce_pp", kl_straight_through=True), r"kl_straight_through only changes the KL's gradient"),
+    (dict(kl_ratio_weighted=True, kl_estimator="abs"), r"kl_ratio_weighted needs kl_estimator=k3"),
+    (dict(loss_agg="token-summ"), r"not one of .*token-sum"),
+    (dict(mismatch="seq-is"), r"not one of .*seq-tis, seq-icepop"),
 ])
 def test_invalid_combinations_raise(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -40,9 +40,12 @@ def test_tis_truncates_weight_at_cap():
 def test_icepop_masks_tokens_outside_band():
     old, roll, mask, log_w = _mm_data()
     w, m = mismatch_weights(old, roll, mask, "icepop", icepop_low=0.5, icepop_high=5.0)
-    want = [[1.0 if (mask[i, t] and 0.5 <= math.exp(log_w[i, t].item()) <= 5.0) else 0.0 for t in range(4)]
-            for i in range(3)]
-    assert w.tolist() == want
+    # IcePop's M(k) = k inside the band: the weight is w there, not 1 (issue 9: it was 1)
+    for i in range(3):
+        for t in range(4):
+            wi = math.exp(log_w[i, t].item())
+            want = wi if (mask[i, t] and 0.5 <= wi <= 5.0) else 0.0
+            assert w[i, t].item() == pytest.approx(want, rel=1e-14)
     # tokens (0,2) w=0.4 and (1,0) w=6 are masked: 2 of 11 valid tokens
     assert m.compute()["mismatch/masked_frac"] == pytest.approx(2 / 11)
 
