@@ -1,0 +1,121 @@
+"""The metric writer: ``<output_dir>/metrics.jsonl`` and tensorboard event files under
+``<output_dir>/tb``, plus wandb when asked for and installed.
+
+One record per optimizer step, ``{"step": <optimizer step>, "<namespace>/<name>": value, ...}``.
+Only the process constructed with ``enabled=True`` (rank 0) writes; elsewhere every method is
+a no-op, so callers need no rank checks.
+
+Resume: a run resumed at optimizer step ``k`` first drops every record with ``step >= k``
+from the JSONL (those steps run again) by rewriting the file atomically, and opens the
+tensorboard writer with ``purge_step=k`` so the event files show each step once. A line torn
+by a crash in the middle of a write is dropped too. Every record is flushed and fsynced as
+it is written: after a kill the file holds every step that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Mapping, Optional
+
+from moe_rl.observability.config import MetricsConfig
+
+
+class MetricWriter:
+    def __init__(self, output_dir: str, cfg: MetricsConfig, *, enabled: bool = True, start_step: int = 0,
+                 run_config: Optional[Mapping[str, Any]] = None) -> None:
+        self.cfg = cfg
+        self.enabled = enabled
+        self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
+        self.tb_dir = os.path.join(output_dir, "tb")
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if cfg.jsonl:
+            keep_records_before(self.jsonl_path, start_step)
+            self._file = open(self.jsonl_path, "a")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(self.tb_dir, purge_step=start_step if start_step > 0 else None)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                print("[metrics] metrics.wandb=true but the wandb package is not installed; "
+                      "writing JSONL and tensorboard only", file=sys.stderr)
+            else:
+                self._wandb = wandb.init(project=cfg.wandb_project, dir=output_dir, resume="allow",
+                                         config=dict(run_config or {}))
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Write one optimizer step's metrics; ``record["step"]`` is the step (an int)."""
+        if not self.enabled:
+            return
+        step = int(record["step"])
+        if self._file is not None:
+            self._file.write(json.dumps(dict(record)) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        scalars = {k: float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, global_step=step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    """Every complete record of a metrics.jsonl (a torn last line is skipped)."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn by a crash mid-write
+            out.append(json.loads(line))
+    return out
+
+
+def keep_records_before(path: str, step: int) -> None:
+    """Rewrite ``path`` atomically with only the complete records whose ``step`` < ``step``."""
+    if not os.path.exists(path):
+        return
+    keep = [r for r in read_metrics(path) if int(r["step"]) < step]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        for r in keep:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def non_finite(record: Mapping[str, Any]) -> Dict[str, float]:
+    """The numeric entries of ``record`` that are not finite (for checks and tests)."""
+    return {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
