@@ -1,7 +1,8 @@
 """Layer specs: Transformer Engine specs on GPU when installed, local specs otherwise.
 
 The local (pure PyTorch) spec from Megatron-Core needs three fixes that are spec choices,
-not patches (``shared/notes/megatron-cpu.md`` §2b, §11):
+not patches (``docs/cpu-mode.md``, "What stays Megatron's own code" and "Megatron behaviours
+we correct, on every platform"):
 
 * ``SPRMSNorm``: Megatron's ``WrappedTorchNorm`` refuses sequence parallelism. Ours is a
   ``torch.nn.RMSNorm`` whose weight is tagged ``sequence_parallel`` so that

@@ -5,13 +5,15 @@ type strings). ``activate_cpu_mode()`` replaces exactly those with CPU equivalen
 :class:`Substitution` each, documented with the Megatron location it covers. Nothing else
 changes: forward, backward, DDP, the distributed optimizer and the real pipeline schedules
 are Megatron's. The substitutions are process-global and must be active in every rank before
-the model is built; on a GPU they are never applied (``activate_platform`` checks).
+the model is built; on a GPU they are never applied (``activate_cpu_mode`` refuses to run
+where CUDA is available).
 
 Each substitution also carries *anchors*: text that must still be present in the pinned
 Megatron source for the substitution to be needed and correct. ``check_anchors()`` (run by
 the tests) fails loudly when a Megatron upgrade moved or removed one.
 
-Measured facts behind every entry: ``shared/notes/megatron-cpu.md`` §1-§11.
+What each entry replaces and why, what stays Megatron's own code, the numerical checks and
+the timings: ``docs/cpu-mode.md`` ("What is substituted, and why").
 """
 
 from __future__ import annotations
