@@ -180,3 +180,29 @@ def test_seeded_group_draws_distinct_samples(ckpts):
     alone = eng.generate([RolloutRequest(p, SamplingParams(**sp))])[0]
     assert len({tuple(s.response_ids) for s in group}) == 4
     assert group[0].response_ids == alone.response_ids
+
+
+def test_tail_compaction_moves_rows_and_keeps_tokens_exact(ckpts, hf_models, monkeypatch):
+    """When low slots finish with nothing waiting, the highest busy rows move down (one KV copy
+    each): the moved sequences' greedy tokens and log-probs stay exactly HF's."""
+    from moe_rl.rollout.embedded import kv_cache
+
+    moves = []
+    original = kv_cache.SlotKVCache.move
+    monkeypatch.setattr(kv_cache.SlotKVCache, "move",
+                        lambda self, src, dst, n: (moves.append((src, dst, n)), original(self, src, dst, n)))
+    prompts = _prompts(4, seed=6)
+    budgets = [3, 5, 2, 14]  # slots 0-2 finish first; the sequence in slot 3 moves down
+    eng = _engine(ckpts["llama"], max_running=4)
+    samples = eng.generate([RolloutRequest(p, SamplingParams(max_new_tokens=b, temperature=0.0, ignore_eos=True))
+                            for p, b in zip(prompts, budgets)])
+    assert moves and moves[0][0] == 3 and moves[0][1] < 3
+    hf = hf_models["llama"]
+    for p, b, s in zip(prompts, budgets, samples):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=b, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist()
+            lp = torch.log_softmax(hf(torch.tensor([p + ref])).logits[0].float(), -1)[len(p) - 1:-1]
+        assert s.response_ids == ref
+        torch.testing.assert_close(s.rollout_logprobs_T, lp.gather(-1, torch.tensor(ref)[:, None])[:, 0],
+                                   atol=1e-5, rtol=0)

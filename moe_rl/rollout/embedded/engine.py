@@ -8,8 +8,10 @@ Scheduling (where the speed over ``generate`` comes from):
   each sample's slot and every sample's first token is drawn from the shared last logits.
 - A finished sequence frees its slot at once and the next waiting sample takes it
   (continuous batching), so a long-tailed budget distribution does not idle the batch.
-- A decode step runs rows ``0..max busy slot``; new samples take the lowest free slot so
-  that range stays dense.
+- A decode step runs rows ``0..max busy slot``; new samples take the lowest free slot, and
+  when a sequence finishes with nothing waiting (the tail of a batch), the highest busy
+  sequence moves into the hole (one KV copy), so the range stays dense and no step pays for
+  idle rows.
 
 Numerics: log-probs are ``log_softmax(logits / temperature)`` in fp32 of the sampled token
 (see ``sampler.py``); routed experts are the router's own top-k of the forward that
@@ -420,7 +422,24 @@ class EmbeddedEngine:
         if self.capture is not None and self.capture.num_moe_layers:
             g.prompt_routes_PLK = self.capture.stacked()  # [P, L, K]
 
+    def _compact(self) -> None:
+        """Move the highest busy sequences into lower free slots until busy slots are ``0..n-1``."""
+        lo, hi = 0, len(self._slots) - 1
+        while True:
+            while lo < len(self._slots) and self._slots[lo] is not None:
+                lo += 1
+            while hi >= 0 and self._slots[hi] is None:
+                hi -= 1
+            if lo >= hi:
+                return
+            seq = self._slots[hi]
+            # positions 0..P+T-2 hold KV; the next step writes position P+T-1
+            self.cache.move(hi, lo, seq.prompt_len + len(seq.out_ids) - 1)
+            self._slots[lo], self._slots[hi] = seq, None
+            seq.slot = lo
+
     def _decode(self) -> None:
+        self._compact()
         B = max(i for i, s in enumerate(self._slots) if s is not None) + 1
         rows = self._slots[:B]
         ids_B = torch.zeros(B, dtype=torch.long)

@@ -58,6 +58,12 @@ class SlotKVCache:
             self.k_SHCD[layer][slot, :, :P] = k[0]
             self.v_SHCD[layer][slot, :, :P] = v[0]
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (compaction)."""
+        for d in (self.k_SHCD, self.v_SHCD):
+            for buf in d.values():
+                buf[dst, :, :length] = buf[src, :, :length]
+
     def nbytes(self) -> int:
         """Bytes held by the KV buffers now (0 after :meth:`release`)."""
         return sum(t.numel() * t.element_size() for d in (self.k_SHCD, self.v_SHCD) for t in d.values())
