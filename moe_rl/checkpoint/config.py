@@ -1,0 +1,21 @@
+"""``CheckpointConfig``: when the run saves itself and how many saves it keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CheckpointConfig:
+    """Run checkpoints under ``<output_dir>/checkpoints`` (see ``run_state.py``)."""
+
+    interval: int = 0  # save every this many steps (0 = only at the end of the run)
+    save_at_end: bool = True  # save after the last step
+    keep: int = 2  # newest complete checkpoints kept on disk (0 = keep all)
+    resume: bool = True  # re-running with the same output_dir resumes from its newest complete checkpoint
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ValueError(f"checkpoint.interval ({self.interval}) must be >= 0")
+        if self.keep < 0:
+            raise ValueError(f"checkpoint.keep ({self.keep}) must be >= 0")
