@@ -155,6 +155,15 @@ def generate_body(req: RolloutRequest, num_samples: int, want_routes: bool, atte
     return body
 
 
+def _weight_ext(body: dict[str, Any], stage_id: str | None, checksums: dict[str, str] | None) -> dict[str, Any]:
+    """The embedded engine's weight-update extensions, added only when used (SGLang ignores them)."""
+    if stage_id is not None:
+        body["stage_id"] = stage_id
+    if checksums is not None:
+        body["checksums"] = checksums
+    return body
+
+
 class RolloutClient:
     """Generation and control over HTTP.
 
@@ -429,18 +438,60 @@ class RolloutClient:
                     raise
                 time.sleep(interval_s)
 
-    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None, *,
+                                 stage_id: str | None = None, checksums: dict[str, str] | None = None) -> list[Any]:
+        """Every server loads ``model_path``; returns the replies in server order.
+
+        ``stage_id`` and ``checksums`` are the embedded engine's extensions (see
+        ``rollout/embedded/weights_api.py``): hold instead of apply, check what was read."""
         body: dict[str, Any] = {"model_path": model_path}
         if weight_version is not None:
             body["weight_version"] = str(weight_version)
-        self._all("POST", "/update_weights_from_disk", body)
+        return self._all("POST", "/update_weights_from_disk", _weight_ext(body, stage_id, checksums))
 
-    def update_weights_from_tensor(self, serialized_named_tensors: list[str],
-                                   weight_version: str | None = None) -> None:
+    def update_weights_from_tensor(self, serialized_named_tensors: list[str], weight_version: str | None = None, *,
+                                   load_format: str | None = None, stage_id: str | None = None,
+                                   checksums: dict[str, str] | None = None) -> list[Any]:
+        """Send one payload to every server (``moe_rl.weights.payload``: ``load_format``
+        "safetensors" for the embedded engine, None for SGLang's own serializer)."""
         body: dict[str, Any] = {"serialized_named_tensors": serialized_named_tensors}
+        if load_format is not None:
+            body["load_format"] = load_format
         if weight_version is not None:
             body["weight_version"] = str(weight_version)
-        self._all("POST", "/update_weights_from_tensor", body)
+        return self._all("POST", "/update_weights_from_tensor", _weight_ext(body, stage_id, checksums))
+
+    def commit_staged_weights(self, stage_id: str, weight_version: str | None = None, *,
+                              expected_tensors: int | None = None, complete: bool = False) -> list[Any]:
+        """Apply what every server holds under ``stage_id`` (embedded engine extension)."""
+        body: dict[str, Any] = {"stage_id": stage_id, "complete": complete}
+        if weight_version is not None:
+            body["weight_version"] = str(weight_version)
+        if expected_tensors is not None:
+            body["expected_tensors"] = expected_tensors
+        return self._all("POST", "/commit_staged_weights", body)
+
+    def discard_staged_weights(self, stage_id: str | None = None) -> list[Any]:
+        """Drop what every server holds (under ``stage_id``, or all); embedded engine extension."""
+        return self._all("POST", "/discard_staged_weights", {} if stage_id is None else {"stage_id": stage_id})
+
+    def weight_sync_info(self) -> list[dict | None]:
+        """Each server's weight-sync extensions (``GET /weight_sync_info``), None where the server
+        has none (a real SGLang answers 404)."""
+        timeout = self.cfg.control_timeout_s
+        out: list[dict | None] = []
+        for s in self.servers:
+            try:
+                r = httpx.get(s.url + "/weight_sync_info", timeout=timeout, headers=self._headers)
+            except httpx.HTTPError as e:
+                raise RolloutError(f"{s.url}/weight_sync_info: {_exception_text(e, timeout)}") from e
+            if r.status_code == 404:
+                out.append(None)
+            elif r.status_code != 200:
+                raise RolloutError(f"{s.url}/weight_sync_info: HTTP {r.status_code}: {_error_text(r)}")
+            else:
+                out.append(r.json())
+        return out
 
     def init_weights_update_group(self, master_address: str, master_port: int, *, gpus_per_server: int = 1,
                                   group_name: str = "weight_update_group", backend: str = "nccl"):
@@ -470,15 +521,26 @@ class RolloutClient:
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]], *,
                                         weight_version: str | None = None,
-                                        group_name: str = "weight_update_group") -> list[cf.Future]:
-        """Announce one bucket to every server; the trainer broadcasts it meanwhile. Futures."""
+                                        group_name: str = "weight_update_group", stage_id: str | None = None,
+                                        checksums: dict[str, str] | None = None) -> list[cf.Future]:
+        """Announce one bucket to every server; the trainer broadcasts it meanwhile. One future,
+        of the replies in server order."""
         body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name}
         if weight_version is not None:
             body["weight_version"] = str(weight_version)
+        body = _weight_ext(body, stage_id, checksums)
         ex = cf.ThreadPoolExecutor(1)
         fut = ex.submit(self._all, "POST", "/update_weights_from_distributed", body)
         ex.shutdown(wait=False)
         return [fut]
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        self._all("POST", "/destroy_weights_update_group", {"group_name": group_name})
+
+    def probe_generate(self, body: dict[str, Any]) -> list[Any]:
+        """One ``/generate`` body sent to every server directly (the weight sync's log-prob
+        probe: each engine must answer for itself); replies in server order."""
+        return self._all("POST", "/generate", body, timeout=self.cfg.request_timeout_s)
 
     def update_weight_version(self, new_version: str, abort_all_requests: bool = False) -> None:
         self._all("POST", "/update_weight_version",
@@ -492,6 +554,19 @@ class RolloutClient:
 
     def weight_versions(self) -> list[str]:
         return [str(info["weight_version"]) for info in self._all("GET", "/model_info")]
+
+    def weight_version_report(self) -> list[str]:
+        """"<url>: <version>" per server, or "<url>: <error>" where it does not answer (never raises)."""
+        out = []
+        for s in self.servers:
+            timeout = self.cfg.control_timeout_s
+            try:
+                r = httpx.get(s.url + "/model_info", timeout=timeout, headers=self._headers)
+                out.append(f"{s.url}: {r.json()['weight_version']!r}" if r.status_code == 200
+                           else f"{s.url}: HTTP {r.status_code}: {_error_text(r)}")
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+                out.append(f"{s.url}: {_exception_text(e, timeout)}")
+        return out
 
     def abort_all(self) -> None:
         self._all("POST", "/abort_request", {"abort_all": True})

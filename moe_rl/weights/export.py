@@ -17,7 +17,7 @@ parameter, not a copy; transports serialize or broadcast it while training is pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -31,10 +31,9 @@ from moe_rl.weights.plan import ExportPlan, Item, coords
 class ExportedBucket:
     """What a sender ships: HF names and tensors, in plan order."""
 
-    index: int
+    index: int  # the plan's bucket index
     names: list[str]
     tensors: list[torch.Tensor]
-    checksums: dict[str, str] = field(default_factory=dict)  # filled by verification, when on
 
     @property
     def nbytes(self) -> int:
@@ -120,3 +119,16 @@ def _gather(t: torch.Tensor, item: Item, groups, to_me: bool) -> list[torch.Tens
     out = [torch.empty_like(t) for _ in item.sources] if to_me else None
     dist.gather(t, out, dst=item.sources[0], group=_group(item, groups))
     return out or []
+
+
+def buckets_from_hf(plan: ExportPlan, get) -> Iterator[ExportedBucket]:
+    """The buckets of a one-rank ``plan`` straight from HF tensors (``get(name)``), no model:
+    push a checkpoint into the engines through the same transports and checks."""
+    if plan.dims.world_size != 1:
+        raise ValueError(f"buckets_from_hf needs a one-rank plan, not {plan.dims.describe()}")
+    for bucket in plan.buckets:
+        named = [(t.name, get(t.name).to(getattr(torch, t.dtype)).contiguous()) for t in bucket.tensors]
+        for (name, t), spec in zip(named, bucket.tensors):
+            if tuple(t.shape) != spec.shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)}, the plan expects {spec.shape}")
+        yield ExportedBucket(bucket.index, [n for n, _ in named], [t for _, t in named])

@@ -24,6 +24,7 @@ from moe_rl.rollout.client import RolloutClient
 from moe_rl.rollout.config import ClientConfig
 from moe_rl.rollout.embedded.weight_update import model_tensors
 from moe_rl.rollout.types import FinishReason, RolloutRequest, SamplingParams
+from moe_rl.weights.payload import encode_safetensors
 
 from embedded_servers import free_port
 
@@ -103,6 +104,10 @@ def test_client_samples_logprobs_and_routes(two_servers, hf):
 
 
 def _serialize(named):
+    return encode_safetensors(named)
+
+
+def _pickled(named):
     buf = io.BytesIO()
     torch.save(named, buf)
     return base64.b64encode(buf.getvalue()).decode()
@@ -144,10 +149,20 @@ def test_bad_input_is_400_and_changes_nothing(two_servers, hf, tiny_ckpts, tmp_p
     ]
     for named, msg in bad_updates:
         r = post(url, "/update_weights_from_tensor", {"serialized_named_tensors": [_serialize(named)],
-                                                      "weight_version": "bad"})
+                                                      "load_format": "safetensors", "weight_version": "bad"})
         assert r.status_code == 400 and msg in r.json()["message"], r.text
-    r = post(url, "/update_weights_from_tensor", {"serialized_named_tensors": ["!!notbase64"]})
-    assert r.status_code == 400
+    r = post(url, "/update_weights_from_tensor", {"serialized_named_tensors": ["!!notbase64"],
+                                                  "load_format": "safetensors"})
+    assert r.status_code == 400 and "not base64" in r.json()["message"]
+    # a pickle is never unpickled: refused by its load_format, or as not safetensors
+    pickled = _pickled([(good_name, sd[good_name])])
+    for fmt, msg in [(None, "load_format None is not accepted"), ("flattened_bucket", "is not accepted"),
+                     ("safetensors", "not a safetensors payload")]:
+        body = {"serialized_named_tensors": [pickled], "weight_version": "bad"}
+        if fmt is not None:
+            body["load_format"] = fmt
+        r = post(url, "/update_weights_from_tensor", body)
+        assert r.status_code == 400 and msg in r.json()["message"], r.text
     root = os.path.dirname(tiny_ckpts["v0"])  # the server's default weight root
     r = post(url, "/update_weights_from_disk", {"model_path": os.path.join(root, "missing")})
     assert r.status_code == 400 and "not a directory" in r.json()["message"]
@@ -259,10 +274,10 @@ def test_update_from_distributed_and_tensor(two_servers, hf):
             greedy_ref(hf["v0"], p, 6)
     # update_weights_from_tensor with v1's in-memory tensors, then back
     blob = _serialize(list(model_tensors(hf["v1"]).items()))
-    client.update_weights_from_tensor([blob], weight_version="4")
+    client.update_weights_from_tensor([blob], weight_version="4", load_format="safetensors")
     assert post(two_servers[0].url, "/generate", {"input_ids": p, "sampling_params": GREEDY}).json()[
         "output_ids"] == greedy_ref(hf["v1"], p, 6)
-    client.update_weights_from_tensor([_serialize(list(sd0.items()))], weight_version="5")
+    client.update_weights_from_tensor([_serialize(list(sd0.items()))], weight_version="5", load_format="safetensors")
     # release / resume memory (slime's offload cycle) keeps serving afterwards
     client.flush_cache()
     client.release_memory_occupation()

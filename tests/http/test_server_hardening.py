@@ -216,15 +216,13 @@ def test_control_call_that_timed_out_never_takes_effect(served, tiny_ckpts):
     r = httpx.post(srv.url + "/update_weight_version", json={"new_version": "late", "abort_all_requests": False},
                    timeout=30)
     assert r.status_code == 200  # runs between two steps: never blocked
-    import base64
-    import io
+    from moe_rl.weights.payload import encode_safetensors
 
     w = srv.engine.model.get_parameter("model.layers.0.self_attn.q_proj.weight")
     before = w.detach().clone()
-    buf = io.BytesIO()
-    torch.save([("model.layers.0.self_attn.q_proj.weight", torch.zeros_like(w))], buf)
+    payload = encode_safetensors([("model.layers.0.self_attn.q_proj.weight", torch.zeros_like(w))])
     r = httpx.post(srv.url + "/update_weights_from_tensor", json={
-        "serialized_named_tensors": [base64.b64encode(buf.getvalue()).decode()], "weight_version": "v-too-late"},
+        "serialized_named_tensors": [payload], "load_format": "safetensors", "weight_version": "v-too-late"},
         timeout=30)
     assert r.status_code == 504 and "cancelled, nothing changed" in r.text, r.text
     t.join(timeout=60)

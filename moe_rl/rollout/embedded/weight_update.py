@@ -4,9 +4,16 @@ Every tensor is checked (known name, same shape, compatible dtype) before the fi
 copied, so a bad update leaves the serving weights untouched. Floating tensors are cast to
 the parameter's dtype (a bf16 trainer may feed an fp32 engine); a floating tensor for an
 integer buffer, or the reverse, is rejected.
+
+An update that comes in several requests (buckets) can be staged: each bucket is checked
+and held (:class:`StagedUpdate`), and one commit applies them all at once, so an engine
+never serves, or is left with, half of an update.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 
@@ -63,23 +70,87 @@ def apply_update(model: torch.nn.Module, plan: list[tuple[Target, torch.Tensor]]
 
 
 def load_checkpoint_state(model_path: str, like: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """A checkpoint directory's weights in the in-memory naming, via ``from_pretrained``
-    (which owns the checkpoint -> fused-expert conversion)."""
-    import os
-
-    import transformers as tf
+    """Every tensor of a safetensors checkpoint directory, under its checkpoint name (read
+    directly, so checksums sent with the update can be checked on exactly these tensors).
+    The directory must hold the whole model (:func:`check_complete` on the planned update)."""
+    from safetensors import safe_open
 
     if not os.path.isdir(model_path):
         raise WeightUpdateError(f"model_path {model_path!r} is not a directory")
+    index = os.path.join(model_path, "model.safetensors.index.json")
     try:
-        fresh, info = tf.AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=next(like.parameters()).dtype, output_loading_info=True)
-    except Exception as e:  # noqa: BLE001 - any load failure is the caller's bad input
-        raise WeightUpdateError(f"cannot load {model_path!r}: {type(e).__name__}: {e}") from e
-    missing = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
-    if missing:
-        raise WeightUpdateError(f"{model_path!r} lacks or mismatches {len(missing)} weights, e.g. {missing[0]}")
-    return list(model_tensors(fresh).items())
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = sorted(f for f in os.listdir(model_path) if f.endswith(".safetensors"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightUpdateError(f"{model_path!r}: unreadable model.safetensors.index.json: {e}") from e
+    if not files:
+        raise WeightUpdateError(f"{model_path!r} holds no *.safetensors files")
+    params = model_tensors(like)
+    out: list[tuple[str, torch.Tensor]] = []
+    for fname in files:
+        path = os.path.join(model_path, fname)
+        if os.path.dirname(os.path.realpath(path)) != os.path.realpath(model_path):
+            raise WeightUpdateError(f"{model_path!r}: index names a file outside the directory: {fname!r}")
+        try:
+            with safe_open(path, "pt") as h:
+                for name in h.keys():
+                    tgt = resolve(name, params)
+                    if tgt is None:
+                        raise WeightUpdateError(f"{name} (in {fname}): no such weight in the model")
+                    dst = params[tgt[0]][tgt[1]] if tgt[1] else params[tgt[0]]
+                    shape = list(h.get_slice(name).get_shape())
+                    if shape != list(dst.shape):  # before reading: a wrong checkpoint is not loaded whole
+                        raise WeightUpdateError(f"{name} (in {fname}): shape {shape} does not match the "
+                                                f"model's {list(dst.shape)}")
+                    out.append((name, h.get_tensor(name)))
+        except WeightUpdateError:
+            raise
+        except Exception as e:  # noqa: BLE001 - missing, truncated or garbled file
+            raise WeightUpdateError(f"cannot read {path!r}: {type(e).__name__}: {e}") from e
+    return out
+
+
+def check_complete(model: torch.nn.Module, plan: list[tuple[Target, torch.Tensor]]) -> None:
+    """An update that claims to be the whole model must write every element of every
+    parameter exactly once (buffers that checkpoints omit, e.g. rotary tables, are not required)."""
+    written: dict[str, int] = {}
+    seen: set = set()
+    for (pname, idx), t in plan:
+        key = (pname, repr(idx))
+        if key in seen:
+            raise WeightUpdateError(f"{pname}{list(idx) if idx else ''}: written twice")
+        seen.add(key)
+        written[pname] = written.get(pname, 0) + t.numel()
+    for pname, p in model.named_parameters():
+        if written.get(pname, 0) != p.numel():
+            raise WeightUpdateError(f"the update lacks {pname}: {written.get(pname, 0)} of its {p.numel()} "
+                                    f"elements written (it must carry the whole model)")
+
+
+class StagedUpdate:
+    """Buckets of one update, checked and held until :meth:`commit` applies them together.
+
+    Each tensor may be staged once; the total is bounded by the model's own size (every
+    staged tensor has the shape of a distinct part of a model weight)."""
+
+    def __init__(self, stage_id: str) -> None:
+        self.stage_id = stage_id
+        self.plan: list[tuple[Target, torch.Tensor]] = []
+        self._keys: set = set()
+
+    def add(self, plan: list[tuple[Target, torch.Tensor]]) -> None:
+        keys = [(pname, repr(idx)) for (pname, idx), _ in plan]
+        for k in keys:
+            if k in self._keys or keys.count(k) > 1:
+                raise WeightUpdateError(f"{k[0]}{k[1] if k[1] != '()' else ''}: staged twice in {self.stage_id!r}")
+        self._keys.update(keys)
+        self.plan += plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
 
 
 def check_announced(model: torch.nn.Module, names: list, dtypes: list, shapes: list) -> list[tuple[list[int], torch.dtype]]:

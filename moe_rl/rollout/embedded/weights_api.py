@@ -5,15 +5,25 @@ the first tensor is copied (``weight_update.py``), and applied on the engine thr
 two decode steps (on an unpaused engine it waits for running requests to finish, SGLang's
 writer lock; on a paused one it applies at once). What a client can make the server read or
 allocate is bounded: ``/update_weights_from_disk`` reads only below the configured weight
-roots, and ``/update_weights_from_distributed`` announces only the model's own tensors, with
-the model's own shapes, before any buffer is allocated. Rendezvous and broadcasts run on
-their own bounded executor with a deadline.
+roots, ``/update_weights_from_distributed`` announces only the model's own tensors, with
+the model's own shapes, before any buffer is allocated, and ``/update_weights_from_tensor``
+takes only safetensors bytes (``load_format: "safetensors"``): nothing that arrives over HTTP
+is unpickled. Rendezvous and broadcasts run on their own bounded executor with a deadline.
+
+Beyond SGLang (``moe_rl.weights`` uses them when ``GET /weight_sync_info`` answers):
+
+* ``checksums`` ({name: crc32 hex}, ``moe_rl.weights.checksum``) in any update body: the
+  engine checks what it received against them and refuses the update naming the first
+  tensor that differs. Every successful reply carries ``checksums`` of what was received.
+* ``stage_id`` in any update body: the bucket is checked and held, not applied;
+  ``POST /commit_staged_weights {stage_id, weight_version, expected_tensors, complete}``
+  applies every held bucket at once (and sets the version), ``POST /discard_staged_weights``
+  drops them. A new ``stage_id`` drops what an older one held. So a sync that fails half way
+  leaves the engine on its old weights and version.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 
 import torch
@@ -23,7 +33,10 @@ from moe_rl.rollout.broadcast_group import WeightBroadcastGroup
 from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable
 from moe_rl.rollout.embedded.protocol import RequestError, flag
 from moe_rl.rollout.embedded.weight_update import (
-    WeightUpdateError, apply_update, check_announced, load_checkpoint_state, plan_update)
+    StagedUpdate, WeightUpdateError, apply_update, check_announced, check_complete, load_checkpoint_state,
+    plan_update)
+from moe_rl.weights import checksum
+from moe_rl.weights.payload import SAFETENSORS, decode_safetensors
 
 
 def under_roots(path: str, roots: list[str]) -> bool:
@@ -36,33 +49,71 @@ def under_roots(path: str, roots: list[str]) -> bool:
     return False
 
 
+def _str_field(body: dict, key: str) -> str | None:
+    v = body.get(key)
+    if v is not None and (not isinstance(v, (str, int)) or isinstance(v, bool) or v == ""):
+        raise RequestError(f"{key} must be a non-empty string, got {v!r:.80}")
+    return None if v is None else str(v)
+
+
+def _checksums_field(body: dict) -> dict[str, str] | None:
+    v = body.get("checksums")
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        raise RequestError("checksums must be an object of tensor name -> checksum string")
+    return v
+
+
 def weights_router(ctx: ServerContext) -> APIRouter:
     r = APIRouter()
     engine = ctx.engine
+    staged: dict[str, StagedUpdate] = {}  # at most one: a new stage_id replaces the old one
 
-    async def apply(request: Request, named, body: dict) -> tuple[bool, str]:
-        """Validate all, then apply all on the engine thread; bump the version if asked."""
-        new_version = body.get("weight_version")
-        if new_version is not None and (not isinstance(new_version, (str, int)) or isinstance(new_version, bool)):
-            raise RequestError(f"weight_version must be a string, got {new_version!r:.80}")
+    async def apply(request: Request, named, body: dict, *, complete: bool = False) -> tuple[bool, str, dict]:
+        """Verify checksums, validate all, then stage it or apply all on the engine thread."""
+        new_version = _str_field(body, "weight_version")
+        stage_id = _str_field(body, "stage_id")
+        expected = _checksums_field(body)
+        received = checksum.checksums(named)
+        try:
+            if expected is not None:
+                checksum.verify(received, expected, where="engine")
+            plan = plan_update(engine.model, named)
+            if complete:
+                check_complete(engine.model, plan)
+        except (WeightUpdateError, checksum.ChecksumMismatch) as e:
+            return False, f"Failed to update weights: {e}", {}
+        if stage_id is not None:
+            if stage_id not in staged:
+                staged.clear()
+                staged[stage_id] = StagedUpdate(stage_id)
+            try:
+                staged[stage_id].add(plan)
+            except WeightUpdateError as e:
+                return False, f"Failed to stage weights: {e}", {}
+            return True, f"Staged {len(plan)} tensors ({len(staged[stage_id])} in {stage_id!r}).", received
         if flag(body, "abort_all_requests"):
             engine.abort(abort_all=True, message="Abort by weight update")
-        try:
-            plan = plan_update(engine.model, named)
-        except WeightUpdateError as e:
-            return False, f"Failed to update weights: {e}"
 
         def do():
             apply_update(engine.model, plan)
             if new_version is not None:
-                engine.weight_version = str(new_version)
+                engine.weight_version = new_version
 
         await ctx.on_engine(request, do, when_idle=not engine.paused, what="weight update")
-        return True, f"Succeeded to update {len(plan)} tensors."
+        return True, f"Succeeded to update {len(plan)} tensors.", received
 
-    def reply(success: bool, message: str):
-        return ctx.ok({"success": success, "message": message, "num_paused_requests": 0},
-                      status=200 if success else 400)
+    def reply(success: bool, message: str, received: dict | None = None):
+        body = {"success": success, "message": message, "num_paused_requests": 0}
+        if success and received is not None:
+            body["checksums"] = received
+        return ctx.ok(body, status=200 if success else 400)
+
+    @r.get("/weight_sync_info")
+    async def weight_sync_info():
+        return ctx.ok({"staging": True, "checksum": checksum.ALGORITHM, "load_formats": [SAFETENSORS],
+                       "staged": {k: len(v) for k, v in staged.items()}})
 
     @r.post("/update_weights_from_disk")
     async def update_from_disk(request: Request):
@@ -78,21 +129,62 @@ def weights_router(ctx: ServerContext) -> APIRouter:
             named = await ctx.blocking_join(lambda: load_checkpoint_state(path, engine.model), "load from disk")
         except WeightUpdateError as e:
             return reply(False, f"Failed to update weights: {e}")
-        return reply(*await apply(request, named, body))
+        return reply(*await apply(request, named, body, complete=True))
 
     @r.post("/update_weights_from_tensor")
     async def update_from_tensor(request: Request):
         body = await ctx.read_json(request)
         blobs = body.get("serialized_named_tensors")
-        if not isinstance(blobs, list) or not blobs or not isinstance(blobs[0], str):
-            raise RequestError("serialized_named_tensors must be a non-empty list of base64 strings")
+        if not isinstance(blobs, list) or len(blobs) != 1 or not isinstance(blobs[0], str):
+            raise RequestError("serialized_named_tensors must be a list of one base64 string "
+                               "(one entry per TP rank; this engine is TP 1)")
+        fmt = body.get("load_format")
+        if fmt != SAFETENSORS:
+            return reply(False, f"load_format {fmt!r} is not accepted: this engine takes only safetensors "
+                                f"bytes (load_format {SAFETENSORS!r}) and never unpickles a payload")
         try:
-            # one entry per TP rank in SGLang; the embedded engine is TP 1
-            obj = torch.load(io.BytesIO(base64.b64decode(blobs[0])), weights_only=True)
-            named = [(str(n), t) for n, t in obj]
-        except Exception as e:  # noqa: BLE001 - undecodable payload is bad input
-            return reply(False, f"Failed to decode serialized_named_tensors: {type(e).__name__}: {e}")
+            named = decode_safetensors(blobs[0])
+        except ValueError as e:
+            return reply(False, f"Failed to decode serialized_named_tensors: {e}")
         return reply(*await apply(request, named, body))
+
+    @r.post("/commit_staged_weights")
+    async def commit_staged(request: Request):
+        body = await ctx.read_json(request)
+        stage_id = _str_field(body, "stage_id")
+        new_version = _str_field(body, "weight_version")
+        want = body.get("expected_tensors")
+        if want is not None and (not isinstance(want, int) or isinstance(want, bool) or want < 0):
+            raise RequestError(f"expected_tensors must be a non-negative integer, got {want!r:.80}")
+        up = staged.get(stage_id) if stage_id is not None else None
+        if up is None:
+            return reply(False, f"nothing staged under stage_id {stage_id!r} (staged: {sorted(staged)})")
+        if want is not None and len(up) != want:
+            return reply(False, f"stage {stage_id!r} holds {len(up)} tensors, the commit expects {want}: "
+                                "a bucket is missing or repeated; nothing applied")
+        try:
+            if flag(body, "complete"):
+                check_complete(engine.model, up.plan)
+        except WeightUpdateError as e:
+            return reply(False, f"stage {stage_id!r} is not a whole model: {e}; nothing applied")
+
+        def do():
+            apply_update(engine.model, up.plan)
+            if new_version is not None:
+                engine.weight_version = new_version
+
+        await ctx.on_engine(request, do, when_idle=not engine.paused, what="commit of staged weights")
+        staged.pop(stage_id, None)
+        return reply(True, f"Committed {len(up)} staged tensors.")
+
+    @r.post("/discard_staged_weights")
+    async def discard_staged(request: Request):
+        body = await ctx.read_json(request, required=False)
+        stage_id = _str_field(body, "stage_id")
+        dropped = {k: len(v) for k, v in staged.items() if stage_id is None or k == stage_id}
+        for k in dropped:
+            staged.pop(k)
+        return reply(True, f"Discarded {dropped or 'nothing'}.")
 
     @r.post("/init_weights_update_group")
     async def init_group(request: Request):

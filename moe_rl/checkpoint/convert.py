@@ -1,0 +1,262 @@
+"""Checkpoint conversion, HF <-> Megatron-Core distributed checkpoint, streaming and atomic.
+
+* HF -> mcore: the HF checkpoint is checked whole (config, every file readable, every tensor
+  present with its shape, nothing extra) from headers only; then each Megatron tensor is built
+  from its HF tensors (``Entry.to_mcore``, read lazily) when the writer asks for it.
+* mcore -> HF: the plan of the weight sync at one rank (``weights/plan.py``) groups the HF
+  tensors into files of at most ``bucket_bytes``; each file's Megatron tensors are read with one
+  Megatron load and split back (``Entry.to_hf``). Config and tokenizer files come from the
+  checkpoint's ``hf/`` folder, a run checkpoint's ``model.hf_dir``, or ``hf_config_dir``.
+  Run checkpoints (``run_state.py``: a ``step_*`` directory or the ``checkpoints`` root,
+  newest complete one) convert the same way: only the model's keys are read.
+* mcore -> mcore: the same Megatron tensors rewritten (a model-only checkpoint checked
+  against the layout); Megatron reshards ``torch_dist`` on load, so any layout can load it.
+
+Memory: one canonical tensor at a time (HF -> mcore), one file's tensors (mcore -> HF).
+The output is built in a hidden sibling directory, fsynced and renamed into place: an
+interrupted conversion leaves nothing under the output name. An output directory that
+already holds files is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from moe_rl.checkpoint import hf_format
+from moe_rl.checkpoint import megatron_format as mf
+from moe_rl.checkpoint.megatron_format import CheckpointError
+from moe_rl.parallel.dims import ParallelConfig, ParallelDims
+
+DEFAULT_FILE_BYTES = 4 << 30  # HF output: most bytes per safetensors file
+TARGETS = ("mcore", "hf")
+
+
+@dataclasses.dataclass
+class Result:
+    output: str
+    tensors: int
+    bytes: int
+    seconds: float
+    family: str
+    layout: str
+
+
+def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: str,
+            layout: ParallelConfig | None = None, overwrite: bool = False, hf_config_dir: str | None = None,
+            dtype: str = "auto", file_bytes: int = DEFAULT_FILE_BYTES, progress: bool = False) -> Result:
+    """Convert ``input_dir`` (an HF directory or a Megatron checkpoint) to ``to`` at ``output_dir``."""
+    import transformers
+
+    from moe_rl.models import family_for
+
+    src, dst = Path(input_dir), Path(output_dir)
+    if to not in TARGETS:
+        raise CheckpointError(f"--to {to!r}: must be one of {list(TARGETS)}")
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: no such directory")
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the output must differ from the input")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise CheckpointError(f"{dst} already exists and is not empty (it may hold a checkpoint); "
+                              "pass --overwrite to replace it")
+    from_mcore = mf.is_megatron_checkpoint(src)
+    if hf_config_dir:
+        cfg_dir = Path(hf_config_dir)
+    elif from_mcore:
+        cfg_dir = src / mf.HF_SUBDIR if (src / mf.HF_SUBDIR).is_dir() else (mf.run_hf_dir(src) or src / mf.HF_SUBDIR)
+    else:
+        cfg_dir = src
+    if not (cfg_dir / "config.json").is_file():
+        raise CheckpointError(f"{cfg_dir}: no config.json" + (
+            " (a Megatron checkpoint without our hf/ folder, or a run trained from a tiny random model: "
+            "pass --hf-config DIR)" if from_mcore else ""))
+    hf_config = transformers.AutoConfig.from_pretrained(str(cfg_dir))
+    try:
+        family = family_for(hf_config)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_dir / 'config.json'}: {e}") from e
+    layout = layout or ParallelConfig()
+    etp = layout.expert_tensor_parallel or layout.tensor_parallel
+    world = layout.pipeline_parallel * math.lcm(layout.tensor_parallel, etp * layout.expert_parallel)
+    try:
+        dims = ParallelDims.build(layout, world, family.shape(hf_config))
+    except ValueError as e:
+        raise CheckpointError(f"layout does not fit {family.name} ({cfg_dir}): {e}") from e
+
+    t0 = time.perf_counter()
+    counted = _Progress(progress)
+    ckpt = None if from_mcore else hf_format.open_checked(src)  # every file readable, before any work
+    tmp = _sibling(dst)
+    try:
+        with mf.single_process_megatron() as groups:
+            if from_mcore:
+                ckdir = mf.iteration_dir(src)
+                want = _dtype(dtype) or mf.stored_dtype(ckdir)
+                shards = mf.model_shards(hf_config, groups, want)
+                counted.start(sum(math.prod(s) for s in shards.shape.values()) * _itemsize(want))
+                if to == "hf":
+                    n = _mcore_to_hf(ckdir, shards, hf_config, tmp, file_bytes, counted)
+                    hf_format.copy_side_files(cfg_dir, tmp)
+                else:
+                    n = _to_mcore(tmp, shards, lambda name: mf.read_canonical(ckdir, shards, [name])[name],
+                                  cfg_dir, _info(family, hf_config, dims, want, src), counted)
+            else:
+                want = _dtype(dtype) or _hf_dtype(ckpt)
+                shards = mf.model_shards(hf_config, groups, want)
+                pmap = shards.built.param_map
+                hf_format.check_tensors(ckpt, hf_format.expected_hf_shapes(pmap, shards.shape))
+                counted.start(sum(math.prod(s) for s in shards.shape.values()) * _itemsize(want))
+                if to == "mcore":
+                    n = _to_mcore(tmp, shards, lambda name: pmap[name].to_mcore(ckpt.get), cfg_dir,
+                                  _info(family, hf_config, dims, want, src), counted)
+                else:  # HF -> HF: a checked, re-sharded copy
+                    n = _hf_to_hf(ckpt, shards, hf_config, tmp, file_bytes, want, counted)
+                    hf_format.copy_side_files(src, tmp)
+        hf_format.fsync_tree(tmp)
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        counted.close()
+        if ckpt is not None:
+            ckpt.close()
+    return Result(str(dst), n, counted.done, time.perf_counter() - t0, family.name, dims.describe())
+
+
+# ------------------------------------------------------------------ directions
+
+
+def _to_mcore(tmp: Path, shards, read_tensor, cfg_dir: Path, info: dict, counted) -> int:
+    ckdir = mf.write_layout(tmp, info)
+    (tmp / mf.HF_SUBDIR).mkdir()
+    hf_format.copy_side_files(cfg_dir, tmp / mf.HF_SUBDIR)
+    mf.write_dist_checkpoint(ckdir, shards, read_tensor, common={"checkpoint_version": 3.0, "iteration": 0,
+                                                                 "moe_rl": info}, on_tensor=counted.add)
+    return len(shards.per_param)
+
+
+def _one_rank_plan(hf_config, shards, file_bytes: int, dtype: torch.dtype):
+    from moe_rl.weights.plan import plan_export
+
+    expected = hf_format.expected_hf_shapes(shards.built.param_map, shards.shape)
+    return plan_export(hf_config, expected, ParallelDims.build(ParallelConfig(), 1), bucket_bytes=file_bytes,
+                       dtype=dtype)
+
+
+def _mcore_to_hf(ckdir: Path, shards, hf_config, tmp: Path, file_bytes: int, counted) -> int:
+    from moe_rl.weights.export import assemble
+
+    dtype = shards.per_param[next(iter(shards.per_param))][0].dtype
+    plan = _one_rank_plan(hf_config, shards, file_bytes, dtype)
+
+    def buckets():
+        for b in plan.buckets:
+            full = mf.read_canonical(ckdir, shards, [it.mcore for it in b.items])
+            named = []
+            for it in b.items:
+                named += assemble(it, [full.pop(it.mcore)])
+            yield named
+
+    hf_format.write_shards(tmp, buckets(), len(plan.buckets), on_tensor=counted.add)
+    return len(plan.tensors())
+
+
+def _hf_to_hf(ckpt, shards, hf_config, tmp: Path, file_bytes: int, dtype, counted) -> int:
+    plan = _one_rank_plan(hf_config, shards, file_bytes, dtype)
+    hf_format.write_shards(tmp, ([(t.name, ckpt.get(t.name).to(dtype)) for t in b.tensors] for b in plan.buckets),
+                           len(plan.buckets), on_tensor=counted.add)
+    return len(plan.tensors())
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _info(family, hf_config, dims: ParallelDims, dtype: torch.dtype, src: Path) -> dict:
+    return {"family": family.name, "model_type": hf_config.model_type, "dtype": str(dtype).removeprefix("torch."),
+            "layout": {"tensor_parallel": dims.tp, "pipeline_parallel": dims.pp, "expert_parallel": dims.ep,
+                       "expert_tensor_parallel": dims.etp},
+            "vocab_size": hf_config.vocab_size, "vocab_padding": "none (Megatron pads on load)",
+            "source": str(src)}
+
+
+def _dtype(name: str) -> torch.dtype | None:
+    if name == "auto":
+        return None
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise CheckpointError(f"--dtype {name!r}: must be auto or a floating dtype (bfloat16, float16, float32)")
+    return dt
+
+
+def _hf_dtype(ckpt) -> torch.dtype:
+    from safetensors import safe_open
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    counts: dict = {}
+    for fname in set(ckpt.weight_map.values()):
+        with safe_open(str(ckpt.path / fname), "pt") as h:
+            for k in h.keys():
+                dt = names.get(h.get_slice(k).get_dtype())
+                if dt is not None:
+                    counts[dt] = counts.get(dt, 0) + 1
+    if not counts:
+        raise CheckpointError(f"{ckpt.path}: no floating-point tensors")
+    return max(counts, key=counts.get)
+
+
+def _itemsize(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+def _sibling(dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    p = dst.parent / f".{dst.name}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    p.mkdir()
+    return p
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    """Rename the finished ``tmp`` to ``dst`` (replacing what ``dst`` held)."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Progress:
+    """Bytes written, with a tqdm bar when asked."""
+
+    def __init__(self, show: bool) -> None:
+        self.show, self.bar, self.done = show, None, 0
+
+    def start(self, total: int) -> None:
+        if self.show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting")
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,325 @@
+"""Megatron-Core distributed checkpoints (``torch_dist``), written and read one tensor at a time.
+
+What Megatron expects is taken from Megatron itself: a model of the family is built on the
+``meta`` device at TP1/PP1/EP1 (no memory, no weights), and its ``sharded_state_dict()``
+gives every key, global shape, chunk and ``_extra_state`` object the checkpoint must hold
+(stacked layer keys for uniform models, per-layer keys with stacked experts otherwise,
+GLU fc1 as [gate; up]). Writing goes through ``torch.distributed.checkpoint`` with Megatron's
+own save planner, whose ``resolve_data`` is asked for one chunk at a time: the chunk is then
+cut from the one canonical Megatron tensor it belongs to (``read_tensor``), so memory holds
+one tensor at a time, whatever the model size. Reading (``read_canonical``) asks
+``torch.distributed.checkpoint`` for exactly the regions of a few tensors. Loading such a
+checkpoint into a model at any layout is Megatron's own load (it reshards; ``load_into``).
+
+A checkpoint directory (Megatron-LM's layout, plus what we need to go back to HF)::
+
+    OUT/latest_checkpointed_iteration.txt   "release"
+    OUT/release/                            metadata.json, .metadata, __0_0.distcp, common.pt
+    OUT/hf/                                 config.json, generation config, tokenizer files
+    OUT/moe_rl_checkpoint.json              family, model type, dtype, layout checked at conversion
+
+The vocabulary is stored unpadded (HF's rows); Megatron loads embedding and output layer with
+``allow_shape_mismatch`` and pads to its own TP.
+
+Parallel semantics: these functions run in one process. :func:`single_process_megatron`
+starts a private one-rank gloo group (and Megatron's parallel state) when the process has
+none, so conversion needs no launcher and no GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+HF_SUBDIR = "hf"
+INFO = "moe_rl_checkpoint.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file or tensor."""
+
+
+@contextlib.contextmanager
+def single_process_megatron():
+    """Megatron's parallel state for one process at TP1/PP1/EP1 (a private gloo group when
+    torch.distributed is not running; torn down on exit)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from moe_rl.parallel import ParallelConfig, ParallelDims
+    from moe_rl.parallel import groups as G
+
+    if not torch.cuda.is_available():
+        from moe_rl.parallel.cpu_platform import activate_cpu_mode
+
+        activate_cpu_mode()
+    started = False
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # An explicit store: under torchrun, tcp:// would join the launcher's agent store
+        # (TORCHELASTIC_USE_AGENT_STORE) as a client and wait forever.
+        store = dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=datetime.timedelta(seconds=120))
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        started = True
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("checkpoint conversion runs in one process; this one is part of a "
+                           f"{dist.get_world_size()}-rank job")
+    try:
+        yield G.setup(ParallelDims.build(ParallelConfig(), 1))
+    finally:
+        G.teardown()
+        if started:
+            dist.destroy_process_group()
+
+
+@dataclasses.dataclass
+class Shards:
+    """Where each parameter of the (TP1/PP1/EP1) model goes in a ``torch_dist`` checkpoint."""
+
+    built: object  # BuiltModel on the meta device (names, shapes, the parameter map)
+    per_param: dict[str, list]  # local (= canonical) name -> its ShardedTensors after factories
+    objects: dict[str, object]  # ShardedObjects (_extra_state) by state-dict name
+    where: dict[tuple[str, tuple[int, ...]], tuple[str, object]]  # (key, chunk offset) -> (param, ShardedTensor)
+    shape: dict[str, tuple[int, ...]]  # canonical name -> full shape (vocabulary unpadded at TP1)
+
+
+def model_shards(hf_config, groups, dtype: torch.dtype) -> Shards:
+    """Build the family's model on ``meta`` and read its sharded state dict."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+
+    from moe_rl.train.model import build_model
+
+    with torch.device("meta"):
+        built = build_model(hf_config, groups, params_dtype=dtype, perform_initialization=False,
+                            use_cpu_initialization=True)
+    sd = built.module.sharded_state_dict()
+    apply_factories(sd)
+    per_param, objects, where = {}, {}, {}
+    for name, v in sd.items():
+        for st in v if isinstance(v, list) else [v]:
+            if isinstance(st, ShardedTensor):
+                per_param.setdefault(name, []).append(st)
+                where[(st.key, tuple(st.global_offset))] = (name, st)
+            elif isinstance(st, ShardedObject):
+                objects[name] = st
+            else:
+                raise AssertionError(f"{name}: unexpected {type(st).__name__} in Megatron's sharded state dict")
+    shape = {n: tuple(t.shape) for n, t in built.module.state_dict(keep_vars=True).items()
+             if not n.endswith("_extra_state")}
+    return Shards(built, per_param, objects, where, shape)
+
+
+def _region(st) -> tuple[slice, ...]:
+    """The part of its parameter a ShardedTensor covers (at TP1 the parameter is the whole
+    canonical tensor; prepended axes index layers or experts)."""
+    pre = st.prepend_axis_num
+    return tuple(slice(o, o + s) for o, s in zip(st.global_offset[pre:], st.local_shape))
+
+
+def write_dist_checkpoint(path: Path, shards: Shards, read_tensor: Callable[[str], torch.Tensor],
+                          *, common: dict, on_tensor: Callable[[int], None] | None = None) -> None:
+    """Write a ``torch_dist`` checkpoint into the (empty) directory ``path``.
+
+    ``read_tensor(canonical name)`` returns that full canonical tensor; it is asked once per
+    chunk, in the writer's order (the last answer is kept for the next chunk of the same one)."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    sd = {n: list(v) for n, v in shards.per_param.items()}
+    sd.update(shards.objects)
+    sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sd, True)
+    pyt = mcore_to_pyt_state_dict(sd, False)  # meta tensors: only shapes and chunks are used
+    last: list = [None, None]
+
+    class StreamingPlanner(MCoreSavePlanner):
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            name, st = shards.where[(write_item.index.fqn, tuple(write_item.index.offset))]
+            if last[0] != name:
+                last[:] = [None, None]  # drop the previous tensor before reading the next
+                last[:] = [name, read_tensor(name)]
+            full = last[1]
+            assert tuple(full.shape) == shards.shape[name], (name, tuple(full.shape), shards.shape[name])
+            chunk = full[_region(st)].to(st.dtype).reshape(tuple(write_item.tensor_data.chunk.sizes))
+            if on_tensor is not None:
+                on_tensor(chunk.numel() * chunk.element_size())
+            return chunk
+
+    writer = dcp.FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True, thread_count=1)
+    try:
+        dcp.save(pyt, storage_writer=writer, planner=StreamingPlanner(dedup_replicated_tensors=False,
+                                                                       flatten_state_dict=False))
+    except dcp.api.CheckpointException as e:  # a BaseException wrapping what failed inside
+        failures = list(getattr(e, "failures", {}).values())
+        cause = failures[0][0] if failures and isinstance(failures[0], tuple) else None
+        if isinstance(cause, (KeyboardInterrupt, SystemExit, CheckpointError)):
+            raise cause from None
+        raise CheckpointError(f"{path}: writing the checkpoint failed: {cause!r}") from cause
+    torch.save(common, path / "common.pt")
+    _fsync(path / "common.pt")
+    save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(path))  # Megatron's "complete" marker
+
+
+def read_canonical(path: Path, shards: Shards, names: list[str]) -> dict[str, torch.Tensor]:
+    """The full canonical tensors ``names`` from the ``torch_dist`` checkpoint at ``path``.
+
+    Read with ``torch.distributed.checkpoint`` directly, chunk by chunk, for exactly the
+    regions these tensors cover (Megatron's own load wants every shard of a key at once: all
+    experts of a layer, or all layers of a uniform model). Rows beyond the model's (vocabulary
+    padding another layout wrote) are not read."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    full = {n: torch.empty(shards.shape[n], dtype=shards.per_param[n][0].dtype) for n in names}
+    wanted: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+    for n in names:
+        for st in shards.per_param[n]:
+            sizes = (1,) * st.prepend_axis_num + tuple(st.local_shape)
+            wanted[(st.key, tuple(st.global_offset))] = full[n][_region(st)].view(sizes)  # a view: reads land in full
+
+    class RegionPlanner(DefaultLoadPlanner):
+        def create_local_plan(self):
+            items = []
+            for (key, offset), dest in wanted.items():
+                md = self.metadata.state_dict_metadata.get(key)
+                if md is None:
+                    raise CheckpointError(f"{path}: no tensor {key!r} in the checkpoint (another model or layout "
+                                          f"of names?)")
+                items += create_read_items_for_chunk_list(
+                    key, md, [ChunkStorageMetadata(torch.Size(offset), torch.Size(dest.shape))])
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            dest = wanted[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+            return self.transform_tensor(read_item, dest)  # narrowed to the read item's region
+
+        def commit_tensor(self, read_item, tensor):
+            pass  # written in place
+
+    try:
+        dcp_load({}, storage_reader=FileSystemReader(str(path)), planner=RegionPlanner(), no_dist=True)
+    except BaseException as e:  # noqa: BLE001 - DCP wraps failures in a BaseException of its own
+        failures = list(getattr(e, "failures", {}).values())
+        cause = failures[0][0] if failures and isinstance(failures[0], tuple) else e
+        if isinstance(cause, (KeyboardInterrupt, SystemExit, CheckpointError)):
+            raise cause from None
+        raise CheckpointError(f"{path}: cannot read {names[0]}{' and others' if len(names) > 1 else ''}: "
+                              f"{type(cause).__name__}: {cause}") from cause
+    return full
+
+
+def load_into(built, path: str | os.PathLike) -> None:
+    """Load the ``torch_dist`` checkpoint at ``path`` (a checkpoint directory or its
+    iteration directory) into a live model at any layout. Every rank of the job calls it."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = iteration_dir(Path(path))
+    request = {k: v for k, v in built.module.sharded_state_dict().items() if not k.endswith("_extra_state")}
+    loaded = dist_checkpointing.load(request, str(ckpt))
+    tensors = {k: v for k, v in loaded.items() if k in request}
+    missing = built.module.load_state_dict(tensors, strict=False).missing_keys
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"{ckpt}: no value for {len(missing)} parameters, e.g. {missing[0]}")
+
+
+# ------------------------------------------------------------------ directory layout
+
+
+RL_MODEL_SUBDIR = "model_optim"  # where a run checkpoint (``run_state.py``) keeps model and optimizer
+
+
+def iteration_dir(path: Path) -> Path:
+    """The ``torch_dist`` directory of a checkpoint: ``path`` itself; what its tracker names
+    (Megatron-LM's layout, ours); a run checkpoint's ``model_optim`` (``run_state.py``: a
+    ``step_*`` directory, or the ``checkpoints`` root, whose newest complete one is taken)."""
+    from moe_rl.checkpoint import run_state
+
+    tracker = path / TRACKER
+    if tracker.is_file():
+        it = tracker.read_text().strip()
+        d = path / (RELEASE if it == RELEASE else f"iter_{int(it):07d}")
+    elif (path / run_state.RUN_STATE).is_file():
+        if not (path / run_state.MARKER).is_file():
+            raise CheckpointError(f"{path} is a run checkpoint that was never completed (no {run_state.MARKER})")
+        d = path / RL_MODEL_SUBDIR
+    elif run_state.scan(str(path)).newest is not None:
+        d = Path(run_state.scan(str(path)).newest[1]) / RL_MODEL_SUBDIR
+    else:
+        d = path
+    if not (d / "metadata.json").is_file():
+        raise CheckpointError(f"{d} is not a complete Megatron distributed checkpoint (no metadata.json: "
+                              "not one, or its writer did not finish)")
+    return d
+
+
+def run_hf_dir(path: Path) -> Path | None:
+    """The HF directory a run checkpoint was trained from (its ``config.yaml``: ``model.hf_dir``)."""
+    import yaml
+
+    from moe_rl.checkpoint import run_state
+
+    found = run_state.scan(str(path)).newest
+    step = Path(found[1]) if found and not (path / run_state.RUN_STATE).is_file() else path
+    cfg = step / "config.yaml"
+    if not cfg.is_file():
+        return None
+    hf_dir = ((yaml.safe_load(cfg.read_text()) or {}).get("model") or {}).get("hf_dir")
+    return Path(hf_dir) if hf_dir else None
+
+
+def is_megatron_checkpoint(path: Path) -> bool:
+    from moe_rl.checkpoint import run_state
+
+    return ((path / TRACKER).is_file() or (path / "metadata.json").is_file()
+            or (path / run_state.RUN_STATE).is_file() or run_state.scan(str(path)).newest is not None)
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The dtype of the checkpoint's tensors (from its metadata; the most common one)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(str(path)).read_metadata()
+    counts: dict = {}
+    for v in md.state_dict_metadata.values():
+        if isinstance(v, TensorStorageMetadata):
+            counts[v.properties.dtype] = counts.get(v.properties.dtype, 0) + 1
+    if not counts:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return max(counts, key=counts.get)
+
+
+def write_layout(root: Path, info: dict) -> Path:
+    """Create the layout under ``root`` (empty); returns the ``torch_dist`` directory."""
+    (root / TRACKER).write_text(RELEASE)
+    (root / INFO).write_text(json.dumps({"format": FORMAT_VERSION, **info}, indent=1))
+    d = root / RELEASE
+    d.mkdir()
+    return d
+
+
+def _fsync(p: Path) -> None:
+    with open(p, "rb") as f:
+        os.fsync(f.fileno())

@@ -1,0 +1,113 @@
+"""The end-to-end probe after a sync: do the engines compute what the trainer computes?
+
+A fixed batch of prompts (random token ids from a fixed seed, the same every sync) is sent
+to every engine directly; each generates ``new_tokens`` greedy tokens and reports their
+log-probs (temperature 1, as SGLang and the embedded engine score greedy tokens). The
+trainer scores the same tokens with its own forward (the vocab-parallel log-prob head the
+RL loss uses). ``weights/probe_logprob_diff`` is the mean |difference| over every engine,
+prompt and token, ``weights/probe_logprob_max_diff`` the largest one.
+
+Wrong weights (an expert sent to the wrong slot, a fused tensor split the wrong way, a stale
+bucket) move log-probs by O(1); the same weights in another precision or kernel move them by
+1e-5 (fp32) to ~1e-2 (bf16), hence the default threshold of 0.1 (``WeightSyncConfig``).
+
+Parallel semantics: every rank calls :func:`probe`; rank 0 talks to the engines, every rank
+runs the forward, every rank returns the same metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moe_rl.rollout.client import RolloutClient
+from moe_rl.weights import job
+from moe_rl.weights.verify import SyncError
+
+# B sequences (engines x prompts), S tokens, P prompt tokens, K generated tokens
+
+
+def engine_outputs(client: RolloutClient, prompts: list[list[int]], new_tokens: int) -> list[list[tuple[list[int], list[float]]]]:
+    """Per engine, per prompt: (greedy token ids, their log-probs)."""
+    body = {"input_ids": prompts, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}
+    out = []
+    for url, items in zip([s.url for s in client.servers], client.probe_generate(body)):
+        items = items if isinstance(items, list) else [items]
+        if len(items) != len(prompts):
+            raise SyncError(f"{url}: probe: {len(items)} answers for {len(prompts)} prompts")
+        per = []
+        for it in items:
+            lps = it["meta_info"]["output_token_logprobs"]
+            per.append(([int(x[1]) for x in lps], [float(x[0]) for x in lps]))
+        out.append(per)
+    return out
+
+
+@torch.no_grad()
+def trainer_logprobs(built, groups, tokens_BS: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[:, s+1] | tokens[:, :s+1]) for every s, [B, S] float32 (the last column
+    is meaningless), on every rank."""
+    from moe_rl.train.policy_head import emit_hidden_states, sequence_logprobs
+    from moe_rl.train.schedule import forward_backward
+
+    B, S = tokens_BS.shape
+    pad = (-S) % groups.dims.tp  # sequence parallelism splits S over TP; padding at the end changes nothing before it
+    tokens = torch.nn.functional.pad(tokens_BS, (0, pad))
+    targets = torch.roll(tokens, -1, dims=1)
+    dev = next(built.module.parameters()).device
+    got: list[torch.Tensor] = []
+
+    def score(hidden, mb):
+        logp, _ = sequence_logprobs(hidden, built.module, mb["targets"], groups,
+                                    vocab_size=built.hf_config.vocab_size, temperature=1.0)
+        got.append(logp.float())
+        return logp.sum() * 0.0, {}
+
+    was_training = built.module.training
+    built.module.eval()
+    try:
+        with emit_hidden_states(built.module):
+            forward_backward(built.module, [{"tokens": tokens.to(dev), "targets": targets.to(dev)}], score, groups,
+                             forward_only=True)
+    finally:
+        built.module.train(was_training)
+    out = torch.zeros(B, S + pad, dtype=torch.float32, device=dev)
+    if got and groups.tp_rank == 0 and groups.dp_rank == 0:  # one copy: last stage, TP 0, DP 0
+        out.copy_(got[0])
+    if dist.is_initialized():
+        dist.all_reduce(out)
+    return out[:, :S].cpu()
+
+
+def probe(client: RolloutClient | None, built, groups, *, prompts: int, prompt_len: int, new_tokens: int,
+          seed: int) -> dict[str, float]:
+    """The probe's metrics (see the module docstring); ``client`` is used on rank 0 only."""
+    vocab = built.hf_config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(3, vocab, (prompts, prompt_len), generator=g).tolist()  # 0-2: pad/bos/eos
+    answers, error = None, None
+    if job.rank() == 0:
+        try:
+            answers = engine_outputs(client, prompt_ids, new_tokens)
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            error = f"probe: {e}"
+    answers, error = job.from_rank0((answers, error))
+    if error:
+        raise SyncError(error)
+    rows, engine_lps, where = [], [], []
+    for e, per in enumerate(answers):
+        for p, (ids, lps) in enumerate(per):
+            if len(ids) != new_tokens:
+                raise SyncError(f"{client.servers[e].url if client else f'engine {e}'}: probe prompt {p}: "
+                                f"{len(ids)} tokens generated, {new_tokens} asked")
+            rows.append(prompt_ids[p] + ids)
+            engine_lps.append(lps)
+            where.append(e)
+    ours_BS = trainer_logprobs(built, groups, torch.tensor(rows, dtype=torch.long))
+    ours_BK = ours_BS[:, prompt_len - 1:prompt_len - 1 + new_tokens]
+    diff_BK = (ours_BK - torch.tensor(engine_lps, dtype=torch.float32)).abs()
+    per_engine = [float(diff_BK[[i for i, w in enumerate(where) if w == e]].mean()) for e in range(len(answers))]
+    return {"weights/probe_logprob_diff": float(diff_BK.mean()),
+            "weights/probe_logprob_max_diff": float(diff_BK.max()),
+            "per_engine": per_engine}

@@ -1,0 +1,86 @@
+"""``tools/convert_checkpoint.py`` refuses bad input before any work, naming the file or the
+numbers (these checks need no Megatron and no process group). Conversions themselves, the
+bitwise round trips and the logits at other layouts run in tests/distributed/test_weights.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools/convert_checkpoint.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def run(cli, capsys, *argv):
+    rc = cli(["--no-progress", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def test_an_output_that_holds_files_is_refused_unless_overwrite(cli, capsys, tiny_hf_dirs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    rc, err = run(cli, capsys, "--input", tiny_hf_dirs["llama"], "--output", out, "--to", "mcore")
+    assert rc == 2 and f"{out} already exists and is not empty" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "precious"
+    rc, err = run(cli, capsys, "--input", tiny_hf_dirs["llama"], "--output", tiny_hf_dirs["llama"], "--to", "hf",
+                  "--overwrite")
+    assert rc == 2 and "the output must differ from the input" in err
+
+
+@pytest.mark.parametrize("layout,msg", [
+    (["--tp", "3"], r"tensor_parallel (3) must divide num_attention_heads (4)"),
+    (["--pp", "3"], r"pipeline_parallel (3) must divide num_layers (4)"),
+    (["--ep", "3"], r"expert_parallel (3) must divide num_experts (8)"),
+    (["--etp", "3"], r"expert_tensor_parallel (3) must divide moe_ffn_hidden_size (64)"),
+])
+def test_a_layout_that_does_not_divide_the_model_is_refused(cli, capsys, tiny_hf_dirs, tmp_path, layout, msg):
+    rc, err = run(cli, capsys, "--input", tiny_hf_dirs["qwen3_moe"], "--output", tmp_path / "o", "--to", "mcore", *layout)
+    assert rc == 2 and "layout does not fit qwen3_moe" in err and msg in err, err
+    assert not (tmp_path / "o").exists() and os.listdir(tmp_path) == []
+
+
+def test_unknown_architecture_truncated_file_and_missing_pieces_are_named(cli, capsys, tiny_hf_dirs, tmp_path):
+    src = Path(tiny_hf_dirs["llama"])
+    gpt = tmp_path / "gpt"
+    shutil.copytree(src, gpt)
+    cfg = json.loads((gpt / "config.json").read_text())
+    (gpt / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    rc, err = run(cli, capsys, "--input", gpt, "--output", tmp_path / "o1", "--to", "mcore")
+    assert rc == 2 and "model_type 'gpt2' is not supported" in err and "llama" in err, err
+
+    cut = tmp_path / "cut"
+    shutil.copytree(src, cut)
+    weights = cut / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    rc, err = run(cli, capsys, "--input", cut, "--output", tmp_path / "o2", "--to", "mcore")
+    assert rc == 2 and f"{weights}: not a readable safetensors file (truncated or garbled?)" in err, err
+
+    bins = tmp_path / "bins"
+    shutil.copytree(src, bins)
+    weights = bins / "model.safetensors"
+    weights.rename(bins / "pytorch_model.bin")
+    rc, err = run(cli, capsys, "--input", bins, "--output", tmp_path / "o3", "--to", "mcore")
+    assert rc == 2 and "no *.safetensors files (found pytorch_model.bin" in err, err
+
+    rc, err = run(cli, capsys, "--input", tmp_path / "nowhere", "--output", tmp_path / "o4", "--to", "mcore")
+    assert rc == 2 and "no such directory" in err
+
+    mcore = tmp_path / "mcore_without_hf"
+    mcore.mkdir()
+    (mcore / "latest_checkpointed_iteration.txt").write_text("release")
+    rc, err = run(cli, capsys, "--input", mcore, "--output", tmp_path / "o5", "--to", "hf")
+    assert rc == 2 and "pass --hf-config DIR" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bins", "cut", "gpt", "mcore_without_hf"]
