@@ -1,13 +1,50 @@
-"""The root config of a run: one typed section per component."""
+"""The root config of a run: one typed section per component, and the loop's own section.
+
+One fact, one definition: the group size is ``rollout.n_samples_per_prompt``, the response
+length ``rollout.max_new_tokens`` (the algorithm's L_max, ``algorithm.max_response_len``,
+is set from it here) and the sampling temperature ``rollout.temperature`` (the trainer
+divides its logits by the same value). Cross-section checks that need no process group run
+in ``RunConfig.__post_init__``; the ones that need the world size or the model run at start
+(``moe_rl.launch``), before any work.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe_rl.algorithms.config import AlgorithmConfig
+from moe_rl.algorithms.config import BASE_DEFAULTS, AlgorithmConfig
+from moe_rl.algorithms.presets import PRESETS
+from moe_rl.checkpoint.config import CheckpointConfig
+from moe_rl.data.config import DataConfig
 from moe_rl.models.config import ModelConfig
+from moe_rl.observability.config import MetricsConfig
 from moe_rl.parallel.dims import ParallelConfig
+from moe_rl.rewards.config import RewardConfig
+from moe_rl.rollout.config import RolloutConfig
 from moe_rl.train.config import OptimConfig, TrainConfig
+from moe_rl.weights.config import WeightSyncConfig
+
+MODES = ("sync", "async")
+
+
+@dataclass
+class LoopConfig:
+    """The RL driver (``moe_rl/loop.py``): batch sizes, mode, failure handling."""
+
+    rollout_batch_size: int = 64  # responses generated per step (prompts per step x rollout.n_samples_per_prompt)
+    mode: str = "sync"  # sync: rollout, train, sync in turn | async: the next rollout runs while the trainer trains
+    max_staleness: int = 1  # async: a sample may come from at most this many policy versions back
+    max_consecutive_skipped: int = 3  # stop after this many optimizer steps in a row with a non-finite loss or gradient
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"loop.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.rollout_batch_size < 1:
+            raise ValueError(f"loop.rollout_batch_size ({self.rollout_batch_size}) must be >= 1")
+        if self.max_staleness < 1:
+            raise ValueError(f"loop.max_staleness ({self.max_staleness}) must be >= 1")
+        if self.max_consecutive_skipped < 1:
+            raise ValueError(f"loop.max_consecutive_skipped ({self.max_consecutive_skipped}) must be >= 1")
 
 
 @dataclass
@@ -16,5 +53,102 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # parallel layout of the trainer
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and LR schedule
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig.unset)  # preset + axis overrides
-    train: TrainConfig = field(default_factory=TrainConfig)  # step counts, batch shapes, added loss terms
-    output_dir: str = "runs/quickstart"  # where the run writes its files
+    train: TrainConfig = field(default_factory=TrainConfig)  # steps, optimizer batch, micro-batch budget, seed
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # engine, group size, response length, temperature
+    rewards: RewardConfig = field(default_factory=RewardConfig)  # named rewards and their executor
+    data: DataConfig = field(default_factory=DataConfig)  # prompt dataset (or generated toy tasks)
+    loop: LoopConfig = field(default_factory=LoopConfig)  # rollout batch, sync/async, failure handling
+    weights: WeightSyncConfig = field(default_factory=WeightSyncConfig)  # weight sync to engine servers (HTTP)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # run checkpoints and resume
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # JSONL, tensorboard, wandb, progress
+    output_dir: str = "runs/quickstart"  # where the run writes metrics, tensorboard files and checkpoints
+
+    def __post_init__(self) -> None:
+        self._one_response_length()
+        n = self.rollout.n_samples_per_prompt
+        if self.loop.rollout_batch_size % n:
+            raise ValueError(f"loop.rollout_batch_size ({self.loop.rollout_batch_size}) must be divisible by "
+                             f"rollout.n_samples_per_prompt ({n}), the group size")
+        keep = self.algorithm.gfpo_keep
+        if keep and keep >= n:
+            raise ValueError(f"algorithm.gfpo_keep ({keep}) must be smaller than rollout.n_samples_per_prompt ({n}): "
+                             "GFPO keeps a subset of each group")
+        trained = self.trained_per_step
+        if trained % self.train.global_batch:
+            raise ValueError(f"train.global_batch ({self.train.global_batch}) must divide the responses trained per "
+                             f"step ({trained} = {self.prompts_per_step} prompts x {keep or n})")
+
+    def _one_response_length(self) -> None:
+        alg, L = self.algorithm, self.rollout.max_new_tokens
+        if alg.advantage is None:  # built in Python from AlgorithmConfig.unset(): resolve the preset now
+            alg.__post_init__()
+        preset_L = {**BASE_DEFAULTS, **PRESETS[alg.preset]}["max_response_len"]
+        if alg.max_response_len not in (0, preset_L, L):
+            raise ValueError(f"algorithm.max_response_len ({alg.max_response_len}) differs from rollout.max_new_tokens "
+                             f"({L}); the response length has one definition: set rollout.max_new_tokens")
+        alg.max_response_len = L
+        if alg.overlong_shaping and not 0 < alg.overlong_cache_len < L:
+            raise ValueError(f"algorithm.overlong_cache_len ({alg.overlong_cache_len}) must be in (0, "
+                             f"rollout.max_new_tokens={L}) with overlong shaping")
+        alg._validate()
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.loop.rollout_batch_size // self.rollout.n_samples_per_prompt
+
+    @property
+    def trained_per_step(self) -> int:
+        """Responses the trainer gets per step (GFPO keeps ``gfpo_keep`` of each group)."""
+        return self.prompts_per_step * (self.algorithm.gfpo_keep or self.rollout.n_samples_per_prompt)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the trainer scores with: the engine's (greedy is scored at 1)."""
+        return self.rollout.temperature or 1.0
+
+
+def config_reference(schema: type = RunConfig, prefix: str = "") -> str:
+    """The configuration reference as Markdown, generated from the typed config: one row per
+    field (dotted key, type, default, the field's trailing comment), so it is never written
+    twice. ``python -m moe_rl.config.run`` prints it."""
+    import dataclasses
+    import inspect
+    import io
+    import tokenize
+
+    def comments(cls) -> dict:
+        out = {}
+        try:
+            src = inspect.getsource(cls)
+        except (OSError, TypeError):
+            return out
+        names = {f.name for f in dataclasses.fields(cls)}
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                line = tok.line.strip()
+                name = line.split(":", 1)[0].strip()
+                if name in names and name not in out:
+                    out[name] = tok.string.lstrip("# ").strip()
+        return out
+
+    rows = []
+
+    def walk(cls, pre: str) -> None:
+        notes = comments(cls)
+        obj = cls.unset() if cls is AlgorithmConfig else cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{pre}{f.name}.")
+                continue
+            typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            shown = "preset" if cls is AlgorithmConfig and value is None and f.name != "preset" else repr(value)
+            esc = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+            rows.append(f"| `{pre}{f.name}` | `{esc(typ)}` | `{esc(shown)}` | {esc(notes.get(f.name, ''))} |")
+
+    walk(schema, prefix)
+    return "| key | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

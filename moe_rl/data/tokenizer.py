@@ -72,3 +72,36 @@ def save_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512, texts: Opt
     os.makedirs(out_dir, exist_ok=True)
     tok.save_pretrained(os.fspath(out_dir))
     return tok
+
+
+# A character-level template: the last message's content, then "=" (the answer follows).
+CHAR_CHAT_TEMPLATE = "{{ bos_token }}{{ messages[-1]['content'] }}="
+
+
+def build_char_tokenizer(alphabet: str, *, model_max_length: int = 512):
+    """A ``PreTrainedTokenizerFast`` with one token per character of ``alphabet`` + "=".
+
+    Ids: pad=0, bos=1, eos=2, then the characters in order, so a model needs only
+    ``len(alphabet) + 4`` vocabulary rows (:func:`char_vocab_size`). Used by the toy tasks
+    whose answers are single characters (``max_digit``): an untrained policy then puts
+    roughly ``1/vocab`` on the right answer, so RL has a signal from the first step. The chat
+    template renders only the last message (a system prompt has no characters here).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(dict.fromkeys(alphabet + "="))
+    vocab = {PAD: 0, BOS: 1, EOS: 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=None,
+                                 model_max_length=model_max_length, padding_side="left",
+                                 clean_up_tokenization_spaces=False)
+    hf.chat_template = CHAR_CHAT_TEMPLATE
+    return hf
+
+
+def char_vocab_size(alphabet: str) -> int:
+    """Vocabulary rows a model needs for :func:`build_char_tokenizer` ``(alphabet)``."""
+    return len(dict.fromkeys(alphabet + "=")) + 3

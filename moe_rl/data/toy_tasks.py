@@ -1,9 +1,13 @@
-"""Generated prompts for the quickstart and tests: arithmetic and countdown, no downloads.
+"""Generated prompts for the quickstart and tests: arithmetic, countdown and max_digit, no
+downloads.
 
 Each task is a dict row in the same shape a JSONL dataset has (``prompt``, ``answer``,
 ``task``), so the quickstart exercises the real dataset path. Generation is a pure
 function of the seed. Countdown targets are built from an expression over the numbers,
-so every instance is solvable.
+so every instance is solvable. ``max_digit`` ("the largest of four digits", answered with
+one character) is what the quickstart's tiny policy learns by RL in a few dozen steps; it
+comes with its character tokenizer (``tokenizer.build_char_tokenizer``) and its reward
+(:func:`exact_answer_reward`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import os
 import random
 from typing import Any, Dict, List
 
-TASKS = ("arithmetic", "countdown")
+TASKS = ("arithmetic", "countdown", "max_digit")
+MAX_DIGIT_ALPHABET = "0123456789 "  # every character a max_digit prompt or answer uses
 SYSTEM_PROMPT = ("Think step by step inside <think> </think>, then give the final answer "
                  "in \\boxed{}.")
 
@@ -52,18 +57,30 @@ def countdown_task(rng: random.Random, num_numbers: int = 3, max_number: int = 2
             "answer": {"numbers": numbers, "target": target}, "solution": solution}
 
 
+def max_digit_task(rng: random.Random, num_digits: int = 4) -> Dict[str, Any]:
+    digits = [rng.randint(0, 9) for _ in range(num_digits)]
+    return {"task": "max_digit", "prompt": " ".join(map(str, digits)), "answer": str(max(digits))}
+
+
+def exact_answer_reward(sample, strip: bool = True) -> float:
+    """1.0 when the response is exactly the label (surrounding whitespace ignored), else 0.0."""
+    response = sample.response.strip() if strip else sample.response
+    return float(response == str(sample.label))
+
+
+_TASK_FNS = {"arithmetic": arithmetic_task, "countdown": countdown_task, "max_digit": max_digit_task}
+
+
 def generate_tasks(num: int, *, task: str = "arithmetic", seed: int = 0) -> List[Dict[str, Any]]:
-    """``num`` rows of ``task`` ("arithmetic", "countdown" or "mixed"), deterministic in ``seed``."""
+    """``num`` rows of ``task`` (one of ``TASKS``, or "mixed": arithmetic and countdown in turn),
+    deterministic in ``seed``."""
     if task not in TASKS + ("mixed",):
         raise ValueError(f"toy task {task!r} is not one of {', '.join(TASKS + ('mixed',))}")
     if num < 0:
         raise ValueError(f"number of toy tasks ({num}) must be >= 0")
     rng = random.Random(seed)
-    rows = []
-    for i in range(num):
-        kind = task if task != "mixed" else TASKS[i % len(TASKS)]
-        rows.append(arithmetic_task(rng) if kind == "arithmetic" else countdown_task(rng))
-    return rows
+    mixed = ("arithmetic", "countdown")
+    return [_TASK_FNS[task if task != "mixed" else mixed[i % len(mixed)]](rng) for i in range(num)]
 
 
 def write_jsonl(rows: List[Dict[str, Any]], path: str | os.PathLike) -> str:

@@ -21,7 +21,8 @@ REQUIRED_STEP_METRICS: tuple[str, ...] = (
     "train/skipped_steps", "train/optimizer_step",
 )
 
-VOLATILE_PREFIXES: tuple[str, ...] = ("timing/", "perf/", "gpu/", "rollout/tokens_per_s")
+VOLATILE_PREFIXES: tuple[str, ...] = ("timing/", "perf/", "gpu/", "rollout/tokens_per_s", "weights/sync_s",
+                                     "weights/probe_s")
 
 
 def is_volatile(name: str) -> bool:

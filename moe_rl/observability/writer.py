@@ -42,7 +42,7 @@ class MetricWriter:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(self.tb_dir, purge_step=start_step if start_step > 0 else None)
+            self._tb = SummaryWriter(self.tb_dir, purge_step=start_step)
         if cfg.wandb:
             try:
                 import wandb

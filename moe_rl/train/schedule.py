@@ -42,23 +42,24 @@ def forward_backward(
     """Run all ``microbatches`` of one step; returns the per-micro-batch metrics (last stage).
 
     Each micro-batch dict holds ``tokens`` [B, S] (int64) and optionally ``position_ids``;
-    everything else is passed to ``loss_fn`` untouched. All micro-batches share B and S.
+    everything else is passed to ``loss_fn`` untouched. Micro-batches may differ in B and S
+    (the models are built with Megatron's ``variable_seq_lengths``, so pipeline stages send
+    each activation's shape along with it).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not microbatches:
         raise ValueError("forward_backward needs at least one micro-batch")
-    B, S = microbatches[0]["tokens"].shape
     for i, mb in enumerate(microbatches):
-        if tuple(mb["tokens"].shape) != (B, S):
-            raise ValueError(f"micro-batch {i} has shape {tuple(mb['tokens'].shape)}, "
-                             f"micro-batch 0 has {(B, S)}: pad to one shape")
-    if groups.dims.sp and S % groups.dims.tp:
-        raise ValueError(f"sequence length {S} must be divisible by tensor_parallel "
-                         f"({groups.dims.tp}) with sequence parallelism")
+        S_i = mb["tokens"].shape[1]
+        if groups.dims.sp and S_i % groups.dims.tp:
+            raise ValueError(f"micro-batch {i}: sequence length {S_i} must be divisible by tensor_parallel "
+                             f"({groups.dims.tp}) with sequence parallelism")
+    B = max(mb["tokens"].shape[0] for mb in microbatches)
+    S = max(mb["tokens"].shape[1] for mb in microbatches)
     n = len(microbatches)
     scale = float(n * groups.dims.dp)
-    mask = causal_mask(S, microbatches[0]["tokens"].device)
+    masks: dict[int, torch.Tensor] = {}
 
     def loss_wrapper(mb, output):
         loss, metrics = loss_fn(output, mb)
@@ -67,10 +68,13 @@ def forward_backward(
     def step(data_iterator, chunk):
         mb = next(data_iterator)
         tokens = mb["tokens"]
+        B_mb, S_mb = tokens.shape
+        if S_mb not in masks:
+            masks[S_mb] = causal_mask(S_mb, tokens.device)
         pos = mb.get("position_ids")
         if pos is None:
-            pos = torch.arange(S, device=tokens.device)[None].expand(B, S)
-        out = chunk(tokens, pos, mask)
+            pos = torch.arange(S_mb, device=tokens.device)[None].expand(B_mb, S_mb)
+        out = chunk(tokens, pos, masks[S_mb])
         return out, lambda output, _mb=mb: loss_wrapper(_mb, output)
 
     fwd_bwd = get_forward_backward_func()

@@ -51,8 +51,8 @@ def test_dataset_errors(tmp_path):
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(ValueError, match="format=auto"):
         load_prompts(DataConfig(path=str(tmp_path / "d.txt")))
-    with pytest.raises(ValueError, match="token_budget"):
-        DataConfig(max_prompt_tokens=100, response_tokens=100, samples_per_prompt=8, token_budget=1000)
+    with pytest.raises(ValueError, match="data.toy_task='sums' is not one of"):
+        DataConfig(toy_task="sums")
 
 
 def test_toy_tasks_are_correct_and_deterministic(tmp_path):

@@ -1,20 +1,92 @@
-"""launch/quickstart.py refuses a config it would not honour, before starting anything."""
+"""Bad input stops before any work, with a message naming the field and the numbers: the
+quickstart config and ``moe_rl.launch``'s checks (config, layout, data, engine URL, an
+output_dir holding another model's checkpoint)."""
 
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from launcher import ROOT
+from moe_rl.config import ConfigError, load_config
+from moe_rl.config.run import RunConfig
+from moe_rl.launch import preflight
+
+QUICKSTART = ROOT / "launch/configs/quickstart.yaml"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("algorithm.preset=dapo", "algorithm.* is not used by the quickstart"),
-    ("optim.learning_rate=0.1", "learning_rate"),
-    ("model.params_dtype=float16", "params_dtype"),
+def _cfg(*overrides):
+    return load_config(RunConfig, QUICKSTART, list(overrides))
+
+
+def test_quickstart_config_is_valid_and_says_what_it_trains():
+    cfg = _cfg()
+    assert cfg.data.toy_task == "max_digit" and cfg.parallel.expert_parallel == 2
+    assert cfg.algorithm.max_response_len == cfg.rollout.max_new_tokens  # one definition
+    preflight(cfg, world=2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.learning_rate=0.1"], "optim.learning_rate"),
+    (["train.steps=many"], "train.steps"),
+    (["loop.rollout_batch_size=100"], "loop.rollout_batch_size (100) must be divisible by rollout.n_samples_per_prompt (16)"),
+    (["train.global_batch=96"], "train.global_batch (96) must divide the responses trained per step (512"),
+    (["algorithm.max_response_len=64"], "algorithm.max_response_len (64) differs from rollout.max_new_tokens (1)"),
+    (["loop.mode=fast"], "loop.mode='fast' is not one of sync, async"),
+    (["data.toy_task=sums"], "data.toy_task='sums'"),
 ])
-def test_quickstart_refuses_what_it_would_ignore(override, message):
-    proc = subprocess.run([sys.executable, "launch/quickstart.py", "launch/configs/quickstart.yaml", override],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises((ConfigError, ValueError)) as e:
+        _cfg(*overrides)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.expert_parallel=3"], 3, "expert_parallel (3) must divide num_experts (8)"),
+    (["parallel.tensor_parallel=2"], 3, "world_size (3) must be divisible by tensor_parallel (2)"),
+    (["train.global_batch=128", "parallel.expert_parallel=1"], 3, "train.global_batch (128) must be divisible by the data-parallel degree (3"),
+    (["data.path=/nonexistent/prompts.jsonl"], 2, "no such file '/nonexistent/prompts.jsonl'"),
+    (["rollout.client.server_urls=[http://127.0.0.1:9]"], 2, "http://127.0.0.1:9 does not answer /health"),
+])
+def test_preflight_errors_name_the_numbers(overrides, world, message):
+    with pytest.raises(ValueError) as e:
+        preflight(_cfg(*overrides), world=world)
+    assert message in str(e.value)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    d = tmp_path / "checkpoints" / "step_00000004"
+    d.mkdir(parents=True)
+    (d / "run_state.json").write_text(json.dumps({"step": 4, "model": {"model_type": "mixtral", "vocab_size": 15}}))
+    (d / "COMPLETE").write_text("ok\n")
+    with pytest.raises(ValueError, match=r"another model .*model_type: checkpoint 'mixtral', config 'qwen3_moe'"):
+        preflight(_cfg(f"output_dir={tmp_path}"), world=2)
+    preflight(_cfg(f"output_dir={tmp_path}", "checkpoint.resume=false"), world=2)
+
+
+def test_cli_exits_2_before_starting_anything(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0")
+    proc = subprocess.run([sys.executable, "-m", "moe_rl.launch", str(QUICKSTART), "parallel.expert_parallel=3",
+                           f"output_dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "config error: world_size (2) must be divisible by expert_tensor_parallel (1) x expert_parallel (3)" in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_configuration_reference_is_generated_from_the_typed_config():
+    import dataclasses
+
+    from moe_rl.config.run import config_reference
+
+    ref = config_reference()
+    rows = [line for line in ref.splitlines()[2:] if line.startswith("| `")]
+    assert len(rows) > 100
+    assert "| `loop.rollout_batch_size` | `int` | `64` | responses generated per step" in ref
+    assert "| `algorithm.clip_high` | `Optional[float]` | `preset` |" in ref
+    assert "constant \\| linear \\| cosine" in ref  # pipes inside a cell are escaped
+    import re
+
+    assert all(len(re.findall(r"(?<!\\)\|", line)) == 5 for line in rows)  # 4 cells, whatever the text
+    assert dataclasses.fields(RunConfig)[0].name == "model"

@@ -1,7 +1,5 @@
-"""Runs under torchrun (2 ranks): run checkpoints of a tiny Qwen3-MoE at EP2 with the
-distributed optimizer. Results to a JSON file.
-
-    torchrun --nproc-per-node 2 tests/distributed/run_checkpoint_worker.py OUT.json HF_DIR WORK_DIR
+"""Run checkpoints of a tiny Qwen3-MoE at EP2 with the distributed optimizer, on 2 gloo ranks
+(called by ``loop_worker.py``, scenario "ckpt"; returns a dict of results).
 
 - roundtrip: 2 steps, save, 2 more steps; a fresh model + optimizer loaded from the save runs
   the same 2 steps: losses and grad norms must be bitwise equal (Adam's per-parameter step
@@ -17,8 +15,7 @@ import sys
 import traceback
 
 
-def main():
-    out_path, hf_dir, work = sys.argv[1], sys.argv[2], sys.argv[3]
+def checkpoint_checks(hf_dir, work):
     import torch
     import torch.distributed as dist
     import transformers
@@ -27,7 +24,6 @@ def main():
     from moe_rl.models import family_for
     from moe_rl.parallel import ParallelConfig, ParallelDims
     from moe_rl.parallel import groups as G
-    from moe_rl.parallel.cpu_platform import activate_cpu_mode
     from moe_rl.train.config import OptimConfig
     from moe_rl.train.cross_entropy import step_loss, token_cross_entropy
     from moe_rl.train.model import build_model, load_hf_weights
@@ -35,9 +31,6 @@ def main():
     from moe_rl.train.parity import megatron_logits, random_tokens
     from moe_rl.train.schedule import forward_backward
 
-    torch.set_num_threads(1)
-    activate_cpu_mode()
-    G.init_distributed()
     rank = dist.get_rank()
     hf_cfg = transformers.AutoConfig.from_pretrained(hf_dir)
     shape = family_for(hf_cfg).shape(hf_cfg)
@@ -113,12 +106,4 @@ def main():
     except Exception:
         res["error"] = traceback.format_exc()[-4000:]
         print(res["error"], file=sys.stderr, flush=True)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    return res
