@@ -11,7 +11,6 @@ at the layout, runs the same tokens through ``transformers``, prints
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 

@@ -33,7 +33,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from moe_rl.algorithms.config import BASE_DEFAULTS, MISMATCH_MODES, SEQUENCE_MISMATCH_MODES
+from moe_rl.algorithms.config import BASE_DEFAULTS, MISMATCH_MODES
 from moe_rl.algorithms.metrics import Metrics
 from moe_rl.algorithms.ratio import clamped_ratio
 

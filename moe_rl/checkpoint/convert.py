@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from moe_rl.checkpoint.atomic import fsync_tree
 from moe_rl.checkpoint import hf_format
 from moe_rl.checkpoint import megatron_format as mf
 from moe_rl.checkpoint.megatron_format import CheckpointError
@@ -120,7 +121,7 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
                 else:  # HF -> HF: a checked, re-sharded copy
                     n = _hf_to_hf(ckpt, shards, hf_config, tmp, file_bytes, want, counted)
                     hf_format.copy_side_files(src, tmp)
-        hf_format.fsync_tree(tmp)
+        fsync_tree(tmp)
         _publish(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,6 @@ tensor and the numbers, before a single tensor is converted.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -125,13 +124,3 @@ def write_shards(dst: Path, buckets: Iterable[list[tuple[str, torch.Tensor]]], n
                                          "weight_map": dict(sorted(weight_map.items()))}, indent=1))
 
 
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(dirpath, f), "rb") as h:
-                os.fsync(h.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

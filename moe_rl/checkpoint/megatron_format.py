@@ -38,6 +38,8 @@ from typing import Callable
 
 import torch
 
+from moe_rl.checkpoint.atomic import fsync_file
+
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
 HF_SUBDIR = "hf"
@@ -173,7 +175,7 @@ def write_dist_checkpoint(path: Path, shards: Shards, read_tensor: Callable[[str
             raise cause from None
         raise CheckpointError(f"{path}: writing the checkpoint failed: {cause!r}") from cause
     torch.save(common, path / "common.pt")
-    _fsync(path / "common.pt")
+    fsync_file(path / "common.pt")
     save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(path))  # Megatron's "complete" marker
 
 
@@ -320,6 +322,3 @@ def write_layout(root: Path, info: dict) -> Path:
     return d
 
 
-def _fsync(p: Path) -> None:
-    with open(p, "rb") as f:
-        os.fsync(f.fileno())

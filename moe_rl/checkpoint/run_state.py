@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_rl.checkpoint.atomic import fsync_dir, fsync_tree, write_file
+
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 RUN_STATE = "run_state.json"
@@ -170,20 +172,20 @@ def save(root: str, step: int, *, train_state, built, groups, run_state: Dict[st
         os.makedirs(os.path.join(tmp, "model_optim"))
     dist.barrier()
     dist_checkpointing.save(_sharded_state(train_state, built, is_loading=False), os.path.join(tmp, "model_optim"))
-    _write(os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"), lambda f: torch.save(rng, f))
+    write_file(os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"), lambda f: torch.save(rng, f))
     dist.barrier()
     if rank == 0:
         state = dict(run_state, format=FORMAT_VERSION, step=step, optimizer_step=train_state.step,
                      scheduler=train_state.scheduler.state_dict(), world_size=dist.get_world_size())
-        _write(os.path.join(tmp, RUN_STATE), lambda f: f.write(json.dumps(state, indent=1).encode()))
-        _write(os.path.join(tmp, "config.yaml"), lambda f: f.write(config_text.encode()))
-        _fsync_tree(tmp)
+        write_file(os.path.join(tmp, RUN_STATE), lambda f: f.write(json.dumps(state, indent=1).encode()))
+        write_file(os.path.join(tmp, "config.yaml"), lambda f: f.write(config_text.encode()))
+        fsync_tree(tmp)
         if os.path.exists(final):  # an earlier write of this step that never got its marker
             _remove(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
-        _write(os.path.join(final, MARKER), lambda f: f.write(b"ok\n"))
-        _fsync_dir(final)
+        fsync_dir(root)
+        write_file(os.path.join(final, MARKER), lambda f: f.write(b"ok\n"))
+        fsync_dir(final)
         if keep:
             for _, old in scan(root).complete[:-keep]:
                 _remove(old)
@@ -191,34 +193,11 @@ def save(root: str, step: int, *, train_state, built, groups, run_state: Dict[st
     return final
 
 
-def _write(path: str, fill) -> None:
-    with open(path, "wb") as f:
-        fill(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: str) -> None:
-    for d, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(d)
-
-
 def _remove(path: str) -> None:
     """Delete a checkpoint directory, its marker first (a partial delete is never complete)."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(path, MARKER))
-    _fsync_dir(path)
+    fsync_dir(path)
     shutil.rmtree(path)
 
 

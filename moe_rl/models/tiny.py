@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from moe_rl.checkpoint.atomic import fsync_dir, fsync_tree
 from moe_rl.models import FAMILIES
 
 TINY_FAMILIES: tuple[str, ...] = tuple(FAMILIES)  # every supported family has a tiny checkpoint
@@ -115,13 +116,13 @@ def save_tiny_hf(family: str, out_dir: str | os.PathLike, *, seed: int = 0, **ov
     tmp = _sibling(out, "tmp")
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             old = _sibling(out, "old", create=False)
             os.replace(out, old)
             shutil.rmtree(old)
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -167,17 +168,3 @@ def _sibling(out: Path, tag: str, create: bool = True) -> Path:
     return p
 
 
-def _fsync_tree(root: Path) -> None:
-    for f in root.iterdir():
-        if f.is_file():
-            with open(f, "rb") as h:
-                os.fsync(h.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,7 +16,6 @@ micro-batches (identical across TP/PP/EP peers); every rank returns the same met
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 from moe_rl.algorithms.actor_loss import actor_loss

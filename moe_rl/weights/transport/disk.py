@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from moe_rl.checkpoint.atomic import fsync_dir, fsync_file, fsync_tree
 from moe_rl.rollout.client import RolloutClient
 from moe_rl.weights import checksum, job
 from moe_rl.weights.export import ExportedBucket
@@ -27,22 +28,13 @@ CONFIG_FILES = ("config.json", "generation_config.json")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-def fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_safetensors(path: Path, named: list, metadata: dict | None = None) -> None:
     """One safetensors file, fsynced."""
     from safetensors.torch import save_file
 
     save_file({n: t.detach().to("cpu").contiguous() for n, t in named}, str(path),
               metadata={"format": "pt", **(metadata or {})})
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_file(path)
 
 
 class DiskTransport(Transport):
@@ -110,10 +102,7 @@ class DiskTransport(Transport):
                 src = Path(self.config_dir) / f
                 if src.is_file():
                     shutil.copyfile(src, tmp / f)
-        for f in tmp.iterdir():
-            with open(f, "rb") as h:
-                os.fsync(h.fileno())
-        fsync_dir(tmp)
+        fsync_tree(tmp)
         if final.exists():  # the same version shipped again: swap it out, then drop the old copy
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
