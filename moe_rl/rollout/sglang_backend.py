@@ -1,7 +1,7 @@
 """Launch, health-check, register and tear down real SGLang servers (and sglang-router).
 
-Flag names are sglang 0.5.23's (``python -m sglang.launch_server --help``; see
-notes/sglang-contract.md A4): ``--ep-size`` (``--enable-ep-moe`` no longer exists),
+Flag names are sglang 0.5.23's (``python -m sglang.launch_server --help``):
+``--ep-size`` (``--enable-ep-moe`` no longer exists),
 ``--attn-dp-size`` (not ``--enable-dp-attention``), ``--enable-return-routed-experts``.
 Plan as data, then execute: :func:`launch_commands` is pure and unit-tested;
 :class:`SGLangServers` runs the plan (each server in its own process group, so teardown
