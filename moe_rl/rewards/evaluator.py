@@ -112,7 +112,7 @@ class RewardEvaluator:
         tasks = [(i, spec) for i in range(len(samples)) for spec in cfg.rewards]
         bar = _progress(len(tasks), desc, cfg.progress)
 
-        def record(i: int, name: str, fn: str, result: Any) -> None:
+        def record(i: int, name: str, fn: str, result: Any, counted: bool = False) -> None:
             if isinstance(result, BaseException):
                 kind = result.kind if isinstance(result, TaskFailed) else type(result).__name__
                 if cfg.on_error == "raise":
@@ -121,7 +121,8 @@ class RewardEvaluator:
                 errors[i][name] = f"{kind}: {result}"
             else:
                 values[i][name] = result
-            bar.update(1)
+            if not counted:
+                bar.update(1)
 
         try:
             pool = self._executor()
@@ -135,15 +136,20 @@ class RewardEvaluator:
             elif isinstance(pool, WorkerPool):
                 args = [(spec.fn, dict(spec.kwargs), samples[i], cfg.sandbox) for i, spec in tasks]
                 results = pool.run(args, timeout_s=cfg.timeout_s)
+                done: Dict[int, Any] = {}
                 try:
-                    for k, res in results:
-                        i, spec = tasks[k]
+                    for k, res in results:  # in completion order
                         if isinstance(res, TimeoutError):
                             res = TimeoutError(f"no result within rewards.timeout_s={cfg.timeout_s}s; "
                                                f"its worker was killed")
-                        record(i, spec.name, spec.fn, res)
+                        done[k] = res
+                        bar.update(1)
                 finally:
-                    results.close()  # on a raise, kills the workers still busy with this batch
+                    results.close()  # on an interrupt, kills the workers still busy with this batch
+                # recorded in input order, so on_error=raise names the first failing sample whatever
+                # finished first
+                for k, (i, spec) in enumerate(tasks):
+                    record(i, spec.name, spec.fn, done[k], counted=True)
             else:
                 futs = {pool.submit(score_one, spec.fn, dict(spec.kwargs), samples[i], cfg.sandbox): (i, spec)
                         for i, spec in tasks}

@@ -128,3 +128,18 @@ def test_errors_raise_or_score_zero(user_module):
     assert batch.metrics()["reward/errors"] == 4.0
     with pytest.raises(ValueError, match="cannot import"):
         RewardEvaluator(RewardConfig(rewards=[RewardSpec(name="x", fn="nope_mod:f")]))
+
+
+def test_raise_names_the_first_failing_sample_whatever_finishes_first(user_module, tmp_path):
+    """Process workers finish in any order; on_error=raise still names the first failure in
+    input order (sample 0's slow error, not sample 1's fast one)."""
+    (tmp_path / "slow_fail_mod.py").write_text(textwrap.dedent("""
+        import time
+        def fail(sample):
+            if sample.response == "slow":
+                time.sleep(1.0)
+            raise RuntimeError(f"failed on {sample.response}")
+    """))
+    cfg = RewardConfig(rewards=[RewardSpec(name="f", fn="slow_fail_mod:fail")], progress=False, num_workers=2)
+    with RewardEvaluator(cfg) as ev, pytest.raises(RewardError, match="failed on sample 0: .*failed on slow"):
+        ev.evaluate([RewardInput(response="slow"), RewardInput(response="fast")])
