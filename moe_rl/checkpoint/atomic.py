@@ -41,3 +41,13 @@ def write_file(path: str | os.PathLike, fill: Callable[[BinaryIO], object]) -> N
         fill(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def replace_file(path: str | os.PathLike, fill: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` whole or not at all: ``fill`` writes a temporary sibling, which is flushed
+    to disk and renamed over ``path``; the rename is flushed too."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    write_file(tmp, fill)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -17,6 +17,8 @@ import os
 import random
 from typing import Any, Dict, List
 
+from moe_rl.checkpoint.atomic import replace_file
+
 TASKS = ("arithmetic", "countdown", "max_digit")
 MAX_DIGIT_ALPHABET = "0123456789 "  # every character a max_digit prompt or answer uses
 SYSTEM_PROMPT = ("Think step by step inside <think> </think>, then give the final answer "
@@ -87,13 +89,7 @@ def write_jsonl(rows: List[Dict[str, Any]], path: str | os.PathLike) -> str:
     """Write ``rows`` as JSONL atomically (temp file, fsync, rename); returns the path."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
     return path
 
 

@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional
 
+from moe_rl.checkpoint.atomic import replace_file
 from moe_rl.observability.config import MetricsConfig
 
 
@@ -107,13 +108,7 @@ def keep_records_before(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     keep = [r for r in read_metrics(path) if int(r["step"]) < step]
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        for r in keep:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep).encode()))
 
 
 def non_finite(record: Mapping[str, Any]) -> Dict[str, float]:
