@@ -82,6 +82,12 @@ def main():
             import time
             time.sleep(60)  # rank 0 kills us
 
+    # every hook point must exist whichever one this run kills at, so that a refactor that
+    # moves one breaks the test on every seed, not only on the seeds that draw it
+    hooks = [(loop.InProcessRollout, "generate"), (loop.Trainer, "step"),
+             (loop.InProcessRollout, "sync_weights"), (rs, "os"), (rs, "write_file"), (rs, "MARKER")]
+    missing = [f"{getattr(o, '__name__', o)}.{a}" for o, a in hooks if not hasattr(o, a)]
+    assert not missing, f"kill hooks point at what no longer exists: {missing}"
     point, at = (kill.split(":") + ["-1"])[:2]
     at = int(at)
     current = {"step": -1}
@@ -136,14 +142,14 @@ def main():
 
         rs.os = _OS()
     elif point == "ckpt_marker":
-        write = rs._write
+        write = rs.write_file
 
-        def _write(path, fill):
+        def write_file(path, fill):
             if path.endswith(rs.MARKER) and f"step_{at + 1:08d}" in path:
                 die(f"in the checkpoint write after step {at}, before its marker")
             return write(path, fill)
 
-        rs._write = _write
+        rs.write_file = write_file
 
     cfg = load_config(RunConfig, None, CONFIG + [f"output_dir={run_dir}"])
     run_loop(cfg)
