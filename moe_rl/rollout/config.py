@@ -37,7 +37,7 @@ class SGLangConfig:
     num_servers: int = 1  # independent engines (each one /generate endpoint)
     tp_size: int = 1  # --tp-size, GPUs per engine
     ep_size: int = 1  # --ep-size, expert parallel degree inside an engine (divides tp_size)
-    dp_size: int = 1  # --dp-size, data-parallel replicas inside one engine
+    dp_size: int = 1  # --dp-size, data-parallel replicas inside one engine (replica r: GPUs from its base + r*tp_size)
     attn_dp_size: int = 1  # --attn-dp-size, DP attention degree (1 = off)
     mem_fraction_static: float = 0.7  # --mem-fraction-static, GPU memory for weights + KV
     enable_memory_saver: bool = True  # --enable-memory-saver (release/resume_memory_occupation)
@@ -48,7 +48,7 @@ class SGLangConfig:
     nnodes: int = 1  # --nnodes, nodes one engine spans (multi-node TP/EP)
     node_rank: int = 0  # --node-rank of this launcher within an engine
     dist_init_addr: str = ""  # --dist-init-addr host:port of the engine's node 0 (nnodes > 1)
-    base_gpu_id: int = 0  # --base-gpu-id of server 0; server i starts at base_gpu_id + i*tp_size
+    base_gpu_id: int = 0  # --base-gpu-id of server 0; server i starts at base_gpu_id + i*dp_size*tp_size/nnodes
     weight_version: str = "default"  # --weight-version at startup
     random_seed: int | None = None  # --random-seed
     skip_server_warmup: bool = True  # --skip-server-warmup
@@ -75,6 +75,26 @@ class SGLangConfig:
             raise ValueError(f"sglang.node_rank ({self.node_rank}) must be in [0, nnodes={self.nnodes})")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError(f"sglang.dist_init_addr is required when sglang.nnodes ({self.nnodes}) > 1")
+        # SGLang 0.5.23 refuses these two at startup (srt/arg_groups/parallel_hook.py and
+        # validation_hook.py); refusing them here saves a GPU job that would die in its first minute.
+        if self.dp_size > 1 and self.attn_dp_size > 1:
+            raise ValueError(
+                f"sglang.dp_size ({self.dp_size}) with sglang.attn_dp_size ({self.attn_dp_size}): SGLang refuses "
+                "data-parallel replicas combined with attention data parallelism; set one of them to 1")
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise ValueError(
+                f"sglang.dp_size ({self.dp_size}) with sglang.nnodes ({self.nnodes}): SGLang does not support "
+                "multi-node data-parallel replicas; use attention DP (sglang.attn_dp_size) across nodes, or "
+                "more servers (one per node group)")
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"sglang.nnodes ({self.nnodes}) must divide sglang.tp_size ({self.tp_size}): "
+                             "SGLang spreads one engine's tensor-parallel ranks evenly over its nodes")
+        if self.base_gpu_id < 0:
+            raise ValueError(f"sglang.base_gpu_id ({self.base_gpu_id}) must be >= 0")
+        placement = [f for f in ("--base-gpu-id", "--gpu-id-step") if any(a.split("=")[0] == f for a in self.extra_args)]
+        if placement:
+            raise ValueError(f"sglang.extra_args sets {', '.join(placement)}: GPU placement is computed from "
+                             "sglang.base_gpu_id, tp_size and dp_size (set those instead)")
         if self.nnodes > 1 and self.num_servers != 1:
             raise ValueError(
                 f"sglang.num_servers ({self.num_servers}) must be 1 per launcher when nnodes ({self.nnodes}) > 1")

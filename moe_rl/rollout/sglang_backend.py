@@ -23,11 +23,28 @@ from moe_rl.rollout.config import SGLangConfig
 
 @dataclasses.dataclass
 class LaunchSpec:
-    """One server to start: its argv, URL and the GPUs it owns."""
+    """One server to start: its argv, URL and the GPUs it owns on its node (every replica's)."""
 
     argv: list[str]
     url: str
     gpu_ids: list[int]
+
+
+def gpus_per_server(cfg: SGLangConfig) -> int:
+    """GPUs one server occupies on each of its nodes: ``dp_size * tp_size / nnodes``.
+
+    SGLang 0.5.23 (``managers/data_parallel_controller.py``) starts data-parallel replica r
+    of a server on GPUs ``base_gpu_id + r*tp_size + tp_rank`` (pp_size 1, gpu_id_step 1), so a
+    dp2 x tp4 server owns 8 GPUs, not 4. Attention DP stays inside the tp_size GPUs."""
+    return cfg.dp_size * cfg.tp_size // cfg.nnodes
+
+
+def server_gpus(cfg: SGLangConfig, index: int = 0) -> list[int]:
+    """GPU indices (within the node's visible devices) that server ``index`` occupies on its node:
+    consecutive servers get adjacent, non-overlapping ranges."""
+    n = gpus_per_server(cfg)
+    base = cfg.base_gpu_id + index * n
+    return list(range(base, base + n))
 
 
 def launch_command(cfg: SGLangConfig, index: int = 0) -> LaunchSpec:
@@ -37,10 +54,8 @@ def launch_command(cfg: SGLangConfig, index: int = 0) -> LaunchSpec:
     if not 0 <= index < cfg.num_servers:
         raise ValueError(f"server index ({index}) must be in [0, num_servers={cfg.num_servers})")
     port = cfg.base_port + index
-    gpus_per_node = cfg.tp_size // cfg.nnodes if cfg.tp_size % cfg.nnodes == 0 else None
-    if gpus_per_node is None:
-        raise ValueError(f"sglang.nnodes ({cfg.nnodes}) must divide sglang.tp_size ({cfg.tp_size})")
-    base_gpu = cfg.base_gpu_id + index * gpus_per_node
+    gpu_ids = server_gpus(cfg, index)
+    base_gpu = gpu_ids[0]
     a = [cfg.python, "-m", "sglang.launch_server",
          "--model-path", cfg.model_path,
          "--host", cfg.host, "--port", str(port),
@@ -68,8 +83,7 @@ def launch_command(cfg: SGLangConfig, index: int = 0) -> LaunchSpec:
     if cfg.nnodes > 1:
         a += ["--nnodes", str(cfg.nnodes), "--node-rank", str(cfg.node_rank), "--dist-init-addr", cfg.dist_init_addr]
     a += list(cfg.extra_args)
-    return LaunchSpec(argv=a, url=f"http://{cfg.host}:{port}",
-                      gpu_ids=list(range(base_gpu, base_gpu + gpus_per_node)))
+    return LaunchSpec(argv=a, url=f"http://{cfg.host}:{port}", gpu_ids=gpu_ids)
 
 
 def launch_commands(cfg: SGLangConfig) -> list[LaunchSpec]:

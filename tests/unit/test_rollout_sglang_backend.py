@@ -175,3 +175,132 @@ def test_remote_code_is_opt_in_and_the_api_key_reaches_server_and_client():
     assert rc.client.api_key == "k1" and "k1" not in repr(rc)
     with pytest.raises(ValueError, match="api_key"):
         RolloutConfig(backend="sglang", sglang=SGLangConfig(api_key="k1"), client=ClientConfig(api_key="k2"))
+
+
+# ------------------------------------------------------------------ GPU placement, as SGLang 0.5.23 places
+# processes (no GPU needed). Reference: its DataParallelController starts replica r's tp rank t on
+# GPU base_gpu_id + r * tp_size + (t % tp_per_node) (pp_size 1, gpu_id_step 1), written out here
+# independently of sglang_backend's arithmetic.
+
+def _sglang_gpus_of(argv) -> set:
+    tp, dp = int(_flag(argv, "--tp-size")), int(_flag(argv, "--dp-size"))
+    nnodes = int(_flag(argv, "--nnodes")) if "--nnodes" in argv else 1
+    base = int(_flag(argv, "--base-gpu-id"))
+    tp_per_node = tp // nnodes
+    return {base + r * tp + (t % tp_per_node) for r in range(dp) for t in range(tp_per_node)}
+
+
+NODE_SHAPES = [  # (config on an 8-GPU node, GPUs each server must own)
+    (dict(num_servers=8, tp_size=1), [[i] for i in range(8)]),
+    (dict(num_servers=2, tp_size=4, ep_size=4), [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    (dict(num_servers=1, tp_size=4, dp_size=2), [list(range(8))]),  # the reported bug: not GPUs 0-3 only
+    (dict(num_servers=2, tp_size=2, dp_size=2), [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    (dict(num_servers=4, tp_size=1, dp_size=2), [[0, 1], [2, 3], [4, 5], [6, 7]]),
+    (dict(num_servers=1, tp_size=8, ep_size=8, attn_dp_size=8), [list(range(8))]),
+    (dict(num_servers=1, tp_size=4, dp_size=2, base_gpu_id=0), [list(range(8))]),
+    (dict(num_servers=3, tp_size=2, base_gpu_id=2), [[2, 3], [4, 5], [6, 7]]),  # training keeps GPUs 0-1
+    (dict(num_servers=1, tp_size=16, ep_size=16, attn_dp_size=16, nnodes=2, node_rank=1,
+          dist_init_addr="10.0.0.1:5000"), [list(range(8))]),
+]
+
+
+@pytest.mark.parametrize("kw, expect", NODE_SHAPES)
+def test_gpu_placement_of_every_server_matches_sglang(kw, expect):
+    specs = launch_commands(SGLangConfig(model_path="/ckpt", **kw))
+    assert [s.gpu_ids for s in specs] == expect
+    seen = set()
+    for s in specs:
+        used = _sglang_gpus_of(s.argv)  # where SGLang will really put this server's processes
+        assert used == set(s.gpu_ids), (s.argv, s.gpu_ids)
+        assert not used & seen, f"servers overlap on GPUs {sorted(used & seen)}"
+        assert max(used) < 8
+        seen |= used
+    # the servers' environment exposes every GPU a replica lands on (SGLang indexes into it)
+    visible = list(range(specs[-1].gpu_ids[-1] + 1))
+    assert seen <= set(visible)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(dp_size=2, tp_size=4, attn_dp_size=2), "data-parallel replicas combined with attention data parallelism"),
+    (dict(dp_size=2, tp_size=8, nnodes=2, dist_init_addr="h:1"), "does not support multi-node data-parallel"),
+    (dict(tp_size=6, nnodes=4, dist_init_addr="h:1"), r"nnodes \(4\) must divide sglang.tp_size \(6\)"),
+    (dict(extra_args=["--base-gpu-id", "3"]), "extra_args sets --base-gpu-id"),
+    (dict(extra_args=["--gpu-id-step=2"]), "extra_args sets --gpu-id-step"),
+])
+def test_sglang_config_refuses_what_sglang_refuses(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SGLangConfig(model_path="/ckpt", **kw)
+
+
+def _sglang_parser():
+    """SGLang's own CLI parser when sglang imports fully (a GPU install); else the same parser
+    rebuilt from the field declarations in the installed wheel (``srt/arg_groups/fields/*.py``:
+    ``--`` + field name with ``_`` -> ``-``, aliases from ``Arg(aliases=...)``, bool fields
+    are store_true); else None."""
+    import argparse
+    import ast
+    import glob
+
+    try:
+        from sglang.srt.server_args import ServerArgs
+
+        p = argparse.ArgumentParser(exit_on_error=False)
+        ServerArgs.add_cli_args(p)
+        return p
+    except Exception:  # noqa: BLE001 - sglang is installed without its heavy deps here
+        pass
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+    files = glob.glob(os.path.join(root, "srt", "arg_groups", "fields", "*.py"))
+    if not files:
+        return None
+    p = argparse.ArgumentParser(exit_on_error=False)
+    for path in files:
+        for node in ast.walk(ast.parse(open(path).read())):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            ann = node.annotation
+            if not (isinstance(ann, ast.Subscript) and isinstance(ann.value, ast.Name) and ann.value.id == "A"):
+                continue
+            parts = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
+            typ = ast.unparse(parts[0])
+            names = ["--" + node.target.id.replace("_", "-")]
+            for extra in parts[1:]:
+                if isinstance(extra, ast.Call):
+                    for k in extra.keywords:
+                        if k.arg == "aliases":
+                            names += [ast.literal_eval(e) for e in k.value.elts]
+            if typ in ("bool", "Optional[bool]"):
+                p.add_argument(*names, action="store_true")
+            elif typ.startswith(("List[", "list[", "Optional[List", "Optional[list")):
+                p.add_argument(*names, nargs="+")
+            else:
+                p.add_argument(*names, type={"int": int, "float": float}.get(typ, str))
+    return p
+
+
+def test_every_generated_command_line_parses_with_sglangs_flags():
+    parser = _sglang_parser()
+    configs = [SGLangConfig(model_path="/ckpt", **kw) for kw, _ in NODE_SHAPES]
+    configs.append(SGLangConfig(model_path="/ckpt", trust_remote_code=True, api_key="k", random_seed=3,
+                                enable_weights_cpu_backup=True, extra_args=["--log-level", "info"]))
+    argvs = [s.argv for c in configs for s in launch_commands(c)]
+    if parser is None:
+        # without the wheel: the flags read from SGLang 0.5.23's field declarations by hand
+        known = {"--model-path", "--host", "--port", "--tp-size", "--dp-size", "--ep-size", "--attn-dp-size",
+                 "--mem-fraction-static", "--weight-version", "--base-gpu-id", "--trust-remote-code", "--api-key",
+                 "--enable-memory-saver", "--enable-weights-cpu-backup", "--enable-return-routed-experts",
+                 "--skip-server-warmup", "--enable-metrics", "--random-seed", "--nnodes", "--node-rank",
+                 "--dist-init-addr", "--log-level"}
+        for a in argvs:
+            assert {x for x in a[3:] if x.startswith("--")} <= known, a
+        return
+    for a in argvs:
+        ns = parser.parse_args(a[3:])  # raises on an unknown flag or a bad value
+        assert ns.tp_size == int(_flag(a, "--tp-size")) and ns.dp_size == int(_flag(a, "--dp-size"))
+        assert ns.base_gpu_id == int(_flag(a, "--base-gpu-id")) and ns.model_path == "/ckpt"
+    # the parser is a real gate: it refuses flags SGLang dropped
+    with pytest.raises((SystemExit, Exception)):
+        parser.parse_args(["--model-path", "/ckpt", "--enable-ep-moe"])
