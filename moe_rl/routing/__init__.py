@@ -1,0 +1,1 @@
+"""MoE routing: drift and load metrics, capture and replay of top-k routes."""
