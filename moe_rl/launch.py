@@ -9,7 +9,8 @@ does not answer, a checkpoint directory of another model. Then every rank builds
 (:func:`build_parts`), resumes from the newest complete checkpoint under ``output_dir`` when
 there is one, and runs :class:`moe_rl.loop.RLLoop`. Re-running the same command resumes.
 
-Exit codes: 0 done, 2 bad input, 3 stopped by the loop (too many non-finite steps).
+Exit codes: 0 done, 2 bad input, 3 stopped by the loop (too many non-finite steps), 4 a rollout
+server of ``rollout.client.server_urls`` died (``moe_rl.parallel.watchdog``).
 """
 
 from __future__ import annotations
@@ -109,12 +110,14 @@ def run(cfg) -> int:
 
     from moe_rl.loop import RunStopped, report
     from moe_rl.parallel import groups as G
+    from moe_rl.parallel import watchdog
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         activate_cpu_mode()
     G.init_distributed()
+    watch = watchdog.start_for(cfg, dist.get_rank())  # a dead rollout server ends the run (exit 4)
     rc = 0
     try:
         run_loop(cfg)
@@ -123,6 +126,8 @@ def run(cfg) -> int:
     except RunStopped as e:
         report(f"[moe_rl] stopped: {e}")
         rc = 3
+    if watch is not None:
+        watch.stop()
     G.teardown()
     dist.barrier()
     dist.destroy_process_group()
