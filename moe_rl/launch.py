@@ -108,10 +108,11 @@ def run(cfg) -> int:
     import torch.distributed as dist
     import transformers  # noqa: F401  (before the CPU substitutions: it inspects torch.cuda at import)
 
-    from moe_rl.loop import RunStopped, report
+    from moe_rl.loop import report
     from moe_rl.parallel import groups as G
     from moe_rl.parallel import watchdog
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
+    from moe_rl.train.trainer import RunStopped
 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -156,15 +157,19 @@ def build_parts(cfg):
     from moe_rl.checkpoint import run_state as ckpt
     from moe_rl.config import to_yaml
     from moe_rl.data.prompts import PromptStream
-    from moe_rl.loop import InProcessRollout, Parts, Scorer, ServerRollout, Trainer, report
+    from moe_rl.loop import Parts, report
     from moe_rl.models import family_for
     from moe_rl.observability import MetricWriter
     from moe_rl.parallel import ParallelDims
     from moe_rl.parallel import groups as G
     from moe_rl.rewards.evaluator import RewardEvaluator
+    from moe_rl.rewards.scoring import Scorer
     from moe_rl.rollout.embedded.engine import EmbeddedEngine
+    from moe_rl.rollout.http_rollout import ServerRollout
+    from moe_rl.rollout.in_process import InProcessRollout
     from moe_rl.train.model import build_model, build_reference, load_hf_weights
     from moe_rl.train.optimizer import wrap_for_training
+    from moe_rl.train.trainer import Trainer
     from moe_rl.weights.plan import checkpoint_shapes, plan_export
 
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -87,8 +87,9 @@ def main():
             loop("sync", ["parallel.expert_parallel=2", "algorithm.kl_beta=0.04", "algorithm.mismatch=tis"])
         elif sc == "nonfinite":
             from moe_rl import loop as L
+            from moe_rl.train.trainer import RunStopped, Trainer
 
-            real_step = L.Trainer.step
+            real_step = Trainer.step
 
             def poisoned(self, mbs):
                 if self.state.step >= 1:
@@ -96,7 +97,7 @@ def main():
                         mb["adv"] = torch.full_like(mb["adv"], float("nan"))
                 return real_step(self, mbs)
 
-            L.Trainer.step = poisoned
+            Trainer.step = poisoned
             records = []
             real_log = L.RLLoop.log
 
@@ -112,9 +113,9 @@ def main():
             try:
                 run_loop(cfg)
                 res["nonfinite_error"] = "the run did not stop"
-            except L.RunStopped as e:
+            except RunStopped as e:
                 res["nonfinite"] = {"message": str(e), "records": records}
-            L.Trainer.step, L.RLLoop.log = real_step, real_log
+            Trainer.step, L.RLLoop.log = real_step, real_log
             G.teardown()
             dist.barrier()
         elif sc == "async":

@@ -31,16 +31,16 @@ CONFIG = ["model.tiny_family=qwen3_moe", "parallel.expert_parallel=2", "train.st
 def capture_engines() -> list:
     """Keep a reference to every in-process engine the loop builds (their weights are the
     final policy, HF layout, once a run ends)."""
-    from moe_rl import loop
+    from moe_rl.rollout.in_process import InProcessRollout
 
     engines = []
-    init = loop.InProcessRollout.__init__
+    init = InProcessRollout.__init__
 
     def keep_engine(self, cfg, engine, *a, **k):
         engines.append(engine)
         init(self, cfg, engine, *a, **k)
 
-    loop.InProcessRollout.__init__ = keep_engine
+    InProcessRollout.__init__ = keep_engine
     return engines
 
 
@@ -57,6 +57,8 @@ def main():
     from moe_rl.launch import run_loop
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
+    from moe_rl.rollout.in_process import InProcessRollout
+    from moe_rl.train.trainer import Trainer
 
     torch.set_num_threads(1)
     activate_cpu_mode()
@@ -84,8 +86,8 @@ def main():
 
     # every hook point must exist whichever one this run kills at, so that a refactor that
     # moves one breaks the test on every seed, not only on the seeds that draw it
-    hooks = [(loop.InProcessRollout, "generate"), (loop.Trainer, "step"),
-             (loop.InProcessRollout, "sync_weights"), (rs, "os"), (rs, "write_file"), (rs, "MARKER")]
+    hooks = [(InProcessRollout, "generate"), (Trainer, "step"),
+             (InProcessRollout, "sync_weights"), (rs, "os"), (rs, "write_file"), (rs, "MARKER")]
     missing = [f"{getattr(o, '__name__', o)}.{a}" for o, a in hooks if not hasattr(o, a)]
     assert not missing, f"kill hooks point at what no longer exists: {missing}"
     point, at = (kill.split(":") + ["-1"])[:2]
@@ -100,16 +102,16 @@ def main():
     loop.RLLoop.step = step
     engines = capture_engines()
     if point == "rollout":
-        gen = loop.InProcessRollout.generate
+        gen = InProcessRollout.generate
 
         def generate(self, s, rnd, prompts):
             if s == at:
                 die(f"during the rollout of step {s}")
             return gen(self, s, rnd, prompts)
 
-        loop.InProcessRollout.generate = generate
+        InProcessRollout.generate = generate
     elif point == "train":
-        tstep = loop.Trainer.step
+        tstep = Trainer.step
 
         def train_step(self, mbs):
             m = tstep(self, mbs)
@@ -117,16 +119,16 @@ def main():
                 die(f"inside the optimizer step of step {at}")
             return m
 
-        loop.Trainer.step = train_step
+        Trainer.step = train_step
     elif point == "sync":
-        sync = loop.InProcessRollout.sync_weights
+        sync = InProcessRollout.sync_weights
 
         def sync_weights(self, version):
             sync(self, version)
             if version == at + 1:
                 die(f"after the weight sync of step {at}")
 
-        loop.InProcessRollout.sync_weights = sync_weights
+        InProcessRollout.sync_weights = sync_weights
     elif point == "ckpt_write":
         rename = rs.os.rename
 

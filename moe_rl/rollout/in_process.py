@@ -1,0 +1,87 @@
+"""Stages 2 and 7 of the loop with an embedded engine inside every training rank (``sync``
+mode, no HTTP): generation split over the ranks, weights copied straight from the export
+stream into each engine."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from typing import TYPE_CHECKING, Dict, List
+
+import torch
+import torch.distributed as dist
+
+from moe_rl.config.run import RunConfig
+from moe_rl.observability.progress import progress_bar
+from moe_rl.parallel.work_split import gather_lists, my_share
+from moe_rl.rollout.requests import make_requests
+from moe_rl.rollout.types import Sample
+
+if TYPE_CHECKING:
+    from moe_rl.train.trainer import Trainer
+
+
+class InProcessRollout:
+    """Stage 2 and 7 with an embedded engine in every rank (``sync`` mode).
+
+    Generation: the step's groups are split over all ranks, each rank generates its share
+    on its engine, samples are gathered in group order. Weight sync: the export stream of the
+    training layout (``moe_rl.weights``), each bucket broadcast from its sender to every rank
+    and applied to the engine once all have arrived (all or nothing). An adapter for
+    in-process engines: it holds one HF-layout copy of the model per rank, fine for the
+    small models an in-process engine serves; HTTP engines use ``moe_rl.weights.transport``.
+    """
+
+    def __init__(self, cfg: RunConfig, engine, plan, trainer: Trainer, *, show_progress: bool) -> None:
+        self.cfg, self.engine, self.plan, self.trainer = cfg, engine, plan, trainer
+        self.show_progress = show_progress
+        self.last_sync: Dict[str, float] = {}
+
+    def generate(self, step: int, rnd: int, prompts) -> List[Sample]:
+        reqs = make_requests(self.cfg, step, rnd, prompts)
+        mine = [reqs[i] for i in my_share(len(reqs), dist.get_rank(), dist.get_world_size())]
+        bar = progress_bar(len(reqs) * self.cfg.rollout.n_samples_per_prompt, f"rollout {step}",
+                           enabled=self.show_progress)
+        local = self.engine.generate(mine) if mine else []
+        local = [dataclasses.replace(s, routed_experts_TLK=None) for s in local]  # not used by the loop
+        out = gather_lists(local)
+        bar.update(len(out))
+        bar.close()
+        return out
+
+    @torch.no_grad()
+    def sync_weights(self, version: int) -> None:
+        from moe_rl.rollout.embedded.weight_update import apply_update, plan_update
+        from moe_rl.weights.export import export_buckets
+
+        t0 = time.perf_counter()
+        tr = self.trainer
+        mine = iter(list(export_buckets(self.plan, tr.built, tr.groups)))
+        named: List[tuple] = []
+        rank = dist.get_rank()
+        for b in self.plan.buckets:
+            specs = b.tensors
+            dtype = getattr(torch, specs[0].dtype)
+            if b.sender == rank:
+                eb = next(mine)
+                flat = torch.cat([t.reshape(-1).to(dtype) for t in eb.tensors])
+            else:
+                flat = torch.empty(sum(math.prod(s.shape) for s in specs), dtype=dtype)
+            dist.broadcast(flat, src=b.sender)
+            for s, part in zip(specs, torch.split(flat, [math.prod(s.shape) for s in specs])):
+                named.append((s.name, part.view(s.shape)))
+        apply_update(self.engine.model, plan_update(self.engine.model, named))
+        self.engine.weight_version = str(version)
+        self.last_sync = {"weights/bytes": float(self.plan.nbytes), "weights/sync_s": time.perf_counter() - t0}
+
+    def prefetch(self, step: int, prompts) -> None:
+        raise AssertionError("the in-process engines serve sync mode only")
+
+    def offloaded(self):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+

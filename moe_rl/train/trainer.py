@@ -1,0 +1,152 @@
+"""Stages 5 and 6 of the loop on the Megatron policy: the rollout batch as micro-batches,
+log-prob scoring (:meth:`Trainer.score`: old-policy and reference log-probs, forward only)
+and the actor's optimizer step (:meth:`Trainer.step`), with non-finite steps skipped."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from moe_rl.algorithms.kl import kl_estimate
+from moe_rl.config.run import RunConfig
+from moe_rl.data import train_batch as tb
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on purpose (too many skipped steps); the message says why."""
+
+
+class Trainer:
+    """Stages 5 and 6 on the Megatron policy: micro-batches, log-prob scoring, actor steps."""
+
+    def __init__(self, cfg: RunConfig, built, state, groups, reference=None) -> None:
+        self.cfg, self.built, self.state, self.groups, self.reference = cfg, built, state, groups, reference
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def microbatches(self, batch: tb.TrainBatch, global_batch: int) -> List[List[dict]]:
+        """Mini-batches of ``global_batch`` responses (in batch order), this rank's DP shard of
+        each, packed into micro-batches of at most ``train.micro_batch`` rows and
+        ``train.micro_batch x train.seq_len`` padded tokens; the same count on every rank."""
+        g, t = self.groups, self.cfg.train
+        per = global_batch // g.dims.dp
+        lens = batch.seq_lengths
+        shards = []
+        for start in range(0, batch.size, global_batch):
+            rows = list(range(start + g.dp_rank * per, start + (g.dp_rank + 1) * per))
+            shards.append(rows)
+        counts = torch.tensor([max(len(tb.plan_microbatches([lens[i] for i in rows], token_budget=t.micro_batch * t.seq_len,
+                                                            max_rows=t.micro_batch)) for rows in shards)])
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # every rank runs as many forwards (EP exchanges tokens)
+        pad = g.dims.tp if g.dims.sp else 1
+        out = []
+        for rows in shards:
+            split = tb.split_rows([lens[i] for i in rows], int(counts))
+            out.append([tb.to_microbatch(batch, [rows[j] for j in part], pad_multiple=pad, device=self.device)
+                        for part in split])
+        return out
+
+    @torch.no_grad()
+    def score(self, microbatches: List[dict], built, key: str) -> None:
+        """``mb[key]`` = log pi(targets) [B, S] of ``built`` for every micro-batch (forward only).
+        Only the last pipeline stage computes it; the others hold zeros (they never read it)."""
+        from moe_rl.train.policy_head import emit_hidden_states, sequence_logprobs
+        from moe_rl.train.schedule import forward_backward
+
+        vocab = built.hf_config.vocab_size
+
+        def loss_fn(hidden, mb):
+            logp, _ = sequence_logprobs(hidden, built.module, mb["targets"], self.groups, vocab_size=vocab,
+                                        temperature=self.cfg.temperature)
+            mb[key] = logp.detach()
+            return logp.sum() * 0.0, {}
+
+        for mb in microbatches:
+            mb[key] = torch.zeros(mb["tokens"].shape, dtype=torch.float32, device=self.device)
+        with emit_hidden_states(built.module):
+            forward_backward(built.module, microbatches, loss_fn, self.groups, forward_only=True)
+
+    def score_batch(self, batch: tb.TrainBatch, built) -> torch.Tensor:
+        """Response-space log-probs [B, T] of the whole batch under ``built`` (every rank gets all)."""
+        mbs = [tb.to_microbatch(batch, [i], device=self.device) for i in range(batch.size)]
+        self.score(mbs, built, "logp")
+        out = torch.cat([tb.response_values(batch, mb, mb["logp"]) for mb in mbs])
+        if self.groups.dims.pp > 1:
+            from moe_rl.parallel.groups import pipeline_first_last_ranks
+
+            dist.broadcast(out, src=pipeline_first_last_ranks(self.groups)[1], group=self.groups.pp_group)
+        return out
+
+    def kl_penalty(self, batch: tb.TrainBatch, beta: float) -> torch.Tensor:
+        """``beta * k1(policy, reference)`` per response token [B, T], for KL placed in the
+        reward (every rank gets all of it)."""
+        ref = self.score_batch(batch, self.reference)
+        old = self.score_batch(batch, self.built)
+        return beta * kl_estimate(old, ref, "k1").detach() * batch.mask_BT
+
+    def step(self, mbs: List[dict]) -> Dict[str, float]:
+        """One optimizer step of the actor on this rank's micro-batches (collective: every
+        rank calls it with as many micro-batches); its metrics, ``train/skipped`` 1.0 when
+        the gradient was non-finite and nothing was applied."""
+        from moe_rl.train.actor_step import actor_step
+
+        alg = self.cfg.algorithm
+        if alg.needs_response_advantage:
+            for mb in mbs:  # one advantage per response: its first valid token's
+                first = mb["mask"].float().argmax(-1)
+                mb["adv"] = mb["adv"].gather(1, first[:, None])[:, 0]
+        with skip_non_finite(self.state.optimizer):
+            m = actor_step(self.state, self.built, mbs, alg, self.groups, temperature=self.cfg.temperature)
+        m["actor/grad_norm"] = m.pop("train/grad_norm")
+        m["actor/lr"] = m.pop("train/lr")
+        m["train/optimizer_step"] = self.state.step - 1
+        return m
+
+
+@contextlib.contextmanager
+def skip_non_finite(optimizer):
+    """Megatron skips an update only when an fp16 loss scaler finds an overflow; with fp32 or
+    bf16 a NaN or inf gradient would be clipped and applied, ruining every weight. Scoped to
+    this optimizer instance: the gradient norm is computed first (the same collective the step
+    makes) and a non-finite one reports the step as skipped (``update_successful`` False),
+    which ``optimizer_step`` counts and which advances neither weights nor LR schedule."""
+    original = optimizer.step
+
+    def step():
+        if optimizer.prepare_grads():
+            return False, None, None
+        norm = optimizer.get_grad_norm()
+        if norm is not None and not math.isfinite(norm):
+            return False, norm, None
+        return original()  # prepares again (an idempotent copy for fp32/bf16) and steps
+
+    optimizer.step = step
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+class SkipCounter:
+    """Counts skipped optimizer steps (``train/skipped_steps``); ``limit`` skips in a row stop
+    the run with :class:`RunStopped`, naming where the last good checkpoint is."""
+
+    def __init__(self, total: int, run: int, *, limit: int, checkpoints: str) -> None:
+        self.total, self.run, self.limit, self.checkpoints = total, run, limit, checkpoints
+
+    def count(self, m: Dict[str, float]) -> Dict[str, float]:
+        if m["train/skipped"]:
+            self.total += 1
+            self.run += 1
+            if self.run >= self.limit:
+                raise RunStopped(
+                    f"{self.run} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(loop.max_consecutive_skipped={self.limit}); stopping. "
+                    f"The newest complete checkpoint under {self.checkpoints} is intact.")
+        else:
+            self.run = 0
+        m["train/skipped_steps"] = float(self.total)
+        return m
