@@ -14,7 +14,7 @@ Input, from a run directory:
 
   holding only real tokens (no padding; the same T tokens in every layer). When dumps exist,
   the expert-load plot shows the latest dump's tokens per expert; otherwise it shows the load
-  metrics over steps.
+  metrics over steps. :func:`write_route_dump` writes one (rank 0, after gathering the routes).
 
 Output, into ``out_dir`` (each file written atomically, whole or not at all):
 
@@ -38,11 +38,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 from moe_rl.checkpoint.atomic import replace_file
 from moe_rl.observability.writer import read_metrics
 from moe_rl.routing.metrics import DRIFT_METRICS, LOAD_METRICS, PAIRS
+
+if TYPE_CHECKING:
+    import torch
 
 # L layers, E experts, S steps, T tokens, K top-k
 
@@ -116,6 +119,30 @@ def load_history(run_dir: str) -> RoutingHistory:
         for k in d:
             d[k].sort()
     return h
+
+
+def dump_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "routes", f"step_{int(step):08d}.pt")
+
+
+def write_route_dump(run_dir: str, step: int, routes: Mapping[int, "torch.Tensor"], num_experts: int, *,
+                     pass_name: str = "old") -> str:
+    """Save one step's routes (global layer index -> [T, K] expert ids of the real tokens) as
+    ``run_dir/routes/step_XXXXXXXX.pt``, atomically; returns the path. Call it on one rank."""
+    import torch
+
+    if not routes:
+        raise ValueError("write_route_dump needs the routes of at least one layer")
+    shapes = {int(l): tuple(t.shape) for l, t in routes.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
+        raise ValueError(f"routes must be one [tokens, top_k] tensor per layer, same shape in all, got {shapes}")
+    dtype = torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+    payload = {"format": DUMP_FORMAT, "step": int(step), "num_experts": int(num_experts), "pass": pass_name,
+               "routes": {int(l): t.detach().to("cpu", dtype) for l, t in routes.items()}}
+    path = dump_path(run_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    replace_file(path, lambda f: torch.save(payload, f))
+    return path
 
 
 def load_dumps(run_dir: str) -> list[RouteDump]:

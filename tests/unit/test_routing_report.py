@@ -50,14 +50,14 @@ def _write_run(run: Path, *, routing: bool = True, dumps: bool = True) -> None:
                 rec["routing/replay_mismatch_frac"] = 0.0
             f.write(json.dumps(rec) + "\n")
     if dumps:
-        (run / "routes").mkdir()
+        from moe_rl.routing.report import write_route_dump
+
         g = torch.Generator().manual_seed(0)
         for s in (4, 8):
-            routes = {l: torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(64)]).to(torch.int16)
-                      for l in LAYERS}
-            routes[3] = torch.tensor([[0, 1]] * 64, dtype=torch.int16)  # layer 3 collapses onto experts 0 and 1
-            torch.save({"format": 1, "step": s, "num_experts": 8, "pass": "old", "routes": routes},
-                       run / "routes" / f"step_{s:08d}.pt")
+            routes = {l: torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(64)]) for l in LAYERS}
+            routes[3] = torch.tensor([[0, 1]] * 64)  # layer 3 collapses onto experts 0 and 1
+            path = write_route_dump(str(run), s, routes, 8)
+            assert path == str(run / "routes" / f"step_{s:08d}.pt")
 
 
 def _first_row(text: str, heading: str) -> str:
@@ -132,6 +132,20 @@ def test_run_without_routing_metrics_is_an_error(tmp_path):
     finally:
         sys.path.pop(0)
     assert routing_report.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_dump_format(tmp_path):
+    from moe_rl.routing.report import load_dumps, write_route_dump
+
+    routes = {5: torch.tensor([[0, 3], [2, 1]]), 9: torch.tensor([[1, 2], [0, 3]])}
+    write_route_dump(str(tmp_path), 12, routes, 4)
+    d = torch.load(tmp_path / "routes" / "step_00000012.pt", weights_only=True)
+    assert d["format"] == 1 and d["step"] == 12 and d["num_experts"] == 4 and d["pass"] == "old"
+    assert d["routes"][5].dtype == torch.int16 and d["routes"][9].tolist() == [[1, 2], [0, 3]]
+    [dump] = load_dumps(str(tmp_path))
+    assert dump.step == 12 and sorted(dump.routes) == [5, 9]
+    with pytest.raises(ValueError, match="same shape"):
+        write_route_dump(str(tmp_path), 13, {1: torch.zeros(2, 2), 2: torch.zeros(3, 2)}, 4)
 
 
 def test_torn_dump_is_named(tmp_path):
