@@ -89,6 +89,8 @@ def test_kl_direction_and_zero_probabilities():
     idx = torch.tensor([[[0, 1]]])
     m = finalize_drift(drift_counts(idx, idx, probs_a_TLE=pa, probs_b_TLE=pb), "old_new", [0])
     assert m["routing/router_kl/old_new"] == pytest.approx(math.log(2))  # reverse direction is inf
+    c16 = drift_counts(idx, idx, probs_a_TLE=pa.to(torch.bfloat16), probs_b_TLE=pb.half())
+    assert c16["kl_L"].dtype == torch.float64 and c16["kl_L"].item() == pytest.approx(math.log(2), rel=1e-6)
     m2 = finalize_drift(drift_counts(idx, idx, probs_a_TLE=pb, probs_b_TLE=pa), "old_new", [0])
     assert m2["routing/router_kl/old_new"] == math.inf
     assert m["routing/flip_frac/old_new"] == 0.0 and m["routing/topk_overlap/old_new"] == 1.0
