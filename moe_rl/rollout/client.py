@@ -66,7 +66,7 @@ class RoutingLayout:
 
     num_hidden_layers: int  # rows per token on the wire (SGLang counts dense layers too)
     topk: int  # experts per token
-    moe_layer_ids: list[int]  # HF layer indices kept in Sample.routed_experts_TLK
+    moe_layer_ids: list[int]  # HF layer indices kept in Sample.routed_experts_NLK
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "RoutingLayout":
@@ -137,8 +137,9 @@ def follow_version(current: str | None, versions: list[str]) -> str | None:
 def generate_body(req: RolloutRequest, num_samples: int, want_routes: bool, attempt: int = 0) -> dict[str, Any]:
     """The ``/generate`` body asking ``num_samples`` samples of ``req`` (SGLang 0.5.23 schema).
 
-    ``routed_experts_start_len = P - 1`` makes the server return exactly one row per response
-    token: the routes of the forward passes that produced them. A seeded request asked again
+    ``routed_experts_start_len = 0`` makes the server return the routes of every position but
+    the last, prompt included (``[P + T - 1, layers, K]``), as ``Sample.routed_experts_NLK``
+    keeps them. A seeded request asked again
     (``attempt`` > 0: samples were aborted or stale) gets a seed derived from the attempt, so
     the re-asked samples are new draws, not copies of the ones already kept.
     """
@@ -151,7 +152,7 @@ def generate_body(req: RolloutRequest, num_samples: int, want_routes: bool, atte
     body: dict[str, Any] = {"input_ids": list(req.prompt_ids), "sampling_params": sp, "return_logprob": True}
     if want_routes:
         body["return_routed_experts"] = True
-        body["routed_experts_start_len"] = len(req.prompt_ids) - 1
+        body["routed_experts_start_len"] = 0
     return body
 
 
@@ -378,12 +379,13 @@ class RolloutClient:
             assert self.routing is not None
             routes = routed_experts_codec.decode(meta["routed_experts"], self.routing.num_hidden_layers,
                                                  self.routing.topk, self.routing.moe_layer_ids)
-            if routes.shape[0] != len(ids):
-                raise RolloutError(f"group {req.group_id}: {routes.shape[0]} routed rows for {len(ids)} tokens")
+            if routes.shape[0] != len(req.prompt_ids) + len(ids) - 1:
+                raise RolloutError(f"group {req.group_id}: {routes.shape[0]} routed rows for {len(req.prompt_ids)} "
+                                   f"prompt + {len(ids)} response tokens (expected prompt + response - 1)")
         return Sample(group_id=req.group_id, sample_index=-1, prompt_ids=list(req.prompt_ids),
                       response_ids=ids, rollout_logprobs_T=torch.tensor([float(x[0]) for x in lps],
                                                                         dtype=torch.float32),
-                      routed_experts_TLK=routes, finish_reason=FinishReason(meta["finish_reason"]["type"]),
+                      routed_experts_NLK=routes, finish_reason=FinishReason(meta["finish_reason"]["type"]),
                       weight_version=str(meta.get("weight_version", "")))
 
     # ------------------------------------------------------------------ control, every server

@@ -1,6 +1,7 @@
 """Contracts between rollout and the rest of the loop: what goes in, what comes out.
 
-Legend: P prompt tokens, T response tokens, L MoE layers, K experts per token (top-k).
+Legend: P prompt tokens, T response tokens, N = P + T - 1 routed positions, L MoE layers,
+K experts per token (top-k).
 """
 
 from __future__ import annotations
@@ -114,10 +115,12 @@ class RolloutRequest:
 class Sample:
     """One sampled response, everything the trainer needs from the rollout.
 
-    ``routed_experts_TLK[t]`` are the experts each MoE layer chose in the forward pass that
-    *produced* response token ``t`` (position P-1+t of the sequence), so row 0 comes from the
-    last prompt position. That is exactly the routing the trainer's forward over
-    prompt+response uses to score token ``t``.
+    ``routed_experts_NLK[n]`` are the experts each MoE layer chose for sequence position ``n``
+    (the forward that read token ``n``), for every position but the last (which no forward
+    read): rows ``0..P-2`` are the prompt's, row ``P-1+t`` produced response token ``t``. That is
+    SGLang's ``routed_experts`` with ``routed_experts_start_len = 0`` and exactly the trainer's
+    positions (``moe_rl.data.train_batch``: position n scores token n+1), so routing replay (R3)
+    can reuse the prompt's routes too.
     """
 
     group_id: int  # RolloutRequest.group_id
@@ -125,16 +128,17 @@ class Sample:
     prompt_ids: list[int]  # [P]
     response_ids: list[int]  # [T], includes the stop token when finish_reason is STOP
     rollout_logprobs_T: torch.Tensor  # [T] fp32, log_softmax(logits / temperature) at the token
-    routed_experts_TLK: torch.Tensor | None  # [T, L, K] int32 expert ids, or None if not captured
+    routed_experts_NLK: torch.Tensor | None  # [P + T - 1, L, K] int32 expert ids, or None if not captured
     finish_reason: FinishReason
     weight_version: str  # engine's weight version when the sample finished
 
     def __post_init__(self) -> None:
         T = len(self.response_ids)
         assert self.rollout_logprobs_T.shape == (T,), (self.rollout_logprobs_T.shape, T)
-        if self.routed_experts_TLK is not None:
-            assert self.routed_experts_TLK.dim() == 3 and self.routed_experts_TLK.shape[0] == T, (
-                self.routed_experts_TLK.shape, T)
+        if self.routed_experts_NLK is not None:
+            N = len(self.prompt_ids) + T - 1
+            assert self.routed_experts_NLK.dim() == 3 and self.routed_experts_NLK.shape[0] == N, (
+                self.routed_experts_NLK.shape, N)
 
     @property
     def num_tokens(self) -> int:

@@ -94,9 +94,9 @@ def test_client_samples_logprobs_and_routes(two_servers, hf):
         lp = torch.log_softmax(out.logits[0].float() / 0.8, -1)[P - 1:-1]
         ref = lp.gather(-1, torch.tensor(s.response_ids)[:, None])[:, 0]
         torch.testing.assert_close(s.rollout_logprobs_T, ref, atol=1e-5, rtol=0)
-        T = len(s.response_ids)
-        ref_TLK = torch.stack([rl[P - 1:P - 1 + T].softmax(-1).topk(2, -1).indices for rl in out.router_logits], 1)
-        assert torch.equal(s.routed_experts_TLK.long().sort(-1).values, ref_TLK.sort(-1).values)
+        N = P + len(s.response_ids) - 1  # prompt + response - 1 rows
+        ref_NLK = torch.stack([rl[:N].softmax(-1).topk(2, -1).indices for rl in out.router_logits], 1)
+        assert torch.equal(s.routed_experts_NLK.long().sort(-1).values, ref_NLK.sort(-1).values)
     # both servers took traffic (least-loaded balancing)
     counts = [httpx.get(s.url + "/server_info").json()["internal_states"][0]["num_generate_requests"]
               for s in two_servers]
@@ -311,7 +311,8 @@ def test_server_killed_mid_rollout(two_servers, hf):
     assert client.stats["server_failures"] > 0
     for s in samples:
         assert s.response_ids == greedy_ref(hf["v0"], s.prompt_ids, 30)
-        assert s.routed_experts_TLK is not None and s.routed_experts_TLK.shape == (30, 4, 2)
+        N = len(s.prompt_ids) + 30 - 1
+        assert s.routed_experts_NLK is not None and s.routed_experts_NLK.shape == (N, 4, 2)
     from moe_rl.models import family_for
 
     assert family_for(hf["v0"].config).moe_layer_ids(hf["v0"].config) == [0, 1, 2, 3]

@@ -38,7 +38,7 @@ def test_generate_through_router(router, two_servers):
             for i in range(6)]
     samples = client.generate(reqs)
     assert sorted((s.group_id, s.sample_index) for s in samples) == [(g, j) for g in range(6) for j in range(2)]
-    assert all(len(s.response_ids) == 4 and s.routed_experts_TLK is None for s in samples)
+    assert all(len(s.response_ids) == 4 and s.routed_experts_NLK is None for s in samples)
     counts = [httpx.get(s.url + "/server_info").json()["internal_states"][0]["num_generate_requests"]
               for s in two_servers]
     assert all(c > 0 for c in counts), f"router sent nothing to one worker: {counts}"

@@ -8,7 +8,7 @@ from moe_rl.rollout.types import FinishReason, Sample
 
 def _sample(g, i, prompt, resp, finish=FinishReason.STOP, version="3"):
     return Sample(group_id=g, sample_index=i, prompt_ids=prompt, response_ids=resp,
-                  rollout_logprobs_T=-torch.arange(1, len(resp) + 1, dtype=torch.float32), routed_experts_TLK=None,
+                  rollout_logprobs_T=-torch.arange(1, len(resp) + 1, dtype=torch.float32), routed_experts_NLK=None,
                   finish_reason=finish, weight_version=version)
 
 

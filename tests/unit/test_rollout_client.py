@@ -409,17 +409,20 @@ def test_api_key_is_sent_on_every_call(servers):
     cfg = config([a, b], api_key="sekret", return_routed_experts=True)
     assert "sekret" not in repr(cfg)
 
+    rows = 3 + len(TOKENS) - 1  # prompt + response - 1 (routed_experts_start_len 0)
+
     def with_routes(body):  # SGLang's routed_experts rows: all 3 hidden layers, top-2
+        assert body["routed_experts_start_len"] == 0
         status, items, headers = a.good(body)
         for it in items if isinstance(items, list) else [items]:
             it["meta_info"]["routed_experts"] = routed_experts_codec.encode(
-                torch.arange(len(TOKENS) * 3 * 2).reshape(len(TOKENS), 3, 2))
+                torch.arange(rows * 3 * 2).reshape(rows, 3, 2))
         return status, items, headers
 
     a.on_generate = b.on_generate = with_routes
     client = RolloutClient(cfg, sleep=Waits())
     samples = client.generate(requests(4, n=2))  # asks /model_info for the layout first
-    assert len(samples) == 8 and samples[0].routed_experts_TLK.shape == (len(TOKENS), 2, 2)
+    assert len(samples) == 8 and samples[0].routed_experts_NLK.shape == (rows, 2, 2)
     client.pause()
     client.flush_cache()
     client.update_weights_from_disk("/ckpt", weight_version="2")

@@ -75,16 +75,16 @@ def test_logprobs_and_routes_match_full_forward(family, ckpts, hf_models):
         ref_T = lp_NV[P - 1:-1].gather(-1, torch.tensor(s.response_ids)[:, None])[:, 0]
         torch.testing.assert_close(s.rollout_logprobs_T, ref_T, atol=1e-5, rtol=0)
         if family not in MOE:
-            assert s.routed_experts_TLK is None
+            assert s.routed_experts_NLK is None
             continue
-        T = len(s.response_ids)
+        N = P + len(s.response_ids) - 1  # every position but the last, prompt included
         ref_routes = []
         for logits_NE, layer in zip(out.router_logits, _moe_layers(hf)):
-            rows_TE = logits_NE[P - 1:P - 1 + T].float()
-            ref_routes.append(_reference_topk(family, rows_TE, layer, cfg))
-        ref_TLK = torch.stack(ref_routes, dim=1)
-        assert s.routed_experts_TLK.shape == ref_TLK.shape == (T, len(ref_routes), cfg.num_experts_per_tok)
-        assert torch.equal(s.routed_experts_TLK.sort(-1).values.long(), ref_TLK.sort(-1).values)
+            rows_NE = logits_NE[:N].float()
+            ref_routes.append(_reference_topk(family, rows_NE, layer, cfg))
+        ref_NLK = torch.stack(ref_routes, dim=1)
+        assert s.routed_experts_NLK.shape == ref_NLK.shape == (N, len(ref_routes), cfg.num_experts_per_tok)
+        assert torch.equal(s.routed_experts_NLK.sort(-1).values.long(), ref_NLK.sort(-1).values)
 
 
 def _moe_layers(hf):

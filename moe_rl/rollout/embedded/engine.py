@@ -251,14 +251,11 @@ class EmbeddedEngine:
         out = []
         for r, i, f in futs:
             res: SeqResult = f.result()
-            routes = None
-            if res.routes_NLK is not None:
-                routes = res.routes_NLK[res.prompt_len - 1:]
             out.append(Sample(
                 group_id=r.group_id, sample_index=i, prompt_ids=list(r.prompt_ids),
                 response_ids=res.output_ids,
                 rollout_logprobs_T=torch.tensor(res.output_logprobs, dtype=torch.float32),
-                routed_experts_TLK=routes, finish_reason=FinishReason(res.finish["type"]),
+                routed_experts_NLK=res.routes_NLK, finish_reason=FinishReason(res.finish["type"]),
                 weight_version=res.weight_version))
         return out
 

@@ -1,0 +1,211 @@
+"""Capture the top-k experts (and router distributions) of every MoE layer of a Megatron-Core
+model in the trainer's passes, through forward hooks on the ``TopKRouter`` modules.
+
+Legend: B sequences of a micro-batch, S its positions (``tokens`` is [B, S]), N = S_loc * B
+router tokens (S_loc = S, or S / TP under sequence parallelism), L MoE layers, K top-k,
+E experts.
+
+What a router hook sees (Megatron-Core 0.16.1, ``moe/router.py`` ``TopKRouter.forward``):
+input ``hidden [S_loc, B, H]`` and output ``(probs [N, E], routing_map [N, E] bool)`` with
+tokens flattened sequence-major (token ``s * B + b``). The routing map is what the token
+dispatcher sends, so the recorded experts are the ones the layer really ran, whatever chose
+them (live top-k, group-limited top-k, or a replay). Under sequence parallelism each TP rank
+routes its own slice ``S_loc`` of the sequence; :meth:`RouteCapture.finish` gathers the slices
+over the TP group so every TP rank holds the whole micro-batch. Expert parallelism needs no
+gather: every EP rank routes the tokens of its own data-parallel shard.
+
+Routes are keyed by GLOBAL layer index (``TransformerLayer.layer_number - 1``, which is also
+the HF layer index), so they stay right on any pipeline stage and for a model given as a list
+of virtual-pipeline chunks. Position ``t`` of row ``b`` is the trainer's sequence position, the
+same index as row ``t`` of an engine's ``[prompt + response - 1, L, K]`` routes.
+
+Router distributions (``RoutingConfig.router_probs``) need the router's logits, which the
+router does not return: the hook recomputes them with the router's own ``gating`` (one
+[N, H] x [H, E] matmul per layer, no gradient). Softmax routers give ``softmax(logits)``,
+sigmoid routers (DeepSeek-V3) their sigmoid scores normalised to sum to 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class Routes:
+    """The routes of one micro-batch in the trainer's layout (rows and positions of ``tokens``)."""
+
+    layer_ids: list[int]  # global layer index of each position along L, increasing
+    experts_BSLK: torch.Tensor  # expert ids (compact integer dtype); -1 = no route at this position
+    probs_BSLE: torch.Tensor | None = None  # router distribution over the experts (fp32), or None
+    valid_BS: torch.Tensor | None = None  # bool: real tokens (not padding); None = all
+
+    def __post_init__(self) -> None:
+        assert self.experts_BSLK.dim() == 4 and self.experts_BSLK.shape[2] == len(self.layer_ids), (
+            tuple(self.experts_BSLK.shape), self.layer_ids)
+        assert list(self.layer_ids) == sorted(set(self.layer_ids)), self.layer_ids
+
+    def layers(self, layer_ids: Sequence[int]) -> "Routes":
+        """The same routes restricted to ``layer_ids`` (each must be present)."""
+        missing = sorted(set(layer_ids) - set(self.layer_ids))
+        if missing:
+            raise ValueError(f"routes hold layers {self.layer_ids}, not {missing}")
+        pos = [self.layer_ids.index(i) for i in layer_ids]
+        return Routes(list(layer_ids), self.experts_BSLK[:, :, pos],
+                      None if self.probs_BSLE is None else self.probs_BSLE[:, :, pos], self.valid_BS)
+
+
+def index_dtype(num_experts: int) -> torch.dtype:
+    """The smallest signed integer dtype that holds expert ids and the -1 placeholder."""
+    if num_experts <= torch.iinfo(torch.int8).max:
+        return torch.int8
+    if num_experts <= torch.iinfo(torch.int16).max:
+        return torch.int16
+    return torch.int32
+
+
+def moe_routers(model_chunks: Iterable[torch.nn.Module]) -> list[tuple[int, torch.nn.Module]]:
+    """``(global layer index, TopKRouter)`` of every MoE layer in this rank's model chunks
+    (a GPTModel, DDP-wrapped or not, or a list of virtual-pipeline chunks), by layer index."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    found: dict[int, torch.nn.Module] = {}
+    seen: set[int] = set()
+    for chunk in model_chunks:
+        for mod in chunk.modules():
+            router = getattr(getattr(mod, "mlp", None), "router", None)
+            if not isinstance(router, TopKRouter) or not hasattr(mod, "layer_number") or id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            layer = int(mod.layer_number) - 1
+            if layer in found and found[layer] is not router:
+                raise ValueError(f"two MoE layers of this rank claim global layer index {layer}")
+            found[layer] = router
+    return sorted(found.items())
+
+
+def experts_from_map(routing_map_NE: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K experts of each token from a [N, E] routing map, ascending (int64 [N, K]), and the
+    number of tokens whose row does not hold exactly K experts (a 0-dim tensor; no host sync)."""
+    counts_N = routing_map_NE.sum(-1)
+    idx_NK = routing_map_NE.to(torch.float32).topk(topk, dim=-1).indices.sort(-1).values
+    return idx_NK, (counts_N != topk).sum()
+
+
+def router_distribution(router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """[N, E] fp32: the router's distribution over experts for ``hidden`` [S_loc, B, H]."""
+    with torch.no_grad():
+        logits = router.gating(hidden).reshape(-1, router.config.num_moe_experts).float()
+        if router.score_function == "sigmoid":
+            s = torch.sigmoid(logits)
+            return s / s.sum(-1, keepdim=True)
+        return torch.softmax(logits, dim=-1)
+
+
+def to_router_order(x_BS: torch.Tensor, *, tp_rank: int, tp: int, sp: bool) -> torch.Tensor:
+    """[B, S, ...] in the trainer's layout -> [N, ...] in this rank's router order (sequence-major,
+    this TP rank's slice of the sequence under sequence parallelism)."""
+    x_SB = x_BS.transpose(0, 1)
+    if sp and tp > 1:
+        S = x_SB.shape[0]
+        if S % tp:
+            raise ValueError(f"sequence length {S} is not divisible by tensor_parallel ({tp})")
+        x_SB = x_SB[tp_rank * (S // tp):(tp_rank + 1) * (S // tp)]
+    return x_SB.reshape(-1, *x_SB.shape[2:])
+
+
+def from_router_order(x_N: torch.Tensor, S_loc: int, B: int, *, tp_group, tp: int, sp: bool) -> torch.Tensor:
+    """The inverse of :func:`to_router_order` for a whole micro-batch: [N, ...] -> [B, S, ...],
+    gathered over the TP group under sequence parallelism (all TP ranks must call)."""
+    x_SB = x_N.reshape(S_loc, B, *x_N.shape[1:])
+    if sp and tp > 1:
+        wire = x_SB.to(torch.int32) if not x_SB.dtype.is_floating_point else x_SB  # gloo lacks int8/int16
+        parts = [torch.empty_like(wire) for _ in range(tp)]
+        dist.all_gather(parts, wire.contiguous(), group=tp_group)
+        x_SB = torch.cat(parts, 0).to(x_SB.dtype)
+    return x_SB.transpose(0, 1).contiguous()
+
+
+class RouteCapture:
+    """Forward hooks on the given routers that record every forward of a pass.
+
+    ``start()`` installs the hooks, the pass runs (any number of micro-batches, any schedule:
+    each router sees the micro-batches in order), ``finish(n)`` removes them and returns one
+    :class:`Routes` per micro-batch. Hooks also fire in ``torch.no_grad`` passes; recorded
+    tensors are detached."""
+
+    def __init__(self, routers: list[tuple[int, torch.nn.Module]], *, num_experts: int, topk: int, groups,
+                 probs: bool) -> None:
+        self.routers, self.num_experts, self.topk = routers, num_experts, topk
+        self.groups, self.want_probs = groups, probs
+        self.dtype = index_dtype(num_experts)
+        self._records: dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor | None]]] = {}
+        self._bad_rows: list[torch.Tensor] = []
+        self._handles: list = []
+        self.seconds = 0.0  # host time spent in the hooks and the final gather
+
+    def start(self) -> "RouteCapture":
+        assert not self._handles, "capture already started"
+        self._records = {layer: [] for layer, _ in self.routers}
+        self._bad_rows = []
+        self._handles = [r.register_forward_hook(self._hook(layer)) for layer, r in self.routers]
+        return self
+
+    def _hook(self, layer: int):
+        def hook(router, args, out):
+            t0 = time.perf_counter()
+            hidden = args[0]
+            routing_map_NE = out[1]
+            idx_NK, bad = experts_from_map(routing_map_NE.detach(), router.topk)
+            p_NE = router_distribution(router, hidden) if self.want_probs else None
+            self._records[layer].append((hidden.shape[0], hidden.shape[1], idx_NK.to(self.dtype), p_NE))
+            self._bad_rows.append(bad)
+            self.seconds += time.perf_counter() - t0
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def finish(self, shapes_BS: Sequence[tuple[int, int]]) -> list[Routes]:
+        """Remove the hooks; the routes of each micro-batch of the pass, whose ``tokens`` shapes
+        are ``shapes_BS`` (every TP rank of a pipeline stage must call it: sequence-parallel
+        slices are gathered). A stage without MoE layers gets routes with L = 0."""
+        t0 = time.perf_counter()
+        self.remove()
+        num_microbatches = len(shapes_BS)
+        for layer, recs in self._records.items():
+            if len(recs) != num_microbatches:
+                raise RuntimeError(f"routing capture: the router of layer {layer} ran {len(recs)} times in a pass "
+                                   f"of {num_microbatches} micro-batches")
+        if self._bad_rows and int(torch.stack(self._bad_rows).sum()):
+            raise RuntimeError("routing capture: a router sent a token to a number of experts other than top-k "
+                               "(token dropping, moe_expert_capacity_factor, is not supported by routing capture)")
+        layers = [layer for layer, _ in self.routers]
+        d, g = self.groups.dims, self.groups
+        out = []
+        for m, (B, S) in enumerate(shapes_BS):
+            if not layers:
+                out.append(Routes([], torch.empty(B, S, 0, self.topk, dtype=self.dtype)))
+                continue
+            recs = [self._records[layer][m] for layer in layers]
+            S_loc = S // d.tp if d.sp else S
+            if any(r[0] != S_loc or r[1] != B for r in recs):
+                raise RuntimeError(f"routing capture: micro-batch {m} has tokens [{B}, {S}], its routers saw "
+                                   f"{sorted({(r[1], r[0]) for r in recs})} (micro-batches out of order?)")
+            idx = from_router_order(torch.stack([r[2] for r in recs], 1), S_loc, B,
+                                    tp_group=g.tp_group, tp=d.tp, sp=d.sp)
+            probs = None
+            if self.want_probs:
+                probs = from_router_order(torch.stack([r[3] for r in recs], 1), S_loc, B,
+                                          tp_group=g.tp_group, tp=d.tp, sp=d.sp)
+            out.append(Routes(layers, idx, probs))
+        self._records = {}
+        self.seconds += time.perf_counter() - t0
+        return out

@@ -1,0 +1,275 @@
+"""One model instance's routing: capture in its passes, replay R2/R3, and the step's exact
+routing metrics.
+
+Legend: B sequences, S positions of a micro-batch, T = B*S tokens, L MoE layers, K top-k,
+E experts.
+
+Routes travel in the trainer's micro-batch dicts (the ones ``moe_rl.data.train_batch``
+packs), under these keys, each a :class:`~moe_rl.routing.capture.Routes` ([B, S, L, K]):
+
+- ``routes_rollout``: the rollout engine's routes of the batch rows, every layer
+  (:func:`attach_engine_routes`); position t is the engine's row t of
+  ``[prompt + response - 1, L, K]``, -1 where the engine gave none and past each row's end;
+- ``routes_old``: what the routers used in the old-policy pass (this stage's layers);
+- ``routes_new``: what they chose in a forward-only pass after the update (this stage's layers).
+
+``route_valid`` ([B, S] bool) marks real tokens (positions < prompt + response - 1); padding
+never counts in a metric.
+
+Parallel semantics: every rank creates the session for its part of the model (collective:
+:class:`~moe_rl.routing.replay.ModelReplay` all-gathers over the pipeline group) and runs the
+same passes with its own micro-batches. :meth:`RoutingSession.metrics` is collective over the
+whole world and returns the same dict on every rank. Counts are exact: each (data-parallel
+shard, layer) is counted once (on TP rank 0: after the capture's sequence-parallel gather every
+TP rank holds the same routes), summed over the world; ``any_layer_flip_frac`` ORs the token
+flips of every pipeline stage first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from moe_rl.routing import metrics as M
+from moe_rl.routing.capture import RouteCapture, Routes, index_dtype, moe_routers
+from moe_rl.routing.config import RoutingConfig
+from moe_rl.routing.replay import ModelReplay
+
+ROLLOUT, OLD, NEW, VALID = "routes_rollout", "routes_old", "routes_new", "route_valid"
+
+
+def attach_positions(mbs: Sequence[dict], seq_lengths: Sequence[int]) -> None:
+    """``mb["route_valid"]`` [B, S]: positions below each row's ``P + T - 1`` (``mb["rows"]``
+    indexes ``seq_lengths``, the batch's ``TrainBatch.seq_lengths``)."""
+    for mb in mbs:
+        B, S = mb["tokens"].shape
+        lens = torch.tensor([seq_lengths[i] for i in mb["rows"].tolist()], dtype=torch.int64)
+        mb[VALID] = (torch.arange(S)[None, :] < lens[:, None]).to(mb["tokens"].device)
+
+
+def attach_engine_routes(mbs: Sequence[dict], routes_B: Sequence[Optional[torch.Tensor]],
+                         seq_lengths: Sequence[int], layer_ids: Sequence[int], *, num_experts: int) -> None:
+    """``mb["routes_rollout"]`` (and ``mb["route_valid"]``) for every micro-batch.
+
+    ``routes_B[i]`` are batch row i's engine routes, ``[P + T - 1, L, K]`` integer expert ids
+    with ``L = len(layer_ids)`` (the family's ``moe_layer_ids``, which are also the global layer
+    indices of the Megatron model), or None when the engine returned none (those rows then
+    fall back to live routing under R3). A row of another length is a ValueError: routes that
+    do not line up with the tokens must not be replayed."""
+    attach_positions(mbs, seq_lengths)
+    L = len(layer_ids)
+    known = [r for r in routes_B if r is not None]
+    if not known:
+        raise ValueError("no batch row has engine routes (rollout.client.return_routed_experts, or the "
+                         "embedded engine's capture_routed_experts, must be on for routing.replay=r3)")
+    K = known[0].shape[-1]
+    dtype = index_dtype(num_experts)
+    for mb in mbs:
+        B, S = mb["tokens"].shape
+        out = torch.full((B, S, L, K), -1, dtype=dtype)
+        for b, i in enumerate(mb["rows"].tolist()):
+            r = routes_B[i]
+            if r is None:
+                continue
+            n = seq_lengths[i]
+            if tuple(r.shape) != (n, L, K):
+                raise ValueError(f"batch row {i}: engine routes have shape {tuple(r.shape)}, expected "
+                                 f"[prompt + response - 1 = {n}, MoE layers = {L}, top-k = {K}]")
+            if r.numel() and (int(r.min()) < 0 or int(r.max()) >= num_experts):
+                raise ValueError(f"batch row {i}: engine routes hold expert ids outside [0, {num_experts})")
+            out[b, :n] = r.to(dtype)
+        mb[ROLLOUT] = Routes(list(layer_ids), out.to(mb["tokens"].device), None, mb[VALID])
+
+
+class RoutingSession:
+    """Capture, replay and metrics for ONE model instance (policy or reference): its replay
+    state is its own, never shared through Megatron's global registry."""
+
+    def __init__(self, cfg: RoutingConfig, model_chunks: Sequence[torch.nn.Module], groups, hf_config) -> None:
+        from moe_rl.models import family_for
+
+        fam = family_for(hf_config)
+        self.cfg, self.groups = cfg, groups
+        self.moe_layer_ids = list(fam.moe_layer_ids(hf_config))
+        self.num_experts = fam.num_experts(hf_config) if self.moe_layer_ids else 0
+        self.topk = int(getattr(hf_config, "num_experts_per_tok", 0) or 0)
+        self.routers = moe_routers(model_chunks)
+        self.local_layers = [layer for layer, _ in self.routers]
+        self.replayer = None
+        if cfg.replay != "none" and self.moe_layer_ids:
+            self.replayer = ModelReplay(self.routers, groups, moe_layer_ids=self.moe_layer_ids)
+        self.seconds = {"capture": 0.0}  # host time in the capture hooks and gathers since metrics()
+
+    @property
+    def active(self) -> bool:
+        """The model has MoE layers (a dense model has nothing to capture or replay)."""
+        return bool(self.moe_layer_ids)
+
+    def close(self) -> None:
+        if self.replayer is not None:
+            self.replayer.close()
+
+    # ----------------------------------------------------------------------- primitives
+    @contextlib.contextmanager
+    def capture(self, mbs: Sequence[dict], key: str) -> Iterator[None]:
+        """Record the routes of the pass run inside the block into ``mb[key]`` (every TP rank
+        of a stage must run it: the sequence-parallel slices are gathered at the end)."""
+        cap = RouteCapture(self.routers, num_experts=self.num_experts, topk=self.topk, groups=self.groups,
+                           probs=self.cfg.router_probs).start()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if not ok:
+                cap.remove()
+        routes = cap.finish([tuple(mb["tokens"].shape) for mb in mbs])
+        for mb, r in zip(mbs, routes):
+            r.valid_BS = mb.get(VALID)
+            mb[key] = r
+        self.seconds["capture"] += cap.seconds
+
+    @contextlib.contextmanager
+    def replay(self, mbs: Sequence[dict], key: str) -> Iterator[None]:
+        """Replay ``mb[key]`` in each micro-batch of the pass run inside the block."""
+        if self.replayer is None:
+            raise RuntimeError("routing replay is off for this model (routing.replay=none, or no MoE layer)")
+        missing = [m for m, mb in enumerate(mbs) if key not in mb]
+        if missing:
+            raise ValueError(f"micro-batches {missing} have no {key!r} to replay")
+        with self.replayer.replay([mb[key] for mb in mbs]):
+            yield
+
+    # ------------------------------------------------------------- the loop's three passes
+    @contextlib.contextmanager
+    def old_pass(self, mbs: Sequence[dict]) -> Iterator[None]:
+        """Around stage 5's old-policy scoring: R3 replays ``routes_rollout``; the routes used
+        are recorded as ``routes_old`` (metrics, and R2's source)."""
+        with contextlib.ExitStack() as stack:
+            if self.active and self.cfg.replay == "r3":
+                stack.enter_context(self.replay(mbs, ROLLOUT))
+            if self.active and self.cfg.records_old:
+                stack.enter_context(self.capture(mbs, OLD))
+            yield
+
+    @contextlib.contextmanager
+    def train_pass(self, mbs: Sequence[dict]) -> Iterator[None]:
+        """Around a training step's forward/backward: R2 replays ``routes_old``, R3
+        ``routes_rollout``; without replay it does nothing."""
+        with contextlib.ExitStack() as stack:
+            if self.active and self.cfg.replay != "none":
+                stack.enter_context(self.replay(mbs, OLD if self.cfg.replay == "r2" else ROLLOUT))
+            yield
+
+    @contextlib.contextmanager
+    def new_pass(self, mbs: Sequence[dict]) -> Iterator[None]:
+        """Around a forward-only pass after the update (live routing): records ``routes_new``."""
+        with contextlib.ExitStack() as stack:
+            if self.active:
+                stack.enter_context(self.capture(mbs, NEW))
+            yield
+
+    # -------------------------------------------------------------------------- metrics
+    def metrics(self, mbs: Sequence[dict]) -> dict[str, float]:
+        """The step's routing metrics from the routes in ``mbs`` (this rank's micro-batches of
+        the whole batch): drift ``rollout_old`` (with ``routes_rollout`` and ``routes_old``),
+        ``old_new`` (with ``routes_old`` and ``routes_new``), load (from ``routes_old``), the
+        replay counters since the last call, and the capture/replay time. Collective over the
+        world; every rank gets the same dict. Pops ``routes_new`` (it is used once)."""
+        if not self.active or not mbs:
+            return {}
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        if all(ROLLOUT in mb and OLD in mb for mb in mbs):
+            out.update(self._drift(mbs, ROLLOUT, OLD, "rollout_old"))
+        if all(OLD in mb and NEW in mb for mb in mbs):
+            out.update(self._drift(mbs, OLD, NEW, "old_new"))
+        if all(OLD in mb for mb in mbs):
+            out.update(self._load(mbs))
+        if self.replayer is not None:
+            c = self.replayer.take_counts()
+            t = torch.tensor([c.tokens, c.fallback, c.mismatch], dtype=torch.int64)
+            dist.all_reduce(t)
+            tokens, fallback, mismatch = t.tolist()
+            out["routing/replay_fallback_frac"] = fallback / tokens if tokens else 0.0
+            out["routing/replay_mismatch_frac"] = mismatch / tokens if tokens else 0.0
+        for mb in mbs:
+            mb.pop(NEW, None)
+        out["routing/capture_s"] = self.seconds["capture"]
+        if self.replayer is not None:
+            out["routing/replay_s"] = self.replayer.seconds
+            self.replayer.seconds = 0.0
+        self.seconds = {"capture": 0.0}
+        out["routing/metrics_s"] = time.perf_counter() - t0
+        return out
+
+    def _counted(self) -> bool:
+        return self.groups.tp_rank == 0
+
+    def _drift(self, mbs: Sequence[dict], key_a: str, key_b: str, pair: str) -> dict[str, float]:
+        g, local, all_ids = self.groups, self.local_layers, self.moe_layer_ids
+        L_all = len(all_ids)
+        pos = torch.tensor([all_ids.index(x) for x in local], dtype=torch.int64)
+        ints = torch.zeros(4, L_all, dtype=torch.int64)  # tokens, flips, overlap, slots per layer
+        kl = torch.zeros(L_all, dtype=torch.float64)
+        with_kl = all(mb[key_a].probs_BSLE is not None and mb[key_b].probs_BSLE is not None for mb in mbs)
+        flips, masks = [], []
+        for mb in mbs:
+            ra, rb = mb[key_a], mb[key_b]
+            B, S = mb["tokens"].shape
+            mask_T = mb[VALID].reshape(-1).cpu() if VALID in mb else torch.ones(B * S, dtype=torch.bool)
+            for r in (ra, rb):  # a token counts only where both passes routed it, in every layer
+                mask_T = mask_T & (r.experts_BSLK >= 0).reshape(B * S, -1).all(-1).cpu()
+            if local:
+                a, b = ra.layers(local), rb.layers(local)
+                pa = a.probs_BSLE.reshape(B * S, len(local), -1).cpu() if with_kl else None
+                pb = b.probs_BSLE.reshape(B * S, len(local), -1).cpu() if with_kl else None
+                c = M.drift_counts(a.experts_BSLK.reshape(B * S, len(local), -1).cpu(),
+                                   b.experts_BSLK.reshape(B * S, len(local), -1).cpu(), mask_T,
+                                   probs_a_TLE=pa, probs_b_TLE=pb, return_flips=True)
+                for row, k in enumerate(("tokens_L", "flips_L", "overlap_L", "slots_L")):
+                    ints[row, pos] += c[k]
+                if with_kl:
+                    kl[pos] += c["kl_L"]
+                flips.append(c["flip_T"])
+            else:
+                flips.append(torch.zeros(B * S, dtype=torch.bool))
+            masks.append(mask_T)
+        flip_T = torch.cat(flips).to(torch.int32)
+        if g.dims.pp > 1:  # a token flips if it flips in a layer of any stage
+            dist.all_reduce(flip_T, op=dist.ReduceOp.MAX, group=g.pp_group)
+        mask_T = torch.cat(masks)
+        scal = torch.tensor([int(mask_T.sum()), int((flip_T.bool() & mask_T).sum())], dtype=torch.int64)
+        if not self._counted():
+            ints.zero_()
+            kl.zero_()
+        if not (self._counted() and g.pp_rank == 0):
+            scal.zero_()
+        packed = torch.cat([ints.reshape(-1), scal])
+        dist.all_reduce(packed)
+        if with_kl:
+            dist.all_reduce(kl)
+        ints, scal = packed[:-2].reshape(4, L_all), packed[-2:]
+        counts = {"tokens_L": ints[0], "flips_L": ints[1], "overlap_L": ints[2], "slots_L": ints[3],
+                  "tokens": scal[0], "any_layer_flips": scal[1]}
+        if with_kl:
+            counts["kl_L"] = kl
+        return M.finalize_drift(counts, pair, all_ids)
+
+    def _load(self, mbs: Sequence[dict]) -> dict[str, float]:
+        all_ids, local = self.moe_layer_ids, self.local_layers
+        load = torch.zeros(len(all_ids), self.num_experts, dtype=torch.int64)
+        if local and self._counted():
+            pos = torch.tensor([all_ids.index(x) for x in local], dtype=torch.int64)
+            for mb in mbs:
+                r = mb[OLD]
+                B, S = mb["tokens"].shape
+                mask_T = mb[VALID].reshape(-1).cpu() if VALID in mb else None
+                load[pos] += M.load_counts(r.experts_BSLK.reshape(B * S, len(local), -1).cpu(), self.num_experts,
+                                           mask_T)
+        dist.all_reduce(load)
+        return M.finalize_load(load, all_ids)
