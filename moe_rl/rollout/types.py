@@ -28,6 +28,7 @@ class FinishReason(str, enum.Enum):
 
 
 _MASK64 = (1 << 64) - 1
+_UNSET: Any = object()
 
 
 def per_sample_seed(seed: int, index: int) -> int:
@@ -131,8 +132,16 @@ class Sample:
     routed_experts_NLK: torch.Tensor | None  # [P + T - 1, L, K] int32 expert ids, or None if not captured
     finish_reason: FinishReason
     weight_version: str  # engine's weight version when the sample finished
+    # Transitional: the former response-only field's name, accepted only as None (drop the
+    # routes), until every caller says routed_experts_NLK.
+    routed_experts_TLK: dataclasses.InitVar[Any] = _UNSET
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, routed_experts_TLK: Any = _UNSET) -> None:
+        if routed_experts_TLK is not _UNSET:
+            if routed_experts_TLK is not None:
+                raise TypeError("Sample.routed_experts_TLK is now routed_experts_NLK ([prompt + response - 1, "
+                                "L, K]); only routed_experts_TLK=None (drop the routes) is still accepted")
+            self.routed_experts_NLK = None
         T = len(self.response_ids)
         assert self.rollout_logprobs_T.shape == (T,), (self.rollout_logprobs_T.shape, T)
         if self.routed_experts_NLK is not None:
