@@ -41,8 +41,8 @@ from moe_rl.routing.config import RoutingConfig
 
 # The rest imports Megatron-Core: loaded on first use, so the pure metrics (and the report tool)
 # import without it.
-_LAZY = {"Routes": "capture", "moe_routers": "capture", "ModelReplay": "replay", "ReplayError": "replay",
-         "RoutingSession": "session", "attach_engine_routes": "session", "attach_positions": "session"}
+_LAZY = {"Routes": "layout", "attach_engine_routes": "layout", "attach_positions": "layout",
+         "moe_routers": "capture", "ModelReplay": "replay", "ReplayError": "replay", "RoutingSession": "session"}
 
 
 def __getattr__(name: str):

@@ -27,45 +27,12 @@ sigmoid routers (DeepSeek-V3) their sigmoid scores normalised to sum to 1.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 
-
-@dataclasses.dataclass
-class Routes:
-    """The routes of one micro-batch in the trainer's layout (rows and positions of ``tokens``)."""
-
-    layer_ids: list[int]  # global layer index of each position along L, increasing
-    experts_BSLK: torch.Tensor  # expert ids (compact integer dtype); -1 = no route at this position
-    probs_BSLE: torch.Tensor | None = None  # router distribution over the experts (fp32), or None
-    valid_BS: torch.Tensor | None = None  # bool: real tokens (not padding); None = all
-
-    def __post_init__(self) -> None:
-        assert self.experts_BSLK.dim() == 4 and self.experts_BSLK.shape[2] == len(self.layer_ids), (
-            tuple(self.experts_BSLK.shape), self.layer_ids)
-        assert list(self.layer_ids) == sorted(set(self.layer_ids)), self.layer_ids
-
-    def layers(self, layer_ids: Sequence[int]) -> "Routes":
-        """The same routes restricted to ``layer_ids`` (each must be present)."""
-        missing = sorted(set(layer_ids) - set(self.layer_ids))
-        if missing:
-            raise ValueError(f"routes hold layers {self.layer_ids}, not {missing}")
-        pos = [self.layer_ids.index(i) for i in layer_ids]
-        return Routes(list(layer_ids), self.experts_BSLK[:, :, pos],
-                      None if self.probs_BSLE is None else self.probs_BSLE[:, :, pos], self.valid_BS)
-
-
-def index_dtype(num_experts: int) -> torch.dtype:
-    """The smallest signed integer dtype that holds expert ids and the -1 placeholder."""
-    if num_experts <= torch.iinfo(torch.int8).max:
-        return torch.int8
-    if num_experts <= torch.iinfo(torch.int16).max:
-        return torch.int16
-    return torch.int32
+from moe_rl.routing.layout import Routes, from_router_order, index_dtype
 
 
 def moe_routers(model_chunks: Iterable[torch.nn.Module]) -> list[tuple[int, torch.nn.Module]]:
@@ -104,30 +71,6 @@ def router_distribution(router: torch.nn.Module, hidden: torch.Tensor) -> torch.
             s = torch.sigmoid(logits)
             return s / s.sum(-1, keepdim=True)
         return torch.softmax(logits, dim=-1)
-
-
-def to_router_order(x_BS: torch.Tensor, *, tp_rank: int, tp: int, sp: bool) -> torch.Tensor:
-    """[B, S, ...] in the trainer's layout -> [N, ...] in this rank's router order (sequence-major,
-    this TP rank's slice of the sequence under sequence parallelism)."""
-    x_SB = x_BS.transpose(0, 1)
-    if sp and tp > 1:
-        S = x_SB.shape[0]
-        if S % tp:
-            raise ValueError(f"sequence length {S} is not divisible by tensor_parallel ({tp})")
-        x_SB = x_SB[tp_rank * (S // tp):(tp_rank + 1) * (S // tp)]
-    return x_SB.reshape(-1, *x_SB.shape[2:])
-
-
-def from_router_order(x_N: torch.Tensor, S_loc: int, B: int, *, tp_group, tp: int, sp: bool) -> torch.Tensor:
-    """The inverse of :func:`to_router_order` for a whole micro-batch: [N, ...] -> [B, S, ...],
-    gathered over the TP group under sequence parallelism (all TP ranks must call)."""
-    x_SB = x_N.reshape(S_loc, B, *x_N.shape[1:])
-    if sp and tp > 1:
-        wire = x_SB.to(torch.int32) if not x_SB.dtype.is_floating_point else x_SB  # gloo lacks int8/int16
-        parts = [torch.empty_like(wire) for _ in range(tp)]
-        dist.all_gather(parts, wire.contiguous(), group=tp_group)
-        x_SB = torch.cat(parts, 0).to(x_SB.dtype)
-    return x_SB.transpose(0, 1).contiguous()
 
 
 class RouteCapture:

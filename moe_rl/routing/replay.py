@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-from moe_rl.routing.capture import Routes, to_router_order
+from moe_rl.routing.layout import Routes, to_router_order
 
 
 class ReplayError(RuntimeError):

@@ -5,16 +5,9 @@ Legend: B sequences, S positions of a micro-batch, T = B*S tokens, L MoE layers,
 E experts.
 
 Routes travel in the trainer's micro-batch dicts (the ones ``moe_rl.data.train_batch``
-packs), under these keys, each a :class:`~moe_rl.routing.capture.Routes` ([B, S, L, K]):
-
-- ``routes_rollout``: the rollout engine's routes of the batch rows, every layer
-  (:func:`attach_engine_routes`); position t is the engine's row t of
-  ``[prompt + response - 1, L, K]``, -1 where the engine gave none and past each row's end;
-- ``routes_old``: what the routers used in the old-policy pass (this stage's layers);
-- ``routes_new``: what they chose in a forward-only pass after the update (this stage's layers).
-
-``route_valid`` ([B, S] bool) marks real tokens (positions < prompt + response - 1); padding
-never counts in a metric.
+packs) under the keys ``moe_rl.routing.layout`` names (``routes_rollout``, ``routes_old``,
+``routes_new``, ``route_valid``), each a :class:`~moe_rl.routing.layout.Routes` [B, S, L, K].
+Padding never counts in a metric.
 
 Parallel semantics: every rank creates the session for its part of the model (collective:
 :class:`~moe_rl.routing.replay.ModelReplay` all-gathers over the pipeline group) and runs the
@@ -29,60 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from moe_rl.routing import metrics as M
-from moe_rl.routing.capture import RouteCapture, Routes, index_dtype, moe_routers
+from moe_rl.routing.capture import RouteCapture, moe_routers
 from moe_rl.routing.config import RoutingConfig
+from moe_rl.routing.layout import NEW, OLD, ROLLOUT, VALID
 from moe_rl.routing.replay import ModelReplay
-
-ROLLOUT, OLD, NEW, VALID = "routes_rollout", "routes_old", "routes_new", "route_valid"
-
-
-def attach_positions(mbs: Sequence[dict], seq_lengths: Sequence[int]) -> None:
-    """``mb["route_valid"]`` [B, S]: positions below each row's ``P + T - 1`` (``mb["rows"]``
-    indexes ``seq_lengths``, the batch's ``TrainBatch.seq_lengths``)."""
-    for mb in mbs:
-        B, S = mb["tokens"].shape
-        lens = torch.tensor([seq_lengths[i] for i in mb["rows"].tolist()], dtype=torch.int64)
-        mb[VALID] = (torch.arange(S)[None, :] < lens[:, None]).to(mb["tokens"].device)
-
-
-def attach_engine_routes(mbs: Sequence[dict], routes_B: Sequence[Optional[torch.Tensor]],
-                         seq_lengths: Sequence[int], layer_ids: Sequence[int], *, num_experts: int) -> None:
-    """``mb["routes_rollout"]`` (and ``mb["route_valid"]``) for every micro-batch.
-
-    ``routes_B[i]`` are batch row i's engine routes, ``[P + T - 1, L, K]`` integer expert ids
-    with ``L = len(layer_ids)`` (the family's ``moe_layer_ids``, which are also the global layer
-    indices of the Megatron model), or None when the engine returned none (those rows then
-    fall back to live routing under R3). A row of another length is a ValueError: routes that
-    do not line up with the tokens must not be replayed."""
-    attach_positions(mbs, seq_lengths)
-    L = len(layer_ids)
-    known = [r for r in routes_B if r is not None]
-    if not known:
-        raise ValueError("no batch row has engine routes (rollout.client.return_routed_experts, or the "
-                         "embedded engine's capture_routed_experts, must be on for routing.replay=r3)")
-    K = known[0].shape[-1]
-    dtype = index_dtype(num_experts)
-    for mb in mbs:
-        B, S = mb["tokens"].shape
-        out = torch.full((B, S, L, K), -1, dtype=dtype)
-        for b, i in enumerate(mb["rows"].tolist()):
-            r = routes_B[i]
-            if r is None:
-                continue
-            n = seq_lengths[i]
-            if tuple(r.shape) != (n, L, K):
-                raise ValueError(f"batch row {i}: engine routes have shape {tuple(r.shape)}, expected "
-                                 f"[prompt + response - 1 = {n}, MoE layers = {L}, top-k = {K}]")
-            if r.numel() and (int(r.min()) < 0 or int(r.max()) >= num_experts):
-                raise ValueError(f"batch row {i}: engine routes hold expert ids outside [0, {num_experts})")
-            out[b, :n] = r.to(dtype)
-        mb[ROLLOUT] = Routes(list(layer_ids), out.to(mb["tokens"].device), None, mb[VALID])
 
 
 class RoutingSession:
@@ -172,6 +121,31 @@ class RoutingSession:
             if self.active:
                 stack.enter_context(self.capture(mbs, NEW))
             yield
+
+    def gather_routes(self, mbs: Sequence[dict], key: str = OLD, dst: int = 0) -> dict[int, torch.Tensor] | None:
+        """Every real token's routes under ``key``, all layers, on rank ``dst`` (None elsewhere):
+        ``{global layer: [T, K]}``, tokens in data-parallel rank order, then micro-batch, row and
+        position order (the same T tokens in every layer) -- what
+        ``moe_rl.routing.report.write_route_dump`` saves. Collective over the world."""
+        g = self.groups
+        local: dict[int, torch.Tensor] = {}
+        if g.tp_rank == 0:
+            for j, layer in enumerate(self.local_layers):
+                parts = []
+                for mb in mbs:
+                    r = mb[key].layers([layer])
+                    valid = mb[VALID] if VALID in mb else torch.ones(r.experts_BSLK.shape[:2], dtype=torch.bool)
+                    parts.append(r.experts_BSLK[:, :, 0][valid.to(r.experts_BSLK.device)].cpu())
+                local[layer] = torch.cat(parts) if parts else torch.empty(0, self.topk)
+        box: list = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+        dist.gather_object((g.dp_rank, local), box, dst=dst)
+        if box is None:
+            return None
+        per_layer: dict[int, list] = {}
+        for dp_rank, part in box:
+            for layer, t in part.items():
+                per_layer.setdefault(layer, []).append((dp_rank, t))
+        return {layer: torch.cat([t for _, t in sorted(v, key=lambda x: x[0])]) for layer, v in sorted(per_layer.items())}
 
     # -------------------------------------------------------------------------- metrics
     def metrics(self, mbs: Sequence[dict]) -> dict[str, float]:

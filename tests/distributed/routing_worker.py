@@ -170,6 +170,12 @@ def layout_checks(lay, hf, hf_dir, batch_fp32, samples_fp32, rec):
                                                              engine_routes_table(samples_fp32, layer_ids), layer_ids)
         m = routing.metrics(mbs)
         rec["metrics_capture"] = {k: v for k, v in m.items() if "/layer_" not in k}
+        dump = routing.gather_routes(mbs)
+        if dist.get_rank() == 0:  # the dump holds every real token once per layer, whatever the layout
+            ref = {l: sorted(tuple(sorted(x)) for s in samples_fp32 for x in s.routed_experts_NLK[:, j].tolist())
+                   for j, l in enumerate(layer_ids)}
+            rec["dump_matches_engine"] = sorted(dump) == layer_ids and all(
+                sorted(tuple(sorted(x)) for x in dump[l].tolist()) == ref[l] for l in layer_ids)
         # 2. R2: routers perturbed; a live pass flips, a replayed pass uses exactly the old routes
         perturb_routers(routing, seed=5, scale=0.6)
         with routing.new_pass(mbs):
@@ -209,7 +215,7 @@ def ep2_checks(built, groups, routing, mbs, batch, rec):
     import torch
 
     from moe_rl.routing import ReplayError
-    from moe_rl.routing.capture import to_router_order
+    from moe_rl.routing.layout import to_router_order
 
     one = [mbs[0]]
     with routing.train_pass(one):
@@ -247,7 +253,7 @@ def ep2_checks(built, groups, routing, mbs, batch, rec):
     one[0].pop("routes_new", None)
 
     # timings of a forward-only pass over both micro-batches
-    def timed(ctx_fn, n=5):
+    def timed(ctx_fn, n=3):
         ts = []
         for _ in range(n):
             t0 = time.perf_counter()
@@ -347,13 +353,15 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
         rec["registry_before_session"] = _registry_size()
         routes_B = [s.routed_experts_NLK for s in samples_bf16]
         out = {}
-        for mode in ("none", "r3"):
-            routing = RoutingSession(RoutingConfig(replay=mode), [built.module], groups, hf.config)
+        for mode in ("none", "r3", "r3_partial"):
+            routing = RoutingSession(RoutingConfig(replay=mode[:2] if mode != "none" else mode), [built.module],
+                                     groups, hf.config)
             ref_routing = RoutingSession(RoutingConfig(replay="none"), [ref.module], groups, hf.config)
             rec[f"registry_with_{mode}_session"] = _registry_size()
             mbs = microbatches(batch_bf16, groups)
-            attach_engine_routes(mbs, routes_B, batch_bf16.seq_lengths, layer_ids,
-                                 num_experts=fam.num_experts(hf.config))
+            missing = [0, 5] if mode == "r3_partial" else []  # rows the engine gave no routes for
+            attach_engine_routes(mbs, [None if i in missing else r for i, r in enumerate(routes_B)],
+                                 batch_bf16.seq_lengths, layer_ids, num_experts=fam.num_experts(hf.config))
             ref_mbs = microbatches(batch_bf16, groups)
             with routing.old_pass(mbs):
                 with ref_routing.capture(ref_mbs, "routes_old"):  # the reference runs inside the policy's replay
@@ -370,6 +378,8 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
                          "flip_rollout_old": m["routing/flip_frac/rollout_old"],
                          "any_flip_rollout_old": m["routing/any_layer_flip_frac/rollout_old"],
                          "fallback": m.get("routing/replay_fallback_frac"),
+                         "fallback_expected": sum(batch_bf16.seq_lengths[i] for i in missing)
+                         / sum(batch_bf16.seq_lengths),
                          "mismatch": m.get("routing/replay_mismatch_frac"),
                          "ref_routes": {str(i): ref_rows[i][1] for i in sorted(ref_rows)},
                          "old_routes_vs_engine_diff": sets_equal_frac(
@@ -384,6 +394,7 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
 
 
 def main():
+    t_main = time.time()
     out_path, hf_dir = sys.argv[1], sys.argv[2]
     import torch
     import torch.distributed as dist
@@ -398,11 +409,14 @@ def main():
     G.init_distributed()
     t_start = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    t_ready = time.perf_counter()
+    init_s = time.time() - t_main  # imports, CPU mode, process group, HF config
     samples_fp32 = generate(hf_dir, "float32", seed=1)
     samples_bf16 = generate(hf_dir, "bfloat16", seed=2)
     batch_fp32 = tb.from_samples(samples_fp32, torch.zeros(len(samples_fp32)))
     batch_bf16 = tb.from_samples(samples_bf16, torch.zeros(len(samples_bf16)))
-    results = {"layouts": [], "engine_s": time.perf_counter() - t_start}
+    results = {"layouts": [], "engine_s": time.perf_counter() - t_ready, "imports_s": init_s,
+               "worker_start": t_main}
     for lay in LAYOUTS:
         rec = {"spec": lay}
         t0 = time.perf_counter()
@@ -422,7 +436,7 @@ def main():
         rec["error"] = traceback.format_exc()[-4000:]
     rec["seconds"] = time.perf_counter() - t0
     results["r3"] = rec
-    results["total_s"] = time.perf_counter() - t_start
+    results["total_s"] = time.perf_counter() - t_start + init_s
     if dist.get_rank() == 0:
         with open(out_path + ".tmp", "w") as f:
             json.dump(results, f)

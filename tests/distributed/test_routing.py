@@ -9,6 +9,7 @@ for the replayed outputs; the engine's log-probs for the rollout -> old mismatch
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -26,9 +27,12 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("routing")
     hf_dir = save_tiny_hf("qwen3_moe", tmp / "qwen3_moe", seed=0)
     out = tmp / "routing.json"
+    t0 = time.time()
     torchrun(ROOT / "tests/distributed/routing_worker.py", 2, str(out), hf_dir)
     res = json.loads(out.read_text())
-    print(f"\nrouting launch: engines {res['engine_s']:.1f} s, total {res['total_s']:.1f} s")
+    print(f"\nrouting launch {time.time() - t0:.1f} s: worker up after {res['worker_start'] - t0:.1f} s, "
+          f"init {res['imports_s']:.1f} s, engines {res['engine_s']:.1f} s, checks "
+          f"{res['total_s'] - res['imports_s'] - res['engine_s']:.1f} s")
     return res
 
 
@@ -48,6 +52,7 @@ def test_capture_matches_engine_routes_at_every_layout(results, i):
     assert rec["metrics_capture"]["routing/topk_overlap/rollout_old"] == 1.0
     # and identical across layouts (EP1, EP2, TP2 with sequence parallelism, PP2)
     assert rec["captured"] == _layout(results, 0)["captured"]
+    assert rec["dump_matches_engine"]  # gather_routes: every real token once per layer
 
 
 @pytest.mark.parametrize("i", range(len(LAYOUTS)), ids=LAYOUTS)
@@ -95,6 +100,12 @@ def test_r3_end_to_end_at_ep2(results):
     assert r3["k3"] < none["k3"]
     # the policy's replay is its own: the reference, run inside it, routed live both times
     assert none["ref_routes"] == r3["ref_routes"]
+    # R3 with two rows the engine gave no routes for: exactly their tokens fall back to live routing
+    part = rec["r3"]["r3_partial"]
+    print(f"R3 with 2 of 16 rows unrouted: replay_fallback_frac {part['fallback']:.4f} "
+          f"(their share of tokens {part['fallback_expected']:.4f})")
+    assert part["fallback"] == pytest.approx(part["fallback_expected"], abs=1e-12) and part["fallback"] > 0
+    assert part["mismatch"] == 0.0 and part["flip_rollout_old"] == 0.0
     assert rec["registry_before_session"] == 8 and rec["registry_with_none_session"] == 8
     assert rec["registry_with_r3_session"] == 4  # the policy's 4 routers left Megatron's global list
 
