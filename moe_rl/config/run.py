@@ -21,6 +21,7 @@ from moe_rl.observability.config import MetricsConfig
 from moe_rl.parallel.dims import ParallelConfig
 from moe_rl.rewards.config import RewardConfig
 from moe_rl.rollout.config import RolloutConfig
+from moe_rl.routing.config import RoutingConfig
 from moe_rl.train.config import OptimConfig, TrainConfig
 from moe_rl.weights.config import WeightSyncConfig
 
@@ -61,6 +62,7 @@ class RunConfig:
     weights: WeightSyncConfig = field(default_factory=WeightSyncConfig)  # weight sync to engine servers (HTTP)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # run checkpoints and resume
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # JSONL, tensorboard, wandb, progress
+    routing: RoutingConfig = field(default_factory=RoutingConfig)  # MoE routing capture, drift and load metrics, replay (R2/R3)
     output_dir: str = "runs/quickstart"  # where the run writes metrics, tensorboard files and checkpoints
 
     def __post_init__(self) -> None:
