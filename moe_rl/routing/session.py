@@ -34,6 +34,16 @@ from moe_rl.routing.layout import NEW, OLD, ROLLOUT, VALID
 from moe_rl.routing.replay import ModelReplay
 
 
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """All-reduce a small CPU tensor, through the GPU when the group's backend is NCCL."""
+    if dist.get_backend(group) == "nccl":
+        dev = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(dev, op=op, group=group)
+        return dev.cpu()
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 class RoutingSession:
     """Capture, replay and metrics for ONE model instance (policy or reference): its replay
     state is its own, never shared through Megatron's global registry."""
@@ -152,8 +162,10 @@ class RoutingSession:
         """The step's routing metrics from the routes in ``mbs`` (this rank's micro-batches of
         the whole batch): drift ``rollout_old`` (with ``routes_rollout`` and ``routes_old``),
         ``old_new`` (with ``routes_old`` and ``routes_new``), load (from ``routes_old``), the
-        replay counters since the last call, and the capture/replay time. Collective over the
-        world; every rank gets the same dict. Pops ``routes_new`` (it is used once)."""
+        replay counters since the last call (``routing/replay_fallback_frac``,
+        ``routing/replay_mismatch_frac``), and this rank's host time in the capture and replay
+        hooks and in this call (``timing/routing_{capture,replay,metrics}_s``). Collective over
+        the world; every rank gets the same routing values. Pops ``routes_new`` (used once)."""
         if not self.active or not mbs:
             return {}
         t0 = time.perf_counter()
@@ -166,19 +178,18 @@ class RoutingSession:
             out.update(self._load(mbs))
         if self.replayer is not None:
             c = self.replayer.take_counts()
-            t = torch.tensor([c.tokens, c.fallback, c.mismatch], dtype=torch.int64)
-            dist.all_reduce(t)
+            t = _all_reduce(torch.tensor([c.tokens, c.fallback, c.mismatch], dtype=torch.int64))
             tokens, fallback, mismatch = t.tolist()
             out["routing/replay_fallback_frac"] = fallback / tokens if tokens else 0.0
             out["routing/replay_mismatch_frac"] = mismatch / tokens if tokens else 0.0
         for mb in mbs:
             mb.pop(NEW, None)
-        out["routing/capture_s"] = self.seconds["capture"]
+        out["timing/routing_capture_s"] = self.seconds["capture"]
         if self.replayer is not None:
-            out["routing/replay_s"] = self.replayer.seconds
+            out["timing/routing_replay_s"] = self.replayer.seconds
             self.replayer.seconds = 0.0
         self.seconds = {"capture": 0.0}
-        out["routing/metrics_s"] = time.perf_counter() - t0
+        out["timing/routing_metrics_s"] = time.perf_counter() - t0
         return out
 
     def _counted(self) -> bool:
@@ -215,7 +226,7 @@ class RoutingSession:
             masks.append(mask_T)
         flip_T = torch.cat(flips).to(torch.int32)
         if g.dims.pp > 1:  # a token flips if it flips in a layer of any stage
-            dist.all_reduce(flip_T, op=dist.ReduceOp.MAX, group=g.pp_group)
+            flip_T = _all_reduce(flip_T, op=dist.ReduceOp.MAX, group=g.pp_group)
         mask_T = torch.cat(masks)
         scal = torch.tensor([int(mask_T.sum()), int((flip_T.bool() & mask_T).sum())], dtype=torch.int64)
         if not self._counted():
@@ -224,9 +235,9 @@ class RoutingSession:
         if not (self._counted() and g.pp_rank == 0):
             scal.zero_()
         packed = torch.cat([ints.reshape(-1), scal])
-        dist.all_reduce(packed)
+        packed = _all_reduce(packed)
         if with_kl:
-            dist.all_reduce(kl)
+            kl = _all_reduce(kl)
         ints, scal = packed[:-2].reshape(4, L_all), packed[-2:]
         counts = {"tokens_L": ints[0], "flips_L": ints[1], "overlap_L": ints[2], "slots_L": ints[3],
                   "tokens": scal[0], "any_layer_flips": scal[1]}
@@ -245,5 +256,5 @@ class RoutingSession:
                 mask_T = mb[VALID].reshape(-1).cpu() if VALID in mb else None
                 load[pos] += M.load_counts(r.experts_BSLK.reshape(B * S, len(local), -1).cpu(), self.num_experts,
                                            mask_T)
-        dist.all_reduce(load)
+        load = _all_reduce(load)
         return M.finalize_load(load, all_ids)

@@ -76,6 +76,8 @@ def test_replayed_outputs_equal_a_natural_pass_with_those_experts(results):
     assert rec["replay_vs_natural_hidden_maxdiff"] < 1e-5
     assert rec["replay_vs_natural_logp_maxdiff"] < 1e-5
     assert rec["live_vs_replayed_logp_maxdiff"] > 1e-3  # the comparison can fail
+    # wall time of a forward pass over 2 micro-batches (information only: the machine is shared)
+    print("forward pass s (EP2): " + ", ".join(f"{k} {v:.4f}" for k, v in rec["pass_s"].items()))
 
 
 def test_self_check_fires_when_routes_are_not_consumed(results):
@@ -108,9 +110,3 @@ def test_r3_end_to_end_at_ep2(results):
     assert part["mismatch"] == 0.0 and part["flip_rollout_old"] == 0.0
     assert rec["registry_before_session"] == 8 and rec["registry_with_none_session"] == 8
     assert rec["registry_with_r3_session"] == 4  # the policy's 4 routers left Megatron's global list
-
-
-def test_replay_cost_is_reported(results):
-    t = _layout(results, 1)["pass_s"]
-    print("forward pass s (EP2, 2 micro-batches): " + ", ".join(f"{k} {v:.4f}" for k, v in t.items()))
-    assert all(v > 0 for v in t.values())
