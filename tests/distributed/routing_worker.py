@@ -306,7 +306,24 @@ def ep2_checks(built, groups, routing, mbs, batch, rec):
         rec["dropped_replay_error"] = str(e)
     finally:
         stale.router_replay = saved
-    # adversarial 3: routes missing a layer of this stage
+    # adversarial 3: a replay object that is asked but routes live (a broken replay path): the
+    # routers' output differs from the replayed experts (routers are perturbed, live != old)
+    rr = routing.routers[2][1].router_replay
+
+    def live_only(scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
+        rr.calls += 1
+        return default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+
+    rr.get_replay_topk = live_only
+    try:
+        with routing.train_pass(mbs):
+            run_pass(built, mbs, groups, "adv")
+        rec["live_replay_error"] = None
+    except ReplayError as e:
+        rec["live_replay_error"] = str(e)
+    finally:
+        del rr.get_replay_topk
+    # adversarial 4: routes missing a layer of this stage
     r = mbs[0]["routes_old"]
     mbs[0]["routes_old"] = r.layers(r.layer_ids[1:])
     try:

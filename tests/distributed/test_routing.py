@@ -80,11 +80,13 @@ def test_replayed_outputs_equal_a_natural_pass_with_those_experts(results):
     print("forward pass s (EP2): " + ", ".join(f"{k} {v:.4f}" for k, v in rec["pass_s"].items()))
 
 
-def test_self_check_fires_when_routes_are_not_consumed(results):
+def test_self_check_fires_when_replay_does_not_happen(results):
     rec = _layout(results, 1)
     assert rec["stale_router_error"] and "layer 1 consumed 0" in rec["stale_router_error"]
     assert rec["dropped_replay_error"] and "layers [1] lost their replay object" in rec["dropped_replay_error"]
     assert rec["missing_layer_error"] and "would route live" in rec["missing_layer_error"]
+    assert rec["live_replay_error"] and "layer 2 sent" in rec["live_replay_error"]
+    assert "replay_mismatch_frac > 0" in rec["live_replay_error"]
     assert rec["flip_replayed_after_adversarial"] == 0.0
 
 
