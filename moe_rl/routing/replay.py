@@ -139,7 +139,7 @@ class ModelReplay:
         self.seconds = 0.0  # host time spent in the replay hooks (and their checks)
         self._queues: dict[int, collections.deque] = {}
         self._consumed: dict[int, int] = {}
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._active = False
 
     def close(self) -> None:
@@ -175,7 +175,9 @@ class ModelReplay:
                 j = r.layer_ids.index(layer)
                 target_NK = to_router_order(r.experts_BSLK[:, :, j], tp_rank=g.tp_rank, tp=g.dims.tp,
                                             sp=g.dims.sp).to(torch.int64)
-                self._queues[layer].append((target_NK, valid_N))
+                fallback_N = (target_NK < 0).any(-1)
+                # None when every token has a route: the router then skips the live top-k
+                self._queues[layer].append((target_NK, fallback_N if bool(fallback_N.any()) else None, valid_N))
         lost = [layer for layer, router in self.routers if not isinstance(router.router_replay, ScopedRouterReplay)]
         if lost:
             raise ReplayError(f"routing replay: the routers of layers {lost} lost their replay object (replaced "
@@ -221,7 +223,7 @@ class ModelReplay:
             if not q:
                 raise ReplayError(f"routing replay: the router of layer {layer} ran more often than the "
                                   f"{self._consumed[layer]} micro-batches given routes")
-            target_NK, valid_N = q.popleft()
+            target_NK, fallback_N, valid_N = q.popleft()
             hidden = args[0]
             N = hidden.shape[0] * hidden.shape[1]
             if target_NK.shape[0] != N:
@@ -230,12 +232,11 @@ class ModelReplay:
             rr = router.router_replay
             if not isinstance(rr, ScopedRouterReplay):
                 raise ReplayError(f"routing replay: the router of layer {layer} lost its replay object")
-            fallback_N = (target_NK < 0).any(-1)
             rr.clear_indices()
             rr.set_target_indices(target_NK.to(hidden.device))
-            rr.fallback_N = fallback_N.to(hidden.device)
+            rr.fallback_N = None if fallback_N is None else fallback_N.to(hidden.device)
             rr.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-            self._pending[layer] = (target_NK, fallback_N, valid_N, rr.calls)
+            self._pending[layer] = (target_NK, valid_N, rr.calls)
             self.seconds += time.perf_counter() - t0
 
         return hook
@@ -243,21 +244,23 @@ class ModelReplay:
     def _post_hook(self, layer: int):
         def hook(router, args, out):
             t0 = time.perf_counter()
-            target_NK, fallback_N, valid_N, calls = self._pending.pop(layer)
+            target_NK, valid_N, calls = self._pending.pop(layer)
             rr = router.router_replay
             if not isinstance(rr, ScopedRouterReplay) or rr.calls != calls + 1:
                 raise ReplayError(f"routing replay: the router of layer {layer} routed without asking its replay "
                                   "object (replay installed but not used)")
             routing_map_NE = out[1].detach()
-            replayed_N = ~fallback_N.to(routing_map_NE.device)
+            replayed_N = (target_NK >= 0).all(-1).to(routing_map_NE.device)
             expected_NE = torch.zeros_like(routing_map_NE).scatter_(
                 1, target_NK.clamp(min=0).to(routing_map_NE.device), True)
             bad_N = (routing_map_NE != expected_NE).any(-1) & replayed_N
-            mismatch = int(bad_N.sum())
             valid_N = valid_N.to(routing_map_NE.device)
+            # one host sync per layer: the check must stop the pass before the next layer runs
+            mismatch, tokens, fallback = torch.stack(
+                [bad_N.sum(), valid_N.sum(), (~replayed_N & valid_N).sum()]).tolist()
             count = self._counts_here()
-            self.counts.tokens += count * int(valid_N.sum())
-            self.counts.fallback += count * int((fallback_N.to(valid_N.device) & valid_N).sum())
+            self.counts.tokens += count * tokens
+            self.counts.fallback += count * fallback
             self.counts.mismatch += count * mismatch
             self._consumed[layer] += 1
             self.seconds += time.perf_counter() - t0
