@@ -1,6 +1,8 @@
 """MoE routing: capture of top-k routes in the trainer's passes, drift and load metrics, and
 routing replay (R2/R3) on Megatron-Core's own replay, scoped to one model and self-checked.
 
+- :mod:`moe_rl.routing.layout`: routes in the trainer's micro-batch layout, engine routes
+  attached to micro-batches, a router's token order.
 - :mod:`moe_rl.routing.capture`: router forward hooks -> :class:`Routes` per micro-batch,
   keyed by global layer index, gathered over sequence-parallel slices.
 - :mod:`moe_rl.routing.replay`: Megatron's ``RouterReplay`` per router of one model, routes
@@ -8,30 +10,38 @@ routing replay (R2/R3) on Megatron-Core's own replay, scoped to one model and se
 - :mod:`moe_rl.routing.metrics`: pure per-layer counts and their named metrics.
 - :mod:`moe_rl.routing.session`: :class:`RoutingSession`, what the loop holds per model.
 
-How the loop uses it (``cfg.routing`` is a :class:`RoutingConfig`; ``tr`` the Trainer;
-``batch`` the step's TrainBatch, whose rows carry their samples' ``routed_experts_NLK``)::
+How the loop uses it. Once, on every rank, after the policy is built (collective under PP)::
 
-    routing = RoutingSession(cfg.routing, [tr.built.module], tr.groups, tr.built.hf_config)  # once
+    self.routing = RoutingSession(cfg.routing, [tr.built.module], tr.groups, tr.built.hf_config)
 
-    # (5) old log-probs
+The batch carries each row's engine routes: ``TrainBatch.routes`` ([B] of
+``Sample.routed_experts_NLK`` or None, set by ``from_samples`` and kept by ``select``), and the
+rollout keeps the samples' routes when ``routing.replay == "r3"`` or ``routing.capture``.
+Stage 5, old log-probs (the reference pass stays outside: the reference routes live)::
+
     minibatches = tr.microbatches(batch, cfg.train.global_batch)
     flat = [mb for mbs in minibatches for mb in mbs]
-    if cfg.routing.replay == "r3" or cfg.routing.capture:   # engine routes of each batch row
-        attach_engine_routes(flat, batch_routes, batch.seq_lengths, moe_layer_ids, num_experts=E)
-    else:
+    if batch.routes is not None and any(r is not None for r in batch.routes):
+        attach_engine_routes(flat, batch.routes, batch.seq_lengths, self.routing.moe_layer_ids,
+                             num_experts=self.routing.num_experts)
+    else:                                 # r3 without routes is refused by the replay itself
         attach_positions(flat, batch.seq_lengths)
-    with routing.old_pass(flat):
+    with self.routing.old_pass(flat):     # r3: replay the engine's routes; records routes_old
         tr.score(flat, tr.built, "old_logp")
-    # (the reference pass stays outside: the reference routes live)
 
-    # (6) training passes
+Stage 6, the training passes, then the old -> new pass and the step's metrics::
+
     for mbs in minibatches:
-        with routing.train_pass(mbs):
-            records.append(self.train(mbs))
-    if cfg.routing.old_new:                                  # after the update, same batch
-        with routing.new_pass(flat):
+        with self.routing.train_pass(mbs):  # r2: routes_old, r3: routes_rollout, none: nothing
+            records.append(tr.step(mbs))
+    if self.routing.active and cfg.routing.old_new:
+        with self.routing.new_pass(flat):   # live routing after the update, same batch
             tr.score(flat, tr.built, "new_logp")
-    routing_metrics = routing.metrics(flat)                  # collective; same dict on every rank
+    routing_m = self.routing.metrics(flat)  # collective; merge into every record of the step
+    if cfg.routing.dump_every and (step + 1) % cfg.routing.dump_every == 0:
+        routes = self.routing.gather_routes(flat)           # collective; rank 0 gets them
+        if routes is not None:
+            report.write_route_dump(cfg.output_dir, step, routes, self.routing.num_experts)
 
 An R2/R3 self-check failure raises :class:`ReplayError` inside the forward (before the
 optimizer step) or at the end of the pass; the run stops.
