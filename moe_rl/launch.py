@@ -24,17 +24,20 @@ from typing import List, Optional
 def main(argv: List[str]) -> int:
     from moe_rl.config import ConfigError, load_config
     from moe_rl.config.run import RunConfig
+    from moe_rl.parallel.launch_env import resolve_launch_env
 
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
     path = argv[0] if "=" not in argv[0] else None
     overrides = argv[1:] if path else argv
+    me = None
     try:
+        me = resolve_launch_env(os.environ)  # torchrun's variables, or an srun task's (SLURM_PROCID ...)
         cfg = load_config(RunConfig, path, overrides)
-        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        preflight(cfg, me.world_size)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if me is None or me.rank == 0:
             print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
     return run(cfg)

@@ -55,6 +55,7 @@ class SGLangConfig:
     enable_metrics: bool = True  # --enable-metrics
     extra_args: list[str] = dataclasses.field(default_factory=list)  # appended verbatim
     python: str = "python"  # interpreter that has sglang installed
+    module: str = "sglang.launch_server"  # server module; moe_rl.rollout.embedded.server takes the same flags (CPU)
     startup_timeout_s: float = 900.0  # deadline for every server to answer /health
     router_port: int = 0  # start sglang-router on this port (0 = no router)
     trust_remote_code: bool = False  # --trust-remote-code: run the checkpoint's own Python (trusted checkpoints only)

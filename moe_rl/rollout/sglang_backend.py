@@ -6,14 +6,24 @@ Flag names are sglang 0.5.23's (``python -m sglang.launch_server --help``):
 Plan as data, then execute: :func:`launch_commands` is pure and unit-tested;
 :class:`SGLangServers` runs the plan (each server in its own process group, so teardown
 kills the scheduler/detokenizer children too).
+
+Under Slurm each server is one task, which becomes the server process (the sbatch templates
+in ``slurm/``)::
+
+    srun --ntasks-per-node=S python -m moe_rl.rollout.sglang_backend serve CONFIG.yaml [key=value ...]
+
+loads the run's config and execs server ``--index`` (default ``$SLURM_LOCALID``) of
+``rollout.sglang``: its port, GPUs and flags are the ones :func:`launch_command` plans.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import httpx
@@ -56,7 +66,7 @@ def launch_command(cfg: SGLangConfig, index: int = 0) -> LaunchSpec:
     port = cfg.base_port + index
     gpu_ids = server_gpus(cfg, index)
     base_gpu = gpu_ids[0]
-    a = [cfg.python, "-m", "sglang.launch_server",
+    a = [cfg.python, "-m", cfg.module,
          "--model-path", cfg.model_path,
          "--host", cfg.host, "--port", str(port),
          "--tp-size", str(cfg.tp_size), "--dp-size", str(cfg.dp_size), "--ep-size", str(cfg.ep_size),
@@ -194,3 +204,44 @@ class SGLangServers:
                     pass
                 p.wait(timeout=10)
         self.procs = []
+
+
+def serve(argv: list[str]) -> int:
+    """``serve [--index I] [--print] [CONFIG.yaml] [key=value ...]``: exec server I of the run's
+    ``rollout.sglang`` (the process becomes the server), or print its argv with ``--print``."""
+    from moe_rl.config import ConfigError, load_config
+    from moe_rl.config.run import RunConfig
+
+    ap = argparse.ArgumentParser(prog="python -m moe_rl.rollout.sglang_backend serve")
+    ap.add_argument("--index", type=int, default=int(os.environ.get("SLURM_LOCALID", "0")),
+                    help="server index on this node (default: $SLURM_LOCALID, one Slurm task per server)")
+    ap.add_argument("--print", action="store_true", help="print the argv, start nothing")
+    ap.add_argument("args", nargs="*", help="CONFIG.yaml, then dotted key=value overrides")
+    a = ap.parse_args(argv)
+    path = a.args[0] if a.args and "=" not in a.args[0] else None
+    try:
+        cfg = load_config(RunConfig, path, a.args[1:] if path else a.args).rollout.sglang
+        if cfg.nnodes > 1 and "SLURM_NODEID" in os.environ:  # one task per node of a multi-node server
+            cfg = dataclasses.replace(cfg, node_rank=int(os.environ["SLURM_NODEID"]))
+        spec = launch_command(cfg, a.index)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if a.print:
+        print(" ".join(spec.argv))
+        return 0
+    env = dict(os.environ)
+    if "CUDA_VISIBLE_DEVICES" not in env:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(spec.gpu_ids[-1] + 1))
+    print(f"[sglang_backend] server {a.index} on {os.uname().nodename}: {spec.url}, GPUs {spec.gpu_ids}",
+          file=sys.stderr, flush=True)
+    os.execvpe(spec.argv[0], spec.argv, env)
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["serve"]:
+        print("usage: python -m moe_rl.rollout.sglang_backend serve [--index I] [--print] CONFIG.yaml [key=value ...]",
+              file=sys.stderr)
+        sys.exit(2)
+    sys.exit(serve(sys.argv[2:]))

@@ -304,3 +304,26 @@ def test_every_generated_command_line_parses_with_sglangs_flags():
     # the parser is a real gate: it refuses flags SGLang dropped
     with pytest.raises((SystemExit, Exception)):
         parser.parse_args(["--model-path", "/ckpt", "--enable-ep-moe"])
+
+
+def test_serve_prints_the_planned_server_of_this_slurm_task(monkeypatch, capsys, tmp_path):
+    """``serve`` (one Slurm task per server) plans from the run's YAML + overrides: the task's
+    SLURM_LOCALID picks the server, SLURM_NODEID the node rank of a multi-node server."""
+    from moe_rl.rollout.sglang_backend import serve
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rollout:\n  sglang:\n    num_servers: 2\n    tp_size: 2\n    dp_size: 2\n    base_port: 31000\n")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert serve(["--print", str(cfg), "rollout.sglang.model_path=/m", "rollout.sglang.host=0.0.0.0"]) == 0
+    argv = capsys.readouterr().out.split()
+    assert _flag(argv, "--port") == "31001" and _flag(argv, "--base-gpu-id") == "4"  # server 1: GPUs 4-7
+    assert _flag(argv, "--host") == "0.0.0.0" and _flag(argv, "--model-path") == "/m"
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    assert serve(["--print", str(cfg), "rollout.sglang.model_path=/m", "rollout.sglang.num_servers=1",
+                  "rollout.sglang.dp_size=1", "rollout.sglang.tp_size=16", "rollout.sglang.nnodes=2",
+                  "rollout.sglang.dist_init_addr=n5:30009"]) == 0
+    argv = capsys.readouterr().out.split()
+    assert _flag(argv, "--node-rank") == "1" and _flag(argv, "--dist-init-addr") == "n5:30009"
+    assert serve(["--print", str(cfg), "rollout.sglang.dp_size=2", "rollout.sglang.attn_dp_size=2"]) == 2
+    assert "attention data parallelism" in capsys.readouterr().err
