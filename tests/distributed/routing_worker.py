@@ -1,7 +1,10 @@
 """Runs under torchrun (2 ranks): routing capture, replay and their self-checks, many checks
 in ONE launch; results to a JSON file read by ``test_routing.py``.
 
-    torchrun --nproc-per-node 2 tests/distributed/routing_worker.py OUT.json HF_DIR
+    torchrun --nproc-per-node 2 tests/distributed/routing_worker.py OUT.json HF_DIR [DEEPSEEK_DIR]
+
+HF_DIR is a tiny Qwen3-MoE (softmax router, every layer MoE); DEEPSEEK_DIR a tiny DeepSeek-V3
+(sigmoid router with group-limited top-k, layer 0 dense), run at PP=2 only.
 
 The batch comes from the embedded engine (HF transformers) on the same tiny checkpoint: an
 fp32 engine, whose routes are the independent reference for the captured ones, and a bf16
@@ -170,6 +173,7 @@ def layout_checks(lay, hf, hf_dir, batch_fp32, samples_fp32, rec):
                                                              engine_routes_table(samples_fp32, layer_ids), layer_ids)
         m = routing.metrics(mbs)
         rec["metrics_capture"] = {k: v for k, v in m.items() if "/layer_" not in k}
+        rec["metric_layers"] = sorted({int(k.rsplit("_", 1)[1]) for k in m if "/layer_" in k})
         dump = routing.gather_routes(mbs)
         if dist.get_rank() == 0:  # the dump holds every real token once per layer, whatever the layout
             ref = {l: sorted(tuple(sorted(x)) for s in samples_fp32 for x in s.routed_experts_NLK[:, j].tolist())
@@ -453,6 +457,21 @@ def main():
         rec["error"] = traceback.format_exc()[-4000:]
     rec["seconds"] = time.perf_counter() - t0
     results["r3"] = rec
+    if len(sys.argv) > 3:
+        ds_dir = sys.argv[3]
+        log("deepseek_v3 pp2")
+        rec = {"spec": {"pp": 2}}
+        t0 = time.perf_counter()
+        try:
+            ds = transformers.AutoModelForCausalLM.from_pretrained(ds_dir, dtype=torch.float32).eval()
+            samples_ds = generate(ds_dir, "float32", seed=3)
+            batch_ds = tb.from_samples(samples_ds, torch.zeros(len(samples_ds)))
+            layout_checks({"pp": 2}, ds, ds_dir, batch_ds, samples_ds, rec)
+        except Exception:
+            rec["error"] = traceback.format_exc()[-4000:]
+        rec.pop("captured", None)
+        rec["seconds"] = time.perf_counter() - t0
+        results["deepseek_v3"] = rec
     results["total_s"] = time.perf_counter() - t_start + init_s
     if dist.get_rank() == 0:
         with open(out_path + ".tmp", "w") as f:

@@ -26,9 +26,10 @@ def results(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("routing")
     hf_dir = save_tiny_hf("qwen3_moe", tmp / "qwen3_moe", seed=0)
+    ds_dir = save_tiny_hf("deepseek_v3", tmp / "deepseek_v3", seed=0)
     out = tmp / "routing.json"
     t0 = time.time()
-    torchrun(ROOT / "tests/distributed/routing_worker.py", 2, str(out), hf_dir)
+    torchrun(ROOT / "tests/distributed/routing_worker.py", 2, str(out), hf_dir, ds_dir)
     res = json.loads(out.read_text())
     print(f"\nrouting launch {time.time() - t0:.1f} s: worker up after {res['worker_start'] - t0:.1f} s, "
           f"init {res['imports_s']:.1f} s, engines {res['engine_s']:.1f} s, checks "
@@ -112,3 +113,15 @@ def test_r3_end_to_end_at_ep2(results):
     assert part["mismatch"] == 0.0 and part["flip_rollout_old"] == 0.0
     assert rec["registry_before_session"] == 8 and rec["registry_with_none_session"] == 8
     assert rec["registry_with_r3_session"] == 4  # the policy's 4 routers left Megatron's global list
+
+
+def test_deepseek_v3_routes_are_keyed_by_global_layer_at_pp2(results):
+    # sigmoid scores, group-limited top-k and a dense layer 0: stage 0 holds layers 0 (dense) and
+    # 1, stage 1 layers 2 and 3; routes and metrics are keyed 1, 2, 3
+    rec = results["deepseek_v3"]
+    assert "error" not in rec, rec["error"]
+    assert rec["capture_vs_engine_diff_frac"] == 0.0 and rec["dump_matches_engine"]
+    assert rec["metric_layers"] == [1, 2, 3]
+    assert rec["flip_live_after_perturb"] > 0.05 and rec["flip_replayed"] == 0.0
+    assert rec["replay_mismatch_frac"] == 0.0
+    assert len(rec["router_grad_abs_sum"]) in (1, 2) and all(g > 0 for g in rec["router_grad_abs_sum"])
