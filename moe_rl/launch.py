@@ -89,6 +89,12 @@ def preflight(cfg, world: int) -> None:
         _files_and_format(cfg.data)  # names the missing file
     for url in cfg.rollout.client.server_urls:
         check_engine_answers(url, cfg.rollout.client.health_timeout_s)
+    if cfg.rollout.backend == "sglang":
+        from moe_rl.rollout.http_rollout import check_sglang_installed, weight_sync_config
+
+        weight_sync_config(cfg)  # engine ranks and transport vs the SGLang layout
+        if not cfg.rollout.client.server_urls:
+            check_sglang_installed(cfg.rollout.sglang.python)
     found = ckpt.scan(ckpt.checkpoint_root(cfg.output_dir))
     if cfg.checkpoint.resume and found.newest:
         ckpt.check_identity(found.newest[1], ckpt.model_identity(hf))
@@ -200,7 +206,7 @@ def build_parts(cfg):
                          f"or set data.max_prompt_tokens")
     plan = plan_export(hf_config, checkpoint_shapes(hf_dir), dims, bucket_bytes=cfg.weights.bucket_bytes)
     show = cfg.metrics.progress and rank == 0
-    if cfg.loop.mode == "async" or cfg.rollout.client.server_urls:
+    if cfg.loop.mode == "async" or cfg.rollout.client.server_urls or cfg.rollout.backend == "sglang":
         rollout = ServerRollout(cfg, hf_dir, plan, trainer, show_progress=show)
     else:
         engine_cfg = dataclasses.replace(cfg.rollout.embedded, model_path=cfg.rollout.embedded.model_path or hf_dir,

@@ -1,18 +1,33 @@
 """Stages 2, 7 and 8 of the loop against engine servers over HTTP (SGLang's protocol): the
-``async`` mode, and the ``sync`` mode when the engines are servers."""
+``async`` mode, the ``sync`` mode when the engines are servers, and every run with
+``rollout.backend=sglang``.
+
+Which servers (rank 0 decides; every rank gets the URLs):
+- ``rollout.client.server_urls`` set: those servers, started by someone else. Their weights
+  are unknown to the run, so the first thing it does is a weight sync (version 0).
+- else ``rollout.backend=sglang``: real SGLang servers launched by ``rollout/sglang_backend.py``
+  from the policy's HF directory, ``--weight-version 0``, logs under ``<output_dir>/sglang``.
+  A missing ``sglang`` package is a clear error before any work (:func:`check_sglang_installed`).
+- else: the embedded engine as its own server process on a free loopback port.
+Generation, weight sync and memory release are the same calls for all three: the embedded
+server speaks SGLang's protocol, so it stands in for SGLang in the CPU tests.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from moe_rl.config.run import RunConfig
+from moe_rl.rollout.in_process import without_routes
 from moe_rl.rollout.requests import make_requests
 from moe_rl.rollout.types import Sample
 
@@ -21,11 +36,8 @@ if TYPE_CHECKING:
 
 
 class ServerRollout:
-    """Stages 2, 7 and 8 against engine servers over HTTP (SGLang's protocol): the async mode,
-    and the sync mode when ``rollout.client.server_urls`` names servers.
-
-    With no URLs, rank 0 starts the embedded engine as its own server process on a free
-    loopback port (and stops it at the end). Rank 0 drives generation through the
+    """Stages 2, 7 and 8 against engine servers over HTTP (the module docstring says which
+    servers; the ones rank 0 started are stopped by :meth:`close`). Rank 0 drives generation through the
     ``RolloutClient`` (in a background thread for a prefetched batch) and broadcasts the
     samples; weight sync is ``moe_rl.weights.sync.WeightSync`` (every rank takes part in the
     export, rank 0 pauses, commits and resumes the engines). Before a sync the prefetched
@@ -39,23 +51,34 @@ class ServerRollout:
         from moe_rl.weights.sync import WeightSync
 
         self.cfg, self.trainer, self.show_progress = cfg, trainer, show_progress
-        self.server = None
-        urls = list(cfg.rollout.client.server_urls)
-        if not urls and dist.get_rank() == 0:
-            self.server, url = start_engine_server(cfg, hf_dir)
-            urls = [url]
-        box = [urls]
+        self.stop_servers: Optional[Callable[[], None]] = None
+        external = list(cfg.rollout.client.server_urls)
+        box: List[Any] = [external or None, None]
+        if not external and dist.get_rank() == 0:
+            try:
+                self.stop_servers, box[0] = start_servers(cfg, hf_dir)
+            except Exception as e:  # noqa: BLE001 - every rank raises it
+                box[1] = f"starting the rollout servers: {type(e).__name__}: {e}"
         dist.broadcast_object_list(box, src=0)
+        if box[1]:
+            raise RuntimeError(box[1])
         client_cfg = dataclasses.replace(cfg.rollout.client, server_urls=box[0], return_routed_experts=False)
         self.client = RolloutClient(client_cfg)
-        self.sync = WeightSync(cfg.weights, self.client, plan, trainer.groups, hf_dir=hf_dir)
+        try:
+            self.sync = WeightSync(weight_sync_config(cfg), self.client, plan, trainer.groups, hf_dir=hf_dir)
+        except BaseException:
+            if self.stop_servers is not None:  # no server outlives a run that could not start
+                self.stop_servers()
+            raise
         self.pool = cf.ThreadPoolExecutor(1, thread_name_prefix="prefetch") if dist.get_rank() == 0 else None
         self.pending: Optional[tuple] = None  # (step, future on rank 0)
         self.last_sync: Dict[str, float] = {}
+        if external:  # servers of unknown weights: make them the policy's, as version 0
+            self.sync_weights(0)
 
     def _generate_rank0(self, step: int, rnd: int, prompts) -> List[Sample]:
         reqs = make_requests(self.cfg, step, rnd, prompts)
-        return [dataclasses.replace(s, routed_experts_TLK=None) for s in self.client.generate(reqs)]
+        return without_routes(self.client.generate(reqs))
 
     def generate(self, step: int, rnd: int, prompts) -> List[Sample]:
         box: List[Any] = [None]
@@ -92,20 +115,70 @@ class ServerRollout:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        self.sync.close()
-        if self.server is not None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=10)
-            except Exception:  # noqa: BLE001 - it is going away either way
-                self.server.kill()
+        try:
+            self.sync.close()
+        finally:
+            if self.stop_servers is not None:
+                self.stop_servers()
+
+
+def weight_sync_config(cfg: RunConfig):
+    """``cfg.weights`` with the ranks each engine joins a weight-update group with: an SGLang
+    server's TP ranks (``rollout.sglang.tp_size``), one for the embedded engine."""
+    w, s = cfg.weights, cfg.rollout.sglang
+    if cfg.rollout.backend != "sglang":
+        return w
+    if w.engine_ranks not in (1, s.tp_size):
+        raise ValueError(f"weights.engine_ranks ({w.engine_ranks}) must equal rollout.sglang.tp_size ({s.tp_size}): "
+                         "every TP rank of an SGLang server joins the weight-update group")
+    if w.transport == "distributed" and s.dp_size > 1:
+        raise ValueError(f"weights.transport 'distributed' with rollout.sglang.dp_size ({s.dp_size}) > 1: SGLang "
+                         "0.5.23 refuses update_weights_from_distributed with data-parallel replicas (its replicas "
+                         "would join with the same ranks); use num_servers for replicas, or the tensor/disk transport")
+    return dataclasses.replace(w, engine_ranks=s.tp_size)
+
+
+def start_servers(cfg: RunConfig, hf_dir: str) -> Tuple[Callable[[], None], List[str]]:
+    """Rank 0: start the servers the config asks for and wait until they answer; returns a
+    function that stops them all and their URLs."""
+    if cfg.rollout.backend == "sglang":
+        from moe_rl.rollout.sglang_backend import SGLangServers
+
+        s = cfg.rollout.sglang
+        check_sglang_installed(s.python)
+        servers = SGLangServers(dataclasses.replace(s, model_path=s.model_path or hf_dir, weight_version="0"),
+                                os.path.join(cfg.output_dir, "sglang"))
+        return servers.stop, servers.start()
+    proc, url = start_engine_server(cfg, hf_dir)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # it is going away either way
+            proc.kill()
+
+    return stop, [url]
+
+
+def check_sglang_installed(python: str) -> None:
+    """ValueError unless ``python`` (``rollout.sglang.python``) can import sglang; looks the
+    package up without importing it (an import takes seconds)."""
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('sglang') else 3)"
+    try:
+        rc = subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ValueError(f"rollout.sglang.python ({python!r}) cannot be run: {e}") from None
+    if rc != 0:
+        raise ValueError(f"rollout.backend=sglang: {python!r} has no sglang package (install the sglang extra: "
+                         f"pip install 'moe_rl[sglang]', or point rollout.sglang.python at an interpreter "
+                         f"that has sglang==0.5.23; or give running servers in rollout.client.server_urls)")
 
 
 def start_engine_server(cfg: RunConfig, hf_dir: str):
     """The embedded engine as its own server process on a free loopback port; waits for
     ``/health`` (``rollout.sglang.startup_timeout_s``) and returns (process, URL)."""
     import socket
-    import subprocess
 
     import httpx
 

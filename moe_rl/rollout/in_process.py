@@ -45,7 +45,7 @@ class InProcessRollout:
         bar = progress_bar(len(reqs) * self.cfg.rollout.n_samples_per_prompt, f"rollout {step}",
                            enabled=self.show_progress)
         local = self.engine.generate(mine) if mine else []
-        local = [dataclasses.replace(s, routed_experts_TLK=None) for s in local]  # not used by the loop
+        local = without_routes(local)
         out = gather_lists(local)
         bar.update(len(out))
         bar.close()
@@ -85,3 +85,12 @@ class InProcessRollout:
     def close(self) -> None:
         pass
 
+
+_ROUTES = next(f.name for f in dataclasses.fields(Sample) if f.name.startswith("routed_experts"))
+
+
+def without_routes(samples: List[Sample]) -> List[Sample]:
+    """The samples without their routed experts: the loop does not replay routes yet, and
+    they would only grow what is gathered and broadcast. (Looked up by prefix while the
+    field's shape suffix is being renamed.)"""
+    return [dataclasses.replace(s, **{_ROUTES: None}) for s in samples]

@@ -11,6 +11,10 @@ Scenarios (each a fresh build of every part, in this process):
 - ckpt: ``run_checkpoint_checks.checkpoint_checks``.
 - nonfinite: from step 1 on every advantage is NaN (injected), so every gradient is: those
   steps are skipped and counted, and the run stops after loop.max_consecutive_skipped=2.
+- servers: ``rollout.backend=sglang`` with ``rollout.client.server_urls`` naming a running
+  server (the embedded engine's, standing in for SGLang: same HTTP protocol) that holds other
+  weights than the policy's (another random tiny model), sync mode,
+  weights over the distributed transport (gloo); the loop must not start a server itself.
 - async: the quickstart task (max of four digits, answered in one token) for 12 steps in
   async mode: the engine as its own server process, weights over HTTP (tensor transport).
 """
@@ -118,6 +122,38 @@ def main():
             Trainer.step, L.RLLoop.log = real_step, real_log
             G.teardown()
             dist.barrier()
+        elif sc == "servers":
+            from moe_rl.launch import ensure_model, model_dir
+            from moe_rl.rollout import http_rollout
+
+            overrides = ["parallel.expert_parallel=2", "algorithm.kl_beta=0.0", "weights.transport=distributed",
+                         "rollout.backend=sglang"]
+            cfg = load_config(RunConfig, None, BASE + overrides + [f"output_dir={os.path.join(work, 'servers')}"])
+            box = [None]
+            if dist.get_rank() == 0:  # the server holds other weights than the policy's
+                import shutil
+
+                from moe_rl.launch import tiny_vocab
+                from moe_rl.models.tiny import save_tiny_hf
+
+                ensure_model(cfg, model_dir(cfg))
+                other = save_tiny_hf("qwen3_moe", os.path.join(work, "servers_other_hf"), seed=7,
+                                     vocab_size=tiny_vocab(cfg))
+                for f in os.listdir(model_dir(cfg)):
+                    if f.startswith(("tokenizer", "special_tokens")):
+                        shutil.copy(os.path.join(model_dir(cfg), f), other)
+                server, url = http_rollout.start_engine_server(cfg, other)
+                box[0] = url
+            dist.broadcast_object_list(box, src=0)
+            started = []
+            real_start = http_rollout.start_servers
+            http_rollout.start_servers = lambda *a: started.append(a) or real_start(*a)
+            loop("servers", overrides + [f"rollout.client.server_urls=[{box[0]}]"])
+            http_rollout.start_servers = real_start
+            res["servers_started"] = len(started)
+            if dist.get_rank() == 0:
+                server.terminate()
+                server.wait(timeout=30)
         elif sc == "async":
             loop("async", ["parallel.expert_parallel=2", "algorithm.kl_beta=0.0", "loop.mode=async",
                            "weights.transport=tensor", "train.steps=12", "train.seed=1", "rollout.max_new_tokens=1",

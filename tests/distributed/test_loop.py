@@ -13,12 +13,13 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def loop_runs(tmp_path_factory):
-    """One launch (~35 s): the kill-and-resume reference run, run checkpoints, the sync
-    scenario and the same steps at three layouts."""
+    """One launch: the kill-and-resume reference run, run checkpoints, the sync scenario, the
+    same steps at three layouts, non-finite steps, async mode, and the loop against given
+    server URLs."""
     work = tmp_path_factory.mktemp("loop")
     out = work / "out.json"
     torchrun(ROOT / "tests/distributed/loop_worker.py", 2, str(out), str(work), "uninterrupted", "ckpt", "sync",
-             "layouts", "nonfinite", "async", timeout=400)
+             "layouts", "nonfinite", "async", "servers", timeout=500)
     res = json.loads(out.read_text())
     errors = {k: v for k, v in res.items() if k.endswith("_error")}
     assert not errors, errors
@@ -153,3 +154,22 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(loop_runs):
     # the last good checkpoint (after step 1's skip changed nothing) is intact and complete
     found = rs.scan(str(work / "nonfinite" / "checkpoints"))
     assert [s for s, _ in found.complete] == [1, 2] and not found.partial
+
+
+def test_sglang_backend_with_given_servers_generates_and_syncs_through_them(loop_runs):
+    """``rollout.backend=sglang`` with ``rollout.client.server_urls``: the loop starts no server,
+    makes the given one serve the policy's weights first (a sync to version 0, since their
+    weights are unknown), generates through it and syncs over the distributed transport
+    after every step; the engine's log-probs then equal the trainer's."""
+    res = loop_runs[1]
+    assert res["servers_started"] == 0
+    recs = res["servers"]
+    assert [(r["policy_version"], r["rollout/weight_version_min"], r["rollout/staleness_max"]) for r in recs] == [
+        (0, 0.0, 0.0)] * 2 + [(1, 1.0, 0.0)] * 2  # 2 steps x 2 mini-batches
+    first = recs[0]
+    assert first["actor/ratio_mean"] == first["actor/ratio_min"] == first["actor/ratio_max"] == 1.0
+    # the server started on another model; step 0's samples already carry the policy's own
+    # log-probs (engine vs trainer, fp32), so the first sync happened before the first rollout
+    assert abs(first["mismatch/k1"]) < 1e-4, first["mismatch/k1"]
+    for r in recs:
+        assert r["weights/probe_logprob_diff"] < 1e-3 and r["weights/bytes"] > 0, r
