@@ -115,6 +115,9 @@ stop_steps() {
   done
 }
 
+# Exit codes of the templates: 0 done, 2 bad input (too few nodes, no MODEL_PATH; before any step
+# starts), 4 a rollout server failed (startup deadline, or died), 143 SIGTERM (scancel, time
+# limit), otherwise the training step's own code.
 # supervise: wait for the first step to end. Training ending with 0 is success (the servers are
 # then stopped); anything else ends the job at once with a non-zero exit code:
 #   the training step's own code when a rank failed (srun names the node and task above),

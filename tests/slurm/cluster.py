@@ -328,9 +328,14 @@ class Cluster:
 
     # ------------------------------------------------------------------ tear down
     def down(self) -> None:
-        """Stop every daemon started here (by PID), then remove the namespaces."""
+        """Cancel the jobs still running, stop every daemon started here (by PID), end any
+        process that still carries this cluster's SLURM_CONF (steps of cancelled jobs), then
+        remove the namespaces."""
         if self.ctld_pid is not None and _pid_alive(self.ctld_pid):
             self.client(["scancel", "--user=root", "--full"], check=False)
+            end = time.monotonic() + 20
+            while time.monotonic() < end and self.client(["squeue", "-h", "-o", "%i"], check=False).stdout.strip():
+                time.sleep(0.2)
         run = os.path.join(self.root, "run")
         pids = []
         for name in sorted(os.listdir(run)) if os.path.isdir(run) else []:
@@ -340,6 +345,7 @@ class Cluster:
                 except (OSError, ValueError):
                     pass
         self._stop(pids)
+        self._stop(processes_with_env("SLURM_CONF", self.conf))
         munge_pid = os.path.join(self.munge_dir, "munged.pid")
         if os.path.exists(munge_pid):
             try:
@@ -375,6 +381,22 @@ class Cluster:
         for ns in list(self.made_netns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             self.made_netns.remove(ns)
+
+
+def processes_with_env(key: str, value: str) -> List[int]:
+    """PIDs of the live processes (not this one) whose environment has ``key=value``."""
+    want = f"{key}={value}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if want in f.read().split(b"\0") and _pid_alive(int(d)):
+                    out.append(int(d))
+        except OSError:
+            continue
+    return out
 
 
 def job_processes(job_id: str, needle: str) -> List[int]:

@@ -273,8 +273,12 @@ def test_conversion_template_converts_the_run_checkpoint(suite):
     assert "checkpoints/step_00000004" in job.text()  # the newest complete checkpoint of the run
 
 
-def test_too_few_nodes_is_a_clear_error(suite):
-    job = suite.submit("one_node", "train_rollout.sbatch", nodes=1, env=suite.env(os.path.join(suite.work, "x")))
-    r = suite.result("one_node")
-    assert r.state == "FAILED" and r.exit_code == 1
-    assert "it needs TRAIN_NODES=1 training node(s) plus at least one rollout node" in job.text()
+def test_too_few_nodes_is_a_clear_error_and_sbatch_wait_returns_the_exit_code(suite):
+    """Through the real ``sbatch --wait`` (its first check is 2 s after submission): the
+    template's exit code is what sbatch's caller gets."""
+    log = os.path.join(suite.work, "one_node.log")
+    p = suite.cluster.client(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=1", f"--output={log}",
+                              f"--chdir={REPO}", os.path.join(REPO, "slurm", "train_rollout.sbatch")],
+                             env=suite.env(os.path.join(suite.work, "x")), check=False, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)  # the template's "bad input" code
+    assert "it needs TRAIN_NODES=1 training node(s) plus at least one rollout node" in open(log).read()
