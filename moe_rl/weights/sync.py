@@ -10,8 +10,9 @@ The sequence (SGLang's, ``pause -> flush -> update -> continue``):
 2. every rank takes part in the export stream; the transport ships the buckets. Engines that
    can stage (the embedded one: ``GET /weight_sync_info``) hold them and check each tensor's
    checksum; a real SGLang applies each bucket as it arrives;
-3. rank 0 commits on every engine (one apply, the new version), or, for SGLang, sets the
-   version with ``/update_weight_version``; then checks every engine reports that version;
+3. rank 0 commits on every engine (one apply, the new version), or, for SGLang, closes the
+   weight-update session and sets the version with ``/update_weight_version``; then checks
+   every engine reports that version;
 4. rank 0 lets the engines continue, and the log-prob probe compares them with the trainer.
 
 Failure: any error in 1-3 discards what the engines staged, lets them continue on their old
@@ -19,6 +20,12 @@ weights and version, and raises :class:`SyncError` on every rank, naming the eng
 tensor, for a checksum). A probe above ``probe_max_logprob_diff`` raises too: the run stops.
 With a real SGLang a failure in step 2 can leave an engine with part of the new weights (it
 cannot stage): the engines then stay paused and the error says so.
+
+SGLang 0.5.23 takes ``/update_weights_from_tensor`` and ``/update_weights_from_distributed``
+only inside a weight-update session (its scheduler refuses them otherwise): for engines that
+cannot stage, step 1 opens one on every engine (``POST /begin_weight_update {}``) and step 3
+closes it (``POST /end_weight_update {}``) before setting the version. The disk transport
+needs none. The embedded engine accepts the same two calls.
 
 Parallel semantics: every rank of the training job constructs :class:`WeightSync` with the
 same arguments and calls :meth:`WeightSync.sync` together; every rank gets the same metrics
@@ -56,7 +63,19 @@ def make_transport(cfg: WeightSyncConfig, client: RolloutClient, *, staging: boo
     from moe_rl.weights.transport.distributed import DistributedTransport
 
     return DistributedTransport(client, address=cfg.group_address, port=cfg.group_port, group_name=cfg.group_name,
-                                engine_ranks=cfg.engine_ranks, timeout_s=cfg.timeout_s)
+                                engine_ranks=cfg.engine_ranks, timeout_s=cfg.timeout_s,
+                                backend="gloo" if staging else None)  # the embedded engine joins over gloo
+
+
+SESSION_TRANSPORTS = ("tensor", "distributed")  # the SGLang updates that need a weight-update session
+
+
+def weight_update_session(client: RolloutClient, which: str) -> None:
+    """``POST /begin_weight_update {}`` or ``/end_weight_update {}`` on every engine (SGLang
+    0.5.23, ``BeginWeightUpdateReqInput`` / ``EndWeightUpdateReqInput``; no fields needed).
+    Through the client's per-server control call until it has a method of its own."""
+    assert which in ("begin", "end"), which
+    client._all("POST", f"/{which}_weight_update", {})
 
 
 class WeightSync:
@@ -80,6 +99,7 @@ class WeightSync:
         self.staging = all(i is not None and i.get("staging") for i in info)
         self.verify = cfg.verify_checksums and all(i is not None and i.get("checksum") for i in info)
         self.transport = make_transport(cfg, client, staging=self.staging, hf_dir=hf_dir)
+        self.session = not self.staging and self.transport.name in SESSION_TRANSPORTS
         self.transport.setup()
 
     @property
@@ -159,12 +179,16 @@ class WeightSync:
         self.client.flush_cache()
         if self.staging:
             self.client.discard_staged_weights()  # what a crashed sync left behind
+        if self.session:
+            weight_update_session(self.client, "begin")
 
     def _commit(self, rnd: SyncRound) -> None:
         if self.staging:
             self.client.commit_staged_weights(rnd.stage_id, rnd.version, expected_tensors=len(self.plan.tensors()),
                                               complete=True)
         else:
+            if self.session:
+                weight_update_session(self.client, "end")
             self.client.update_weight_version(rnd.version, abort_all_requests=False)
         check_versions(self.urls, self.client.weight_versions(), rnd.version)
 

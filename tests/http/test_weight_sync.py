@@ -195,3 +195,23 @@ def test_staging_commit_and_discard_rules(servers, tiny_ckpts):
     r = httpx.post(url + "/commit_staged_weights", json={**commit, "stage_id": "s2"}, timeout=60)
     assert r.status_code == 400 and "nothing staged" in r.text
     assert greedy(url)[1] == "default"
+
+
+def test_session_calls_and_backends_as_sglang_answers_them(servers):
+    """``/begin_weight_update`` / ``/end_weight_update`` follow SGLang 0.5.23's rules (one open
+    session at a time), and a weight-update group over NCCL, which a CPU engine cannot join,
+    is refused at once instead of leaving the trainer waiting for a member that never comes."""
+    (srv,) = servers(1)
+
+    def post(path, body):
+        return httpx.post(srv.url + path, json=body, timeout=30)
+
+    assert post("/begin_weight_update", {}).status_code == 200
+    r = post("/begin_weight_update", {})
+    assert r.status_code == 400 and "already open" in r.text
+    assert post("/end_weight_update", {}).status_code == 200
+    r = post("/end_weight_update", {})
+    assert r.status_code == 400 and "no weight-update session is open" in r.text
+    r = post("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1,
+                                            "world_size": 2, "backend": "nccl"})
+    assert r.status_code == 400 and "gloo only" in r.text

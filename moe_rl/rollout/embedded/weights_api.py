@@ -10,6 +10,14 @@ the model's own shapes, before any buffer is allocated, and ``/update_weights_fr
 takes only safetensors bytes (``load_format: "safetensors"``): nothing that arrives over HTTP
 is unpickled. Rendezvous and broadcasts run on their own bounded executor with a deadline.
 
+``/begin_weight_update`` and ``/end_weight_update`` open and close a weight-update session as
+SGLang 0.5.23's do (a second begin, or an end without a begin, is a 400), so a client that
+drives SGLang works here unchanged; this engine does not require the session around updates.
+``/init_weights_update_group`` builds SGLang's group (``rollout/broadcast_group.py``) over gloo
+(also when ``backend`` is absent); ``backend: "nccl"`` is refused with a 400 (the engine runs
+on CPU) rather than joined over gloo, where a trainer on NCCL would wait for it until its
+timeout.
+
 Beyond SGLang (``moe_rl.weights`` uses them when ``GET /weight_sync_info`` answers):
 
 * ``checksums`` ({name: crc32 hex}, ``moe_rl.weights.checksum``) in any update body: the
@@ -69,6 +77,7 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     r = APIRouter()
     engine = ctx.engine
     staged: dict[str, StagedUpdate] = {}  # at most one: a new stage_id replaces the old one
+    session = {"open": False}  # SGLang's weight-update session (begin/end)
 
     async def apply(request: Request, named, body: dict, *, complete: bool = False) -> tuple[bool, str, dict]:
         """Verify checksums, validate all, then stage it or apply all on the engine thread."""
@@ -186,6 +195,22 @@ def weights_router(ctx: ServerContext) -> APIRouter:
             staged.pop(k)
         return reply(True, f"Discarded {dropped or 'nothing'}.")
 
+    @r.post("/begin_weight_update")
+    async def begin_weight_update(request: Request):
+        await ctx.read_json(request, required=False)
+        if session["open"]:
+            return reply(False, "a weight-update session is already open; call end_weight_update() first")
+        session["open"] = True
+        return reply(True, "Success")
+
+    @r.post("/end_weight_update")
+    async def end_weight_update(request: Request):
+        await ctx.read_json(request, required=False)
+        if not session["open"]:
+            return reply(False, "no weight-update session is open; call begin_weight_update() first")
+        session["open"] = False
+        return reply(True, "Success")
+
     @r.post("/init_weights_update_group")
     async def init_group(request: Request):
         body = await ctx.read_json(request)
@@ -200,9 +225,10 @@ def weights_router(ctx: ServerContext) -> APIRouter:
         name = body.get("group_name", "weight_update_group")
         if not isinstance(name, str) or not name:
             raise RequestError(f"group_name must be a non-empty string, got {name!r:.80}")
-        backend = body.get("backend", "gloo")
-        if backend == "nccl":  # the trainer's default spelling; CPU has only gloo
-            backend = "gloo"
+        backend = body.get("backend", "gloo")  # (SGLang's default is "nccl"; this engine has only gloo)
+        if backend != "gloo":
+            return reply(False, f"backend {backend!r}: this engine runs on CPU and joins weight-update groups "
+                                "over gloo only (send backend 'gloo')")
         if name in ctx.groups:
             return reply(False, f"group {name!r} already exists")
         timeout = ctx.options.join_timeout_s

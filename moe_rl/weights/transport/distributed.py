@@ -2,11 +2,22 @@
 go by HTTP (``/update_weights_from_distributed``), the tensors by one broadcast each from
 the group's rank 0, which is the training job's rank 0.
 
+The calls, as SGLang 0.5.23 takes them (``sglang/srt/managers/io_struct.py``):
+
+- ``/init_weights_update_group {master_address, master_port, rank_offset, world_size,
+  group_name, backend}`` to every server at once, while rank 0 joins as rank 0: world size
+  ``1 + sum of the servers' TP sizes``, server i's ranks from ``1 + i * tp_size`` (each TP
+  rank of a server joins as ``rank_offset + tp_rank``; SGLang refuses data-parallel replicas
+  here). The backend is NCCL when the trainer has GPUs, gloo otherwise, and always gloo for
+  engines that stage (the embedded one).
+- per bucket ``/update_weights_from_distributed {names, dtypes, shapes, group_name}`` (dtype
+  names as torch spells them: "bfloat16"), then one broadcast per tensor in ``names`` order.
+  The group's store layout is SGLang's own (``rollout/broadcast_group.py``).
+- ``/destroy_weights_update_group {group_name}`` on close.
+
 The other sender ranks relay their buckets to rank 0 one at a time (point-to-point in the
 training job, in plan order), so rank 0 holds at most its own bucket and one received
-bucket: no rank ever holds all experts. The group is gloo (``rollout/broadcast_group.py``),
-which the embedded engine speaks; the NCCL group a real SGLang on GPUs joins is not built
-here yet (use the disk or tensor transport with SGLang).
+bucket: no rank ever holds all experts.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from moe_rl.rollout.broadcast_group import WeightBroadcastGroup
+from moe_rl.rollout.broadcast_group import WeightBroadcastGroup, default_backend
 from moe_rl.rollout.client import RolloutClient
 from moe_rl.weights import checksum, job
 from moe_rl.weights.export import ExportedBucket
@@ -35,9 +46,10 @@ class DistributedTransport(Transport):
     name = "distributed"
 
     def __init__(self, client: RolloutClient, *, address: str, port: int = 0, group_name: str = "moe_rl_weights",
-                 engine_ranks: int = 1, timeout_s: float = 300.0) -> None:
+                 engine_ranks: int = 1, timeout_s: float = 300.0, backend: str | None = None) -> None:
         self.client, self.address, self.port = client, address, port
         self.group_name, self.engine_ranks, self.timeout_s = group_name, engine_ranks, timeout_s
+        self.backend = backend or default_backend()
         self.group: WeightBroadcastGroup | None = None
 
     def setup(self) -> None:
@@ -48,9 +60,9 @@ class DistributedTransport(Transport):
                 port = self.port or _free_port()
                 world = 1 + self.engine_ranks * len(self.client.servers)
                 futs = self.client.init_weights_update_group(self.address, port, gpus_per_server=self.engine_ranks,
-                                                             group_name=self.group_name, backend="gloo")
+                                                             group_name=self.group_name, backend=self.backend)
                 try:
-                    self.group = WeightBroadcastGroup(self.address, port, 0, world, self.group_name, "gloo",
+                    self.group = WeightBroadcastGroup(self.address, port, 0, world, self.group_name, self.backend,
                                                       timeout_s=self.timeout_s)
                 finally:
                     errors = []
@@ -95,16 +107,17 @@ class DistributedTransport(Transport):
     @staticmethod
     def _receive(spec) -> ExportedBucket:
         names, tensors = [], []
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         for t in spec.tensors:
-            buf = torch.empty(t.shape, dtype=getattr(torch, t.dtype))
+            buf = torch.empty(t.shape, dtype=getattr(torch, t.dtype), device=device)
             dist.recv(buf, src=spec.sender)
             names.append(t.name)
             tensors.append(buf)
         return ExportedBucket(spec.index, names, tensors)
 
     def _broadcast(self, b: ExportedBucket, rnd: SyncRound) -> None:
-        tensors = [t.detach().to("cpu").contiguous() for t in b.tensors]  # the group is gloo
-        sums = checksum.checksums(zip(b.names, tensors)) if rnd.verify else None
+        tensors = [t.detach().to(self.group.device).contiguous() for t in b.tensors]
+        sums = checksum.checksums(zip(b.names, [t.cpu() for t in tensors])) if rnd.verify else None
         futs = self.client.update_weights_from_distributed(
             b.names, [str(t.dtype).removeprefix("torch.") for t in tensors], [list(t.shape) for t in tensors],
             group_name=self.group_name, stage_id=rnd.stage_id, checksums=sums)

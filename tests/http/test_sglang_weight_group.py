@@ -1,0 +1,304 @@
+"""The distributed weight sync against SGLang 0.5.23's own code, without a GPU.
+
+The stand-in engine here is assembled from the installed sglang wheel's source (it cannot be
+imported whole on CPU; its functions are taken out by name and run as they are):
+
+* every request body is decoded strictly against SGLang's request structs
+  (``sglang/srt/managers/io_struct.py``: ``InitWeightsUpdateGroupReqInput``,
+  ``UpdateWeightsFromDistributedReqInput``, ...), with unknown fields refused, so the trainer
+  sends only what SGLang defines, with SGLang's types;
+* the weight-update session is enforced as SGLang's scheduler enforces it (an update outside
+  ``/begin_weight_update`` ... ``/end_weight_update`` fails);
+* each engine TP rank is its own process that joins the group with SGLang's
+  ``init_custom_process_group`` (``sglang/srt/utils/common.py``) at ``rank_offset + tp_rank``
+  and receives every bucket with SGLang's ``receive_weights_from_distributed``
+  (``sglang/srt/model_executor/model_runner_components/weight_updater.py``), over gloo.
+
+The trainer side is this process as a whole training job (one rank), pushing an HF
+checkpoint through ``WeightSync`` with the distributed transport to two engines of TP 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import threading
+import typing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+msgspec = pytest.importorskip("msgspec")
+
+SPEC = importlib.util.find_spec("sglang")
+if SPEC is None or not SPEC.submodule_search_locations:
+    pytest.skip("sglang wheel not installed (pip install --no-deps sglang==0.5.23 msgspec)", allow_module_level=True)
+SGL = os.path.join(list(SPEC.submodule_search_locations)[0], "srt")
+IO_STRUCT = os.path.join(SGL, "managers", "io_struct.py")
+COMMON = os.path.join(SGL, "utils", "common.py")
+UPDATER = os.path.join(SGL, "model_executor", "model_runner_components", "weight_updater.py")
+
+# the request struct of each endpoint the weight sync calls with a JSON body
+ENDPOINT_STRUCT = {
+    "/pause_generation": "PauseGenerationReqInput",
+    "/continue_generation": "ContinueGenerationReqInput",
+    "/begin_weight_update": "BeginWeightUpdateReqInput",
+    "/end_weight_update": "EndWeightUpdateReqInput",
+    "/init_weights_update_group": "InitWeightsUpdateGroupReqInput",
+    "/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
+    "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
+    "/update_weight_version": "UpdateWeightVersionReqInput",
+}
+
+
+def _source_of(path: str, names: set[str]) -> dict[str, str]:
+    tree = ast.parse(open(path).read())
+    text = open(path).read()
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name in names and node.name not in found:
+            found[node.name] = ast.get_source_segment(text, node)
+    missing = names - found.keys()
+    assert not missing, f"{path} no longer defines {missing}"
+    return found
+
+
+def sglang_structs() -> dict[str, type]:
+    """SGLang's request structs, their field declarations run as written, on a strict base
+    (SGLang's own base is a tagged array-like IPC struct; HTTP bodies are plain objects)."""
+
+    class BaseReq(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+        rid: typing.Optional[str] = None
+
+    import sys
+    import types
+
+    mod = types.ModuleType("_sglang_io_struct")  # string annotations resolve in the class's module
+    sys.modules[mod.__name__] = mod
+    ns = mod.__dict__
+    ns.update({"BaseReq": BaseReq, "msgspec": msgspec, **{n: getattr(typing, n) for n in typing.__all__}})
+    out = {}
+    for name, src in _source_of(IO_STRUCT, set(ENDPOINT_STRUCT.values())).items():
+        exec(src, ns)  # noqa: S102 - the installed sglang wheel's own declarations
+        out[name] = ns[name]
+    return out
+
+
+def sglang_group_functions() -> dict[str, typing.Any]:
+    """SGLang's ``init_custom_process_group`` and ``receive_weights_from_distributed``."""
+    ns = {"torch": torch, "Optional": typing.Optional,
+          "torch_release": tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])}
+    srcs = {**_source_of(COMMON, {"init_custom_process_group"}),
+            **_source_of(UPDATER, {"receive_weights_from_distributed"})}
+    for src in srcs.values():
+        exec(src.replace("self: WeightUpdater", "self"), ns)  # noqa: S102 - sglang's own code
+    return {k: ns[k] for k in srcs}
+
+
+def tp_rank_main(conn, address: str, port: int, rank: int, world: int, group_name: str, backend: str) -> None:
+    """One SGLang TP rank (its own process, as SGLang's schedulers are): join, then receive
+    each announced bucket and send what arrived back to the test."""
+    import types
+
+    fns = sglang_group_functions()
+    try:
+        pg = fns["init_custom_process_group"](backend=backend, init_method=f"tcp://{address}:{port}",
+                                              world_size=world, rank=rank, group_name=group_name)
+    except Exception as e:  # noqa: BLE001 - reported to the HTTP front
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ok", rank))
+    runner = types.SimpleNamespace(device="cpu", _model_update_group={group_name: pg})
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        names, dtypes, shapes, load_format = msg
+        weights = fns["receive_weights_from_distributed"](runner, names=names, dtypes=dtypes, shapes=shapes,
+                                                         group_name=group_name, load_format=load_format)
+        conn.send([(n, t.clone()) for n, t in weights])
+    torch.distributed.destroy_process_group(pg)
+
+
+class FakeSGLang:
+    """An HTTP front with SGLang's weight-update rules over ``tp_size`` rank processes."""
+
+    def __init__(self, tp_size: int, structs: dict[str, type]) -> None:
+        self.tp_size, self.structs = tp_size, structs
+        self.calls: list[tuple[str, dict]] = []
+        self.received: dict[str, torch.Tensor] = {}
+        self.session = False
+        self.version = "0"
+        self.ranks: list = []
+        self.lock = threading.Lock()
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, code: int, body) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/model_info":
+                    return self._reply(200, {"weight_version": front.version, "model_path": "fake"})
+                return self._reply(404, {"detail": "Not Found"})  # /weight_sync_info among them
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n) if n else b""
+                code, body = front.handle(self.path, json.loads(raw) if raw else None)
+                self._reply(code, body)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def handle(self, path: str, body):
+        self.calls.append((path, body))
+        if path == "/flush_cache":
+            return 200, "Cache flushed."
+        struct = ENDPOINT_STRUCT.get(path)
+        if struct is None:
+            return 404, {"detail": "Not Found"}
+        try:
+            req = msgspec.convert(body or {}, self.structs[struct])
+        except msgspec.ValidationError as e:
+            return 422, {"detail": f"{struct}: {e}"}
+        with self.lock:
+            return self._apply(path, req)
+
+    def _apply(self, path: str, req):
+        ok = {"success": True, "message": "Success"}
+        if path == "/begin_weight_update":
+            if self.session:
+                return 400, {"success": False, "message": "a weight-update session is already open"}
+            self.session = True
+        elif path == "/end_weight_update":
+            if not self.session:
+                return 400, {"success": False, "message": "no weight-update session is open"}
+            self.session = False
+        elif path == "/init_weights_update_group":
+            ctx = mp.get_context("spawn")
+            for tp_rank in range(self.tp_size):
+                mine, theirs = ctx.Pipe()
+                p = ctx.Process(target=tp_rank_main, daemon=True,
+                                args=(theirs, req.master_address, req.master_port, req.rank_offset + tp_rank,
+                                      req.world_size, req.group_name, req.backend))
+                p.start()
+                self.ranks.append((p, mine))
+            answers = [conn.recv() if conn.poll(120) else ("error", "no answer") for _, conn in self.ranks]
+            bad = [a[1] for a in answers if a[0] != "ok"]
+            if bad:
+                return 400, {"success": False, "message": f"Failed to initialize custom process group: {bad}"}
+        elif path == "/update_weights_from_distributed":
+            if not self.session:  # SGLang's scheduler, 0.5.23
+                return 400, {"success": False, "message": "update_weights_from_distributed must run between "
+                                                          "begin_weight_update() and end_weight_update()"}
+            for _, conn in self.ranks:
+                conn.send((req.names, req.dtypes, req.shapes, req.load_format))
+            got = [conn.recv() for _, conn in self.ranks]
+            for named in got[1:]:  # every TP rank received the same tensors
+                assert all(torch.equal(a[1], b[1]) and a[0] == b[0] for a, b in zip(got[0], named))
+            self.received.update(dict(got[0]))
+            if req.weight_version is not None:
+                self.version = req.weight_version
+        elif path == "/update_weight_version":
+            self.version = req.new_version
+        elif path == "/destroy_weights_update_group":
+            for p, conn in self.ranks:
+                conn.send(None)
+                p.join(timeout=60)
+            self.ranks = []
+        return 200, ok
+
+    def close(self) -> None:
+        for p, conn in self.ranks:
+            conn.send(None)
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture(scope="module")
+def structs():
+    return sglang_structs()
+
+
+def test_the_schemas_are_strict(structs):
+    """The reference itself: SGLang's structs as loaded here refuse what SGLang refuses."""
+    Init, Update = structs["InitWeightsUpdateGroupReqInput"], structs["UpdateWeightsFromDistributedReqInput"]
+    good = {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1, "world_size": 2}
+    assert msgspec.convert(good, Init).group_name == "weight_update_group"
+    assert msgspec.convert(good, Init).backend == "nccl"
+    for bad in ({k: v for k, v in good.items() if k != "rank_offset"}, {**good, "master_port": "1"},
+                {**good, "stage_id": "x"}):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert(bad, Init)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"names": ["a"], "dtypes": ["float32"], "shapes": [[2, "3"]]}, Update)
+
+
+def test_distributed_sync_into_sglang_ranks(structs, tiny_ckpts, tmp_path):
+    """Two engines of TP 2: the group is trainer rank 0 + ranks 1-2 (engine 0) and 3-4
+    (engine 1); every call passes SGLang's schema; every update sits in a session; every
+    engine rank receives exactly the checkpoint's tensors, over two syncs."""
+    from moe_rl.models.hf_checkpoint import HFCheckpoint
+    from moe_rl.parallel import ParallelConfig, ParallelDims
+    from moe_rl.rollout.client import RolloutClient
+    from moe_rl.rollout.config import ClientConfig
+    from moe_rl.weights.config import WeightSyncConfig
+    from moe_rl.weights.export import buckets_from_hf
+    from moe_rl.weights.plan import checkpoint_shapes, plan_export
+    from moe_rl.weights.sync import WeightSync
+
+    engines = [FakeSGLang(2, structs) for _ in range(2)]
+    sync = None
+    try:
+        cfg = WeightSyncConfig(transport="distributed", bucket_bytes=400 << 10, probe=False, engine_ranks=2,
+                               timeout_s=120)
+        client = RolloutClient(ClientConfig(server_urls=[e.url for e in engines], control_timeout_s=120))
+        sync = WeightSync(cfg, client, None, None)
+        assert not sync.staging and not sync.verify and sync.session
+        inits = [b for e in engines for p, b in e.calls if p == "/init_weights_update_group"]
+        assert [(b["rank_offset"], b["world_size"], b["backend"]) for b in inits] == [(1, 5, "gloo"), (3, 5, "gloo")]
+        for version, ckpt_dir in (("1", tiny_ckpts["v1"]), ("2", tiny_ckpts["v0"])):
+            with HFCheckpoint(ckpt_dir) as ckpt:
+                sync.plan = plan_export(ckpt.config(), checkpoint_shapes(ckpt_dir),
+                                        ParallelDims.build(ParallelConfig(), 1), bucket_bytes=cfg.bucket_bytes)
+                m = sync.sync(None, version, stream=buckets_from_hf(sync.plan, ckpt.get))
+                assert m["weights/buckets"] > 1
+                for e in engines:
+                    assert e.version == version and not e.session
+                    assert e.received.keys() == set(ckpt.keys())
+                    assert all(torch.equal(e.received[n], ckpt.get(n)) for n in ckpt.keys())
+                    e.received.clear()
+        sync.close()
+        sync = None
+        for e in engines:
+            paths = [p for p, _ in e.calls]
+            assert paths[-1] == "/destroy_weights_update_group" and not e.ranks
+            # each sync: pause, flush, begin, buckets, end, version, continue
+            one = paths[paths.index("/pause_generation"):paths.index("/continue_generation") + 1]
+            assert one[:3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"], one
+            assert one[-3:] == ["/end_weight_update", "/update_weight_version", "/continue_generation"], one
+            assert set(one[3:-3]) == {"/update_weights_from_distributed"}
+            bodies = [b for p, b in e.calls if p == "/update_weights_from_distributed"]
+            assert all(set(b) == {"names", "dtypes", "shapes", "group_name"} for b in bodies), bodies[0].keys()
+    finally:
+        if sync is not None:
+            sync.close()
+        for e in engines:
+            e.close()
