@@ -134,8 +134,9 @@ class RouteCapture:
         d, g = self.groups.dims, self.groups
         out = []
         for m, (B, S) in enumerate(shapes_BS):
-            if not layers:
-                out.append(Routes([], torch.empty(B, S, 0, self.topk, dtype=self.dtype)))
+            if not layers:  # a pipeline stage without MoE layers: empty, but shaped like the others
+                probs = torch.empty(B, S, 0, self.num_experts) if self.want_probs else None
+                out.append(Routes([], torch.empty(B, S, 0, self.topk, dtype=self.dtype), probs))
                 continue
             recs = [self._records[layer][m] for layer in layers]
             S_loc = S // d.tp if d.sp else S

@@ -208,7 +208,7 @@ class RoutingSession:
             B, S = mb["tokens"].shape
             mask_T = mb[VALID].reshape(-1).cpu() if VALID in mb else torch.ones(B * S, dtype=torch.bool)
             for r in (ra, rb):  # a token counts only where both passes routed it, in every layer
-                mask_T = mask_T & (r.experts_BSLK >= 0).reshape(B * S, -1).all(-1).cpu()
+                mask_T = mask_T & (r.experts_BSLK >= 0).flatten(2).all(-1).reshape(-1).cpu()  # L may be 0
             if local:
                 a, b = ra.layers(local), rb.layers(local)
                 pa = a.probs_BSLE.reshape(B * S, len(local), -1).cpu() if with_kl else None

@@ -4,7 +4,8 @@ in ONE launch; results to a JSON file read by ``test_routing.py``.
     torchrun --nproc-per-node 2 tests/distributed/routing_worker.py OUT.json HF_DIR [DEEPSEEK_DIR]
 
 HF_DIR is a tiny Qwen3-MoE (softmax router, every layer MoE); DEEPSEEK_DIR a tiny DeepSeek-V3
-(sigmoid router with group-limited top-k, layer 0 dense), run at PP=2 only.
+(sigmoid router with group-limited top-k) whose first two layers are dense, run at PP=2 only, so
+pipeline stage 0 holds no MoE layer at all.
 
 The batch comes from the embedded engine (HF transformers) on the same tiny checkpoint: an
 fp32 engine, whose routes are the independent reference for the captured ones, and a bf16
@@ -193,8 +194,11 @@ def layout_checks(lay, hf, hf_dir, batch_fp32, samples_fp32, rec):
         rec["any_flip_replayed"] = m["routing/any_layer_flip_frac/old_new"]
         rec["replay_mismatch_frac"] = m["routing/replay_mismatch_frac"]
         rec["replay_fallback_frac"] = m["routing/replay_fallback_frac"]
-        grads = [float(r.weight.grad.abs().sum()) if r.weight.grad is not None else 0.0 for _, r in routing.routers]
-        rec["router_grad_abs_sum"] = grads
+        grads = {layer: float(r.weight.grad.abs().sum()) if r.weight.grad is not None else 0.0
+                 for layer, r in routing.routers}
+        box = [None] * dist.get_world_size()
+        dist.all_gather_object(box, grads)  # every stage's routers
+        rec["router_grad_abs_sum"] = {str(k): v for part in box for k, v in part.items()}
         rec["global_replay_registry"] = _registry_size()
         if lay == {"ep": 2}:
             ep2_checks(built, groups, routing, mbs, batch_fp32, rec)
