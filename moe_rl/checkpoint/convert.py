@@ -2,17 +2,22 @@
 
 * HF -> mcore: the HF checkpoint is checked whole (config, every file readable, every tensor
   present with its shape, nothing extra) from headers only; then each Megatron tensor is built
-  from its HF tensors (``Entry.to_mcore``, read lazily) when the writer asks for it.
+  from its HF tensors (``Entry.to_mcore_parts``, each read with one ``pread``) when the
+  writer asks for it; a GLU fc1 stays [gate, up], the two chunks Megatron stores.
 * mcore -> HF: the plan of the weight sync at one rank (``weights/plan.py``) groups the HF
-  tensors into files of at most ``bucket_bytes``; each file's Megatron tensors are read with one
-  Megatron load and split back (``Entry.to_hf``). Config and tokenizer files come from the
-  checkpoint's ``hf/`` folder, a run checkpoint's ``model.hf_dir``, or ``hf_config_dir``.
-  Run checkpoints (``run_state.py``: a ``step_*`` directory or the ``checkpoints`` root,
-  newest complete one) convert the same way: only the model's keys are read.
+  tensors into files of at most ``bucket_bytes``; each file's Megatron tensors are read
+  (``DistCheckpointReader``: one ``pread`` per stored chunk where the chunk is a whole
+  region, Megatron's own load otherwise) and split back (``Entry.to_hf``). Config and
+  tokenizer files come from the checkpoint's ``hf/`` folder, a run checkpoint's
+  ``model.hf_dir``, or ``hf_config_dir``. Run checkpoints (``run_state.py``: a ``step_*``
+  directory or the ``checkpoints`` root, newest complete one) convert the same way: only
+  the model's keys are read.
 * mcore -> mcore: the same Megatron tensors rewritten (a model-only checkpoint checked
   against the layout); Megatron reshards ``torch_dist`` on load, so any layout can load it.
 
-Memory: one canonical tensor at a time (HF -> mcore), one file's tensors (mcore -> HF).
+Memory (no file is memory-mapped, so the input's pages never count against the process):
+one canonical tensor at a time (HF -> mcore); one output file's tensors plus the copies of
+one fused QKV being split (mcore -> HF): at most the largest tensor plus one bucket.
 The output is built in a hidden sibling directory, fsynced and renamed into place: an
 interrupted conversion leaves nothing under the output name. An output directory that
 already holds files is refused unless ``overwrite``.
@@ -103,12 +108,16 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
                 want = _dtype(dtype) or mf.stored_dtype(ckdir)
                 shards = mf.model_shards(hf_config, groups, want)
                 counted.start(sum(math.prod(s) for s in shards.shape.values()) * _itemsize(want))
-                if to == "hf":
-                    n = _mcore_to_hf(ckdir, shards, hf_config, tmp, file_bytes, counted)
-                    hf_format.copy_side_files(cfg_dir, tmp)
-                else:
-                    n = _to_mcore(tmp, shards, lambda name: mf.read_canonical(ckdir, shards, [name])[name],
-                                  cfg_dir, _info(family, hf_config, dims, want, src), counted)
+                reader = mf.DistCheckpointReader(ckdir, shards)
+                try:
+                    if to == "hf":
+                        n = _mcore_to_hf(reader, shards, hf_config, tmp, file_bytes, counted)
+                        hf_format.copy_side_files(cfg_dir, tmp)
+                    else:
+                        n = _to_mcore(tmp, shards, lambda name: reader.read([name])[name],
+                                      cfg_dir, _info(family, hf_config, dims, want, src), counted)
+                finally:
+                    reader.close()
             else:
                 want = _dtype(dtype) or _hf_dtype(ckpt)
                 shards = mf.model_shards(hf_config, groups, want)
@@ -116,8 +125,8 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
                 hf_format.check_tensors(ckpt, hf_format.expected_hf_shapes(pmap, shards.shape))
                 counted.start(sum(math.prod(s) for s in shards.shape.values()) * _itemsize(want))
                 if to == "mcore":
-                    n = _to_mcore(tmp, shards, lambda name: pmap[name].to_mcore(ckpt.get), cfg_dir,
-                                  _info(family, hf_config, dims, want, src), counted)
+                    n = _to_mcore(tmp, shards, lambda name: pmap[name].to_mcore_parts(ckpt.get), cfg_dir,
+                                  _info(family, hf_config, dims, want, src), counted, release=ckpt.release)
                 else:  # HF -> HF: a checked, re-sharded copy
                     n = _hf_to_hf(ckpt, shards, hf_config, tmp, file_bytes, want, counted)
                     hf_format.copy_side_files(src, tmp)
@@ -136,12 +145,13 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
 # ------------------------------------------------------------------ directions
 
 
-def _to_mcore(tmp: Path, shards, read_tensor, cfg_dir: Path, info: dict, counted) -> int:
+def _to_mcore(tmp: Path, shards, read_tensor, cfg_dir: Path, info: dict, counted, release=None) -> int:
     ckdir = mf.write_layout(tmp, info)
     (tmp / mf.HF_SUBDIR).mkdir()
     hf_format.copy_side_files(cfg_dir, tmp / mf.HF_SUBDIR)
     mf.write_dist_checkpoint(ckdir, shards, read_tensor, common={"checkpoint_version": 3.0, "iteration": 0,
-                                                                 "moe_rl": info}, on_tensor=counted.add)
+                                                                 "moe_rl": info}, on_tensor=counted.add,
+                             release=release)
     return len(shards.per_param)
 
 
@@ -153,7 +163,7 @@ def _one_rank_plan(hf_config, shards, file_bytes: int, dtype: torch.dtype):
                        dtype=dtype)
 
 
-def _mcore_to_hf(ckdir: Path, shards, hf_config, tmp: Path, file_bytes: int, counted) -> int:
+def _mcore_to_hf(reader, shards, hf_config, tmp: Path, file_bytes: int, counted) -> int:
     from moe_rl.weights.export import assemble
 
     dtype = shards.per_param[next(iter(shards.per_param))][0].dtype
@@ -161,11 +171,12 @@ def _mcore_to_hf(ckdir: Path, shards, hf_config, tmp: Path, file_bytes: int, cou
 
     def buckets():
         for b in plan.buckets:
-            full = mf.read_canonical(ckdir, shards, [it.mcore for it in b.items])
+            full = reader.read([it.mcore for it in b.items])
             named = []
             for it in b.items:
                 named += assemble(it, [full.pop(it.mcore)])
             yield named
+            del full, named  # before the next bucket is read
 
     hf_format.write_shards(tmp, buckets(), len(plan.buckets), on_tensor=counted.add)
     return len(plan.tensors())
@@ -173,8 +184,13 @@ def _mcore_to_hf(ckdir: Path, shards, hf_config, tmp: Path, file_bytes: int, cou
 
 def _hf_to_hf(ckpt, shards, hf_config, tmp: Path, file_bytes: int, dtype, counted) -> int:
     plan = _one_rank_plan(hf_config, shards, file_bytes, dtype)
-    hf_format.write_shards(tmp, ([(t.name, ckpt.get(t.name).to(dtype)) for t in b.tensors] for b in plan.buckets),
-                           len(plan.buckets), on_tensor=counted.add)
+
+    def buckets():
+        for b in plan.buckets:
+            yield [(t.name, ckpt.get(t.name).to(dtype)) for t in b.tensors]
+            ckpt.release()  # written: its pages may go
+
+    hf_format.write_shards(tmp, buckets(), len(plan.buckets), on_tensor=counted.add)
     return len(plan.tensors())
 
 
@@ -199,16 +215,10 @@ def _dtype(name: str) -> torch.dtype | None:
 
 
 def _hf_dtype(ckpt) -> torch.dtype:
-    from safetensors import safe_open
-
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
     counts: dict = {}
-    for fname in set(ckpt.weight_map.values()):
-        with safe_open(str(ckpt.path / fname), "pt") as h:
-            for k in h.keys():
-                dt = names.get(h.get_slice(k).get_dtype())
-                if dt is not None:
-                    counts[dt] = counts.get(dt, 0) + 1
+    for st in ckpt.stored.values():
+        if st.dtype.is_floating_point:
+            counts[st.dtype] = counts.get(st.dtype, 0) + 1
     if not counts:
         raise CheckpointError(f"{ckpt.path}: no floating-point tensors")
     return max(counts, key=counts.get)

@@ -1,6 +1,13 @@
-"""HuggingFace checkpoint directories for conversion: checked before anything is read, and
-written bucket by bucket (safetensors files + ``model.safetensors.index.json``, plus the
-config and tokenizer files), a directory ``transformers`` and SGLang open.
+"""HuggingFace checkpoint directories for conversion: checked before anything is read, read one
+tensor at a time, and written bucket by bucket (safetensors files +
+``model.safetensors.index.json``, plus the config and tokenizer files), a directory
+``transformers`` and SGLang open.
+
+Reading and writing use the safetensors layout directly (an 8-byte little-endian header
+length, a JSON header of dtype, shape and byte range per tensor, then the raw bytes):
+a tensor is read as a memory map of its own bytes (no copy, and its pages leave the process
+with the tensor, where a map of the whole file keeps every page read), and written straight
+from the tensor's memory, without the copy per tensor the ``safetensors`` package makes.
 
 The shapes an HF checkpoint must have come from the family's parameter map and the canonical
 Megatron shapes of a model built from its config (``megatron_format.model_shards``): a
@@ -10,8 +17,12 @@ tensor and the numbers, before a single tensor is converted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import mmap
+import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Iterable
 
@@ -22,6 +33,150 @@ from moe_rl.models.param_map import ParamMap
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".distcp")
 INDEX = "model.safetensors.index.json"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """Where one tensor lies in a safetensors file (absolute byte range)."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: Path) -> dict[str, Stored]:
+    """The tensors of one safetensors file, checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or garbled?): "
+                                  f"{size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or garbled?): header of "
+                                  f"{n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or garbled?): {e}") from e
+    base, out = 8 + n, {}
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = DTYPES[v["dtype"]], tuple(v["shape"]), v["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {name}: unreadable header entry {v!r} ({e!r})") from e
+        numel = 1
+        for d in shape:
+            numel *= d
+        if b - a != numel * dtype.itemsize or base + b > size:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or garbled?): {name} "
+                                  f"needs bytes {base + a}..{base + b} of {size}")
+        out[name] = Stored(path.name, dtype, shape, base + a, base + b)
+    return out
+
+
+def read_into(fd: int, out: torch.Tensor, start: int) -> None:
+    """Fill the contiguous tensor ``out`` with the bytes at ``start`` of the open file ``fd``."""
+    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], start + done)
+        if n <= 0:
+            raise CheckpointError(f"file ended {len(buf) - done} bytes early at offset {start + done}")
+        done += n
+
+
+def map_tensor(fd: int, start: int, dtype: torch.dtype, shape: tuple[int, ...]):
+    """``(tensor, map)``: the tensor stored at ``start`` of the open file ``fd``, as a private
+    memory map of just its bytes (None when it is read into memory instead): no copy on read,
+    and the pages leave the process when the tensor is freed (a map of the whole file would
+    keep every page read so far resident)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype), None
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fd, nbytes + start - base, offset=base, access=mmap.ACCESS_COPY)
+    if (start - base) % dtype.itemsize:  # misaligned for its dtype: read a copy instead
+        out = fresh(shape, dtype)
+        read_into(fd, out, start)
+        return out, None
+    return torch.frombuffer(mm, dtype=dtype, offset=start - base, count=numel).view(shape), mm
+
+
+def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in its own anonymous memory map, returned to the system the
+    moment the tensor is freed (the C allocator may keep freed blocks of tens of MB, which
+    would then count against the conversion's memory bound)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, numel * dtype.itemsize), dtype=dtype, count=numel).view(shape)
+
+
+class HFFiles:
+    """An HF checkpoint directory's safetensors files, read one tensor at a time.
+
+    ``get(name)`` maps just that tensor's bytes (:func:`map_tensor`); :meth:`release` drops
+    the pages of the tensors returned so far."""
+
+    def __init__(self, path: Path, files: list[str]) -> None:
+        self.path = path
+        self.stored: dict[str, Stored] = {}
+        for f in files:
+            self.stored.update(read_header(path / f))
+        self.weight_map = {n: s.file for n, s in self.stored.items()}
+        self._fds: dict[str, int] = {}
+        self._maps: list = []
+        self.bytes_read = 0
+
+    def keys(self):
+        return self.stored.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.stored[name].shape
+
+    def get(self, name: str) -> torch.Tensor:
+        s = self.stored.get(name)
+        if s is None:
+            raise KeyError(f"{self.path}: tensor {name!r} not in the checkpoint")
+        fd = self._fds.get(s.file)
+        if fd is None:
+            fd = self._fds[s.file] = os.open(self.path / s.file, os.O_RDONLY)
+        self.bytes_read += s.end - s.start
+        t, mm = map_tensor(fd, s.start, s.dtype, s.shape)
+        if mm is not None:
+            self._maps.append(mm)
+        return t
+
+    def release(self) -> None:
+        """Drop the pages of every tensor returned so far from memory. A caller that has
+        written those tensors calls it when a reference it does not control (a writer's loop
+        variable) may still hold the last one; read again, the pages come back from the file."""
+        maps, self._maps = self._maps, []
+        for mm in maps:
+            if not mm.closed:
+                mm.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self._maps = []
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
 
 def expected_hf_shapes(pmap: ParamMap, canonical_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -44,13 +199,10 @@ def expected_hf_shapes(pmap: ParamMap, canonical_shapes: dict[str, tuple[int, ..
     return out
 
 
-def open_checked(path: Path):
-    """An :class:`HFCheckpoint` of ``path`` after checking its config and every weights file
-    (a truncated or garbled file is named here, not half way through a conversion)."""
-    from safetensors import safe_open
-
-    from moe_rl.models.hf_checkpoint import HFCheckpoint
-
+def open_checked(path: Path) -> HFFiles:
+    """:class:`HFFiles` of ``path`` after checking its config and every weights file's header
+    against its size (a truncated or garbled file is named here, not half way through a
+    conversion)."""
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (not a HuggingFace checkpoint directory)")
     index = path / INDEX
@@ -68,12 +220,7 @@ def open_checked(path: Path):
     for f in files:
         if not (path / f).is_file():
             raise CheckpointError(f"{path / f}: listed in {INDEX} but missing")
-        try:
-            with safe_open(str(path / f), "pt") as h:
-                h.keys()
-        except Exception as e:  # noqa: BLE001 - safetensors' own error types
-            raise CheckpointError(f"{path / f}: not a readable safetensors file (truncated or garbled?): {e}") from e
-    return HFCheckpoint(path)
+    return HFFiles(path, files)
 
 
 def check_tensors(ckpt, expected: dict[str, tuple[int, ...]]) -> None:
@@ -104,23 +251,44 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def write_safetensors(path: Path, named: list[tuple[str, torch.Tensor]]) -> int:
+    """One safetensors file of ``named`` (header, then each tensor's bytes in order, written
+    from the tensor's own memory); returns the bytes of tensor data. Flushing to disk is the
+    caller's (the whole output directory is fsynced before it is published)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for n, t in named:
+        if t.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"{n}: dtype {t.dtype} has no safetensors name")
+        header[n] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for _, t in named:
+            if t.nbytes:
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return off
+
+
 def write_shards(dst: Path, buckets: Iterable[list[tuple[str, torch.Tensor]]], num_files: int,
                  on_tensor=None) -> None:
     """One safetensors file per bucket (``model-0000i-of-0000N.safetensors``), then the index."""
-    from safetensors.torch import save_file
-
     weight_map: dict[str, str] = {}
     total = 0
-    for i, named in enumerate(buckets):
+    i = -1
+    it = iter(buckets)
+    while (named := next(it, None)) is not None:  # not a for loop: it would hold this bucket
+        i += 1                                     # while the next one is read
         fname = f"model-{i + 1:05d}-of-{num_files:05d}.safetensors"
-        save_file({n: t.contiguous() for n, t in named}, str(dst / fname), metadata={"format": "pt"})
+        total += write_safetensors(dst / fname, named)
         for n, t in named:
             weight_map[n] = fname
-            total += t.numel() * t.element_size()
             if on_tensor is not None:
-                on_tensor(t.numel() * t.element_size())
+                on_tensor(t.nbytes)
+        del named
     assert i + 1 == num_files, (i + 1, num_files)
     (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                          "weight_map": dict(sorted(weight_map.items()))}, indent=1))
-
-

@@ -48,6 +48,14 @@ class Entry:
             out = torch.cat([out, pad], dim=0)
         return out
 
+    def to_mcore_parts(self, get: Callable[[str], torch.Tensor]) -> list[torch.Tensor]:
+        """The canonical tensor (no vocabulary padding) as row blocks whose concatenation on
+        dim 0 is ``to_mcore(get)``: a glu entry is [gate, up] left unfused, so a writer that
+        stores gate and up apart (Megatron's checkpoint does) never copies them."""
+        if self.kind == "glu":
+            return [get(n) for n in self.hf]
+        return [self.to_mcore(get)]
+
     def to_mcore_chunk(self, get_chunk: Callable[[str, int, int, int], torch.Tensor],
                        partition_dim: int, rank: int, size: int) -> torch.Tensor:
         """This rank's shard, reading only its part of each HF tensor.
