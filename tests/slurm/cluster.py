@@ -148,6 +148,8 @@ class Cluster:
             f.write("127.0.0.1 localhost\n")
             for n in NODES:
                 f.write(f"{ADDRS[n] if self.mode == 'netns' else '127.0.0.1'} {n}\n")
+            if self.mode != "netns":
+                f.write(f"127.0.0.1 {socket.gethostname()}\n")
         self._start_munge()
         self._write_conf()
         try:
@@ -214,7 +216,7 @@ class Cluster:
             host_line = f"SlurmctldHost=n1({ADDRS['n1']})"
             nodes = [f"NodeName={n} NodeHostname={n} NodeAddr={ADDRS[n]} Port={d_port}" for n in NODES]
         else:
-            host_line = "SlurmctldHost=n1(127.0.0.1)"
+            host_line = f"SlurmctldHost={socket.gethostname()}(127.0.0.1)"  # the host's own name here
             nodes = [f"NodeName={n} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={_free_port()}"
                      for n in NODES]
         # CPUs are declared (config_overrides), not probed: several test jobs share the two nodes.
