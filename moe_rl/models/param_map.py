@@ -12,10 +12,17 @@ Going to a rank's shard is a separate step (:func:`shard`), driven by the parall
 attributes Megatron itself puts on each parameter (``partition_dim``) plus the entry kind
 (a GLU shard is [gate_i; up_i], not a plain chunk). Both directions are exact inverses,
 which the tests check in both directions against independent references (HF forward).
+
+Two spellings of the Megatron names, one per layer spec (:class:`Spelling`): the families
+write their tables in the local spec's names (every norm a module of its own); the
+Transformer Engine spec fuses a norm into the linear after it and, with grouped experts,
+names expert ``e``'s matrices ``experts.linear_fc1.weight<e>`` (:func:`respell`,
+:meth:`ParamMap.respelled`; :func:`spelling_of` tells which one a live model uses).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -133,16 +140,94 @@ class ParamMap:
         return out
 
 
+    def respelled(self, spelling: "Spelling", *, moe_layers: list[bool], mla: bool) -> "ParamMap":
+        """The same map under the names ``spelling``'s layer spec gives (:func:`respell`)."""
+        if spelling == LOCAL:
+            return self
+        entries = []
+        for e in self.entries.values():
+            m = _LAYER_RE.match(e.mcore)
+            moe = bool(m) and moe_layers[int(m[2])]
+            entries.append(dataclasses.replace(e, mcore=respell(e.mcore, spelling, moe_layer=moe, mla=mla)))
+        return ParamMap(entries, self.vocab_size)
+
+
 # ---------------------------------------------------------------- local <-> canonical names
 
 _LAYER_RE = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
 _EXPERT_RE = re.compile(r"(local_experts\.)(\d+)(\.)")
+_GROUPED_EXPERT_RE = re.compile(r"(\.experts\.linear_fc[12]\.(?:weight|bias))(\d+)$")
 
 
 def canonical_name(local: str, *, layer_offset: int, expert_offset: int) -> str:
-    """A rank's parameter name -> canonical name (global layer and expert indices)."""
+    """A rank's parameter name -> canonical name (global layer and expert indices; the
+    expert index is ``local_experts.<e>.`` in the local spec and SequentialMLP, the suffix of
+    ``experts.linear_fc1.weight<e>`` in TE's grouped experts)."""
     name = _LAYER_RE.sub(lambda m: f"{m[1]}{int(m[2]) + layer_offset}{m[3]}", local, count=1)
+    name = _GROUPED_EXPERT_RE.sub(lambda m: f"{m[1]}{int(m[2]) + expert_offset}", name, count=1)
     return _EXPERT_RE.sub(lambda m: f"{m[1]}{int(m[2]) + expert_offset}{m[3]}", name, count=1)
+
+
+# ---------------------------------------------------------------------------- spellings
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How the layer spec in use names a layer's parameters (Megatron-Core 0.16.1,
+    ``models/gpt/gpt_layer_specs.py``)."""
+
+    te: bool = False  # Transformer Engine spec: norms fused into the next linear (TELayerNormColumnParallelLinear)
+    grouped_experts: bool = False  # TEGroupedMLP (moe_grouped_gemm): expert e is ``experts.linear_fc1.weight<e>``
+
+
+LOCAL = Spelling()
+TE = Spelling(te=True)
+TE_GROUPED = Spelling(te=True, grouped_experts=True)
+
+# A layer's norms the TE spec fuses into the linear that follows, as (local spec name, TE
+# name, when): ``get_gpt_layer_with_transformer_engine_spec`` makes the norm an IdentityOp and
+# the linear a ``column_parallel_layer_norm_linear``, whose norm weight TE calls
+# ``layer_norm_weight``. Attention's input norm: not with MLA (there it stays a TENorm, and
+# q/kv_layernorm move into the up-projections instead). The MLP's input norm: dense layers
+# only (a MoE layer keeps its TENorm ``pre_mlp_layernorm``).
+_TE_FUSED_NORMS = (
+    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight", lambda moe, mla: not mla),
+    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight", lambda moe, mla: not moe),
+    ("self_attention.q_layernorm.weight", "self_attention.linear_q_up_proj.layer_norm_weight",
+     lambda moe, mla: mla),
+    ("self_attention.kv_layernorm.weight", "self_attention.linear_kv_up_proj.layer_norm_weight",
+     lambda moe, mla: mla),
+)
+_LOCAL_EXPERT_RE = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
+
+
+def respell(name: str, spelling: Spelling, *, moe_layer: bool, mla: bool) -> str:
+    """A canonical local-spec name under ``spelling`` (``moe_layer``: the name's layer is a
+    MoE layer; ``mla``: the model uses multi-latent attention)."""
+    if not spelling.te:
+        return name
+    m = _LAYER_RE.match(name)
+    if not m:
+        return name  # embedding, final norm, output layer: the same in both specs
+    head, rest = name[:m.end()], name[m.end():]
+    for local, te, applies in _TE_FUSED_NORMS:
+        if rest == local and applies(moe_layer, mla):
+            return head + te
+    if spelling.grouped_experts:
+        g = _LOCAL_EXPERT_RE.match(rest)
+        if g:
+            return f"{head}mlp.experts.{g[2]}.{g[3]}{g[1]}"
+    return name
+
+
+def spelling_of(param_names: Iterable[str]) -> Spelling:
+    """The spelling a live model's parameter names are in (norm weights inside a linear:
+    TE; ``experts.linear_fc1.weight<e>``: TE's grouped experts)."""
+    te = grouped = False
+    for n in param_names:
+        te = te or n.endswith(".layer_norm_weight")
+        grouped = grouped or bool(_GROUPED_EXPERT_RE.search(n))
+    return Spelling(te=te or grouped, grouped_experts=grouped)
 
 
 # ---------------------------------------------------------------------------- sharding
