@@ -1,11 +1,16 @@
 """Logit parity of our Megatron build against HuggingFace transformers, at any layout.
 
     torchrun --nproc-per-node N tools/check_parity.py --family F [--hf-dir DIR]
-             [--tp T --pp P --ep E --etp X]
+             [--tp T --pp P --ep E --etp X --vpp V --cp C --pipeline-layout SPLIT]
 
 Loads the HF checkpoint DIR (or a tiny random one of family F that it builds) into Megatron
 at the layout, runs the same tokens through ``transformers``, prints
 ``max_abs_diff=<x>`` as its last line and exits 1 above the tolerance (default 1e-4, fp32).
+A layout that cannot work for the model exits 2 with the numbers in the message.
+
+Pipeline stages are balanced by default (any layer count at any --pp); --pipeline-layout
+gives the split: layers per stage "1,2" (PP x VPP entries, in layer order) or Megatron's
+layout string "Ett|tL".
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--etp", type=int, default=None)
+    ap.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per pipeline rank (interleaved 1F1B)")
+    ap.add_argument("--cp", type=int, default=1, help="context parallel degree")
+    ap.add_argument("--pipeline-layout", default=None,
+                    help='layers per stage, e.g. "1,2", or Megatron\'s layout string, e.g. "Ett|tL"')
     ap.add_argument("--no-sp", action="store_true", help="disable sequence parallelism")
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--batch", type=int, default=2)
@@ -56,12 +65,19 @@ def main(argv=None) -> int:
             box = [tmp]
         dist.broadcast_object_list(box, src=0)
         hf_dir = box[0]
+    from moe_rl.models import family_for
+
     try:
+        hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
         dims = ParallelDims.build(
             ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp,
                            expert_parallel=args.ep, expert_tensor_parallel=args.etp,
-                           sequence_parallel=not args.no_sp),
-            dist.get_world_size())
+                           sequence_parallel=not args.no_sp, virtual_pipeline=args.vpp,
+                           context_parallel=args.cp, pipeline_layout=args.pipeline_layout),
+            dist.get_world_size(), family_for(hf_config).shape(hf_config))
+        if args.seq % (2 * dims.cp) or (dims.sp and (args.seq // dims.cp) % dims.tp):
+            raise ValueError(f"--seq {args.seq} must be divisible by 2 x context_parallel ({dims.cp})"
+                             + (f" and, divided by context_parallel, by tensor_parallel ({dims.tp})" if dims.sp else ""))
     except ValueError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -70,7 +86,8 @@ def main(argv=None) -> int:
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     if torch.cuda.is_available():
         hf = hf.cuda()
-    res = logit_parity(hf, hf_dir, groups, batch=args.batch, seq=args.seq)
+    # the interleaved schedule needs at least PP micro-batches
+    res = logit_parity(hf, hf_dir, groups, batch=args.batch, seq=args.seq, num_microbatches=max(2, dims.pp))
     tol = args.tolerance if args.tolerance is not None else LOGIT_TOLERANCE
     G.teardown()
     dist.barrier()

@@ -12,6 +12,8 @@ we correct, on every platform"):
 * MLA down-projections: as ColumnParallelLinear (the stock local spec) the rope part of the
   key gradient is never reduced over TP — silently wrong gradients at TP>1. They are
   replicated ``Linear`` layers instead (as the TE spec does with its duplicated TELinear).
+* Context parallelism: ``DotProductAttention`` refuses it; with CP > 1 the core attention is
+  ``moe_rl.models.cp_attention`` (on GPU with TE, TE's own attention does CP).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ _NORM_FIELDS = ("input_layernorm", "pre_mlp_layernorm")
 _ATTN_NORM_FIELDS = ("q_layernorm", "k_layernorm", "kv_layernorm")
 
 
-def _fix_local_layer(spec: ModuleSpec, mla: bool) -> ModuleSpec:
+def _fix_local_layer(spec: ModuleSpec, mla: bool, cp: bool = False) -> ModuleSpec:
     from megatron.core.transformer.identity_op import IdentityOp
 
     spec = copy.deepcopy(spec)
@@ -80,21 +82,28 @@ def _fix_local_layer(spec: ModuleSpec, mla: bool) -> ModuleSpec:
         attn.core_attention = _mla_core_attention()
         attn.linear_q_down_proj = Linear
         attn.linear_kv_down_proj = Linear
+    if cp:
+        from moe_rl.models.cp_attention import context_parallel_attention_class
+
+        attn.core_attention = context_parallel_attention_class()
     return spec
 
 
-def decoder_block_spec(config, *, use_te: bool | None = None, pp_rank: int | None = None):
+def decoder_block_spec(config, *, use_te: bool | None = None, pp_rank: int | None = None,
+                       vp_stage: int | None = None):
     """The decoder block spec for ``config`` (dense and MoE layers mixed per
-    ``config.moe_layer_freq``), sliced to this pipeline stage."""
+    ``config.moe_layer_freq``), sliced to this pipeline stage (and virtual stage)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     if use_te is None:
         use_te = te_available()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
-                                       normalization="RMSNorm", pp_rank=pp_rank)
+                                       normalization="RMSNorm", pp_rank=pp_rank,
+                                       vp_stage=vp_stage)
     if use_te:
         return block
     mla = bool(getattr(config, "multi_latent_attention", False))
-    block.layer_specs = [_fix_local_layer(s, mla) for s in block.layer_specs]
+    cp = getattr(config, "context_parallel_size", 1) > 1
+    block.layer_specs = [_fix_local_layer(s, mla, cp) for s in block.layer_specs]
     block.layer_norm = SPRMSNorm
     return block

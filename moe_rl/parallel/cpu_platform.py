@@ -51,7 +51,8 @@ def _cpu_device(device):
 
 class _CpuTorchProxy:
     """Stands in for the ``torch`` module inside one Megatron module: tensor factories that
-    ask for ``device="cuda"`` get the CPU; everything else is torch itself."""
+    ask for ``device="cuda"`` get the CPU, and ``pin_memory`` (page-locked staging for a GPU
+    copy; refused without an accelerator) is dropped; everything else is torch itself."""
 
     _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange", "zeros_like",
                   "ones_like", "empty_like", "full_like", "randn", "rand")
@@ -62,6 +63,7 @@ class _CpuTorchProxy:
             def factory(*args, __f=attr, **kwargs):
                 if "device" in kwargs:
                     kwargs["device"] = _cpu_device(kwargs["device"])
+                kwargs.pop("pin_memory", None)
                 return __f(*args, **kwargs)
             return factory
         return attr
@@ -198,6 +200,7 @@ def _apply_module_devices():
                  "megatron.core.optimizer.clip_grads",
                  "megatron.core.optimizer.distrib_optimizer",
                  "megatron.core.optimizer.grad_scaler",
+                 "megatron.core.models.common.embeddings.rope_utils",
                  "megatron.core.utils"):
         _mod(name).torch = _PROXY
 
@@ -282,9 +285,11 @@ SUBSTITUTIONS: tuple[Substitution, ...] = (
     Substitution(
         "module_devices",
         "pipeline_parallel/schedules.py:596,983,2138 (device=\"cuda\"), optimizer/optimizer.py:481,485,907,"
-        " optimizer/clip_grads.py:103,174, utils.py:1207, optimizer/distrib_optimizer.py",
+        " optimizer/clip_grads.py:103,174, utils.py:1207, optimizer/distrib_optimizer.py,"
+        " models/common/embeddings/rope_utils.py:62 (pin_memory=True, context parallelism)",
         (("megatron.core.pipeline_parallel.schedules", 'device="cuda"'),
-         ("megatron.core.optimizer.clip_grads", "device='cuda'")),
+         ("megatron.core.optimizer.clip_grads", "device='cuda'"),
+         ("megatron.core.models.common.embeddings.rope_utils", "pin_memory=True")),
         _apply_module_devices,
     ),
     Substitution(

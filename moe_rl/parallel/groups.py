@@ -30,15 +30,17 @@ class Groups:
     dims: ParallelDims
     rank: int
     tp_rank: int
+    cp_rank: int
     pp_rank: int
     ep_rank: int
     etp_rank: int
     dp_rank: int
     tp_group: Any
+    cp_group: Any  # context-parallel group: the ranks that share one sequence
     pp_group: Any
     ep_group: Any
     etp_group: Any
-    dp_group: Any  # dense data-parallel group (gradient all-reduce of non-expert params)
+    dp_group: Any  # dense data-parallel group: replicas that see different data (CP peers excluded)
     mp_group: Any  # model-parallel group (TP x PP): the ranks that hold one copy of the model
     pg_collection: Any  # Megatron's ProcessGroupCollection, for modules that take groups explicitly
 
@@ -102,6 +104,8 @@ def setup(dims: ParallelDims, *, seed: int = 1234) -> Groups:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,
+        virtual_pipeline_model_parallel_size=dims.vpp if dims.vpp > 1 else None,
+        context_parallel_size=dims.cp,
         expert_model_parallel_size=dims.ep,
         expert_tensor_parallel_size=dims.etp,
         create_gloo_process_groups=backend_for_device() != "gloo",
@@ -111,11 +115,13 @@ def setup(dims: ParallelDims, *, seed: int = 1234) -> Groups:
         dims=dims,
         rank=dist.get_rank(),
         tp_rank=ps.get_tensor_model_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         ep_rank=ps.get_expert_model_parallel_rank(),
         etp_rank=ps.get_expert_tensor_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
         tp_group=ps.get_tensor_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         ep_group=ps.get_expert_model_parallel_group(),
         etp_group=ps.get_expert_tensor_parallel_group(),

@@ -11,7 +11,9 @@ Micro-batch contract (all [B, S]; position t scores ``targets[:, t]`` given ``to
 ([B, S], or [B]: one advantage per response), and optionally ``ref_logp``, ``rollout_logp``.
 
 Parallel semantics: every rank calls :func:`actor_step` with its DP shard of the step's
-micro-batches (identical across TP/PP/EP peers); every rank returns the same metrics.
+micro-batches (identical across TP/CP/PP/EP peers); every rank returns the same metrics.
+Under context parallelism the log-probs arrive as whole sequences (``policy_head``), so the
+loss and its metrics are those of whole sequences on every CP rank and reduce over DP only.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def actor_step(state: TrainState, built: BuiltModel, microbatches: list[dict], c
     vocab = built.hf_config.vocab_size
 
     def loss_fn(hidden, mb):
-        logp, ent = sequence_logprobs(hidden, built.module, mb["targets"], groups, vocab_size=vocab,
+        logp, ent = sequence_logprobs(hidden, built.head, mb["targets"], groups, vocab_size=vocab,
                                       temperature=temperature)
         loss, metrics = actor_loss(
             cfg, logp, mb["old_logp"], mb["adv"], mb["mask"], **counts.as_kwargs(),
@@ -47,8 +49,8 @@ def actor_step(state: TrainState, built: BuiltModel, microbatches: list[dict], c
         merged.merge(metrics)
         return loss, {}
 
-    with emit_hidden_states(built.module):
-        forward_backward(state.model, microbatches, loss_fn, groups)
+    with emit_hidden_states(built.head):
+        forward_backward(state.chunks, microbatches, loss_fn, groups)
     out = _reduce(merged, groups)
     out.update(optimizer_step(state))
     return out

@@ -6,20 +6,26 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moe_rl.parallel.context_parallel import gather_sequence, slice_sequence
 from moe_rl.parallel.groups import Groups
 from moe_rl.train.schedule import LossFn
 
 
-def token_cross_entropy(global_tokens: float) -> LossFn:
+def token_cross_entropy(global_tokens: float, *, cp_group=None) -> LossFn:
     """Loss over micro-batches with ``labels`` [B, S] and optional ``mask`` [B, S]: the sum of
     masked token cross-entropies divided by ``global_tokens`` (all micro-batches, all DP ranks),
-    computed on the vocabulary-parallel logits."""
+    computed on the vocabulary-parallel logits. Under context parallelism (``cp_group``,
+    ``Groups.cp_group``) the logits hold this CP rank's tokens: their cross-entropies are
+    gathered into whole sequences."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    cp = cp_group.size() if cp_group is not None else 1
+
     def loss_fn(logits_BSV, mb):
+        labels_BS = slice_sequence(mb["labels"], cp, cp_group.rank()) if cp > 1 else mb["labels"]
         ce_SB = vocab_parallel_cross_entropy(logits_BSV.float().transpose(0, 1).contiguous(),
-                                             mb["labels"].t().contiguous())
-        ce_BS = ce_SB.t()
+                                             labels_BS.t().contiguous())
+        ce_BS = gather_sequence(ce_SB.t(), cp_group if cp > 1 else None)
         if "mask" in mb:
             ce_BS = ce_BS * mb["mask"]
         loss = ce_BS.sum() / global_tokens

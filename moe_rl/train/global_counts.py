@@ -13,6 +13,11 @@ The process group is passed in; this module never reads Megatron's global group 
 With pipeline parallelism only the ranks that compute the loss need the counts, but every
 DP replica must contribute its micro-batches, so pass the data-parallel group of the
 last pipeline stage (or count on all stages with their own DP group: the data is the same).
+
+Context parallelism: CP peers hold the same whole sequences (like TP peers; the model splits
+them internally and ``policy_head`` gathers the per-token values back), so the counts are
+over the DP group WITHOUT the CP ranks (``Groups.dp_group``): counting over DP x CP would
+count every token CP times.
 """
 
 from __future__ import annotations

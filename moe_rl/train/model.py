@@ -1,7 +1,12 @@
 """Build the policy (or, by the same code, a frozen reference) at a layout and load HF weights.
 
 Parallel semantics: every rank of the job calls :func:`build_model` with the same arguments;
-each rank builds only its pipeline stage and its experts and reads only its own shards.
+each rank builds only its pipeline stages and its experts and reads only its own shards.
+
+A rank holds one model chunk per virtual pipeline stage (``parallel.virtual_pipeline``; one
+chunk without it): ``BuiltModel.chunks`` in virtual-stage order, each a ``GPTModel`` holding
+the layers of its stage (``ParallelDims.stage_layers``), the first chunk of the first
+pipeline rank the embedding, the last chunk of the last rank the output layer.
 """
 
 from __future__ import annotations
@@ -24,13 +29,32 @@ _log = logging.getLogger(__name__)
 
 @dataclass
 class BuiltModel:
-    module: torch.nn.Module  # the GPTModel of this rank's pipeline stage (unwrapped)
+    chunks: list  # this rank's GPTModel per virtual pipeline stage (unwrapped), in stage order
     family: Family
     hf_config: Any
     param_map: ParamMap
-    layer_offset: int
+    layer_offsets: list  # global index of each chunk's first decoder layer
     expert_offset: int
     padded_vocab_size: int
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model of this rank when it holds one chunk (no virtual pipeline)."""
+        if len(self.chunks) != 1:
+            raise ValueError(f"this rank holds {len(self.chunks)} model chunks (virtual_pipeline); "
+                             "use BuiltModel.chunks")
+        return self.chunks[0]
+
+    @property
+    def layer_offset(self) -> int:
+        self.module  # noqa: B018 (one chunk only)
+        return self.layer_offsets[0]
+
+    @property
+    def head(self) -> torch.nn.Module | None:
+        """The chunk with the output layer (last chunk of the last pipeline stage), else None."""
+        last = self.chunks[-1]
+        return last if getattr(last, "post_process", False) else None
 
 
 def megatron_config(hf_config, dims: ParallelDims, *, params_dtype=torch.float32, moe_aux_loss_coeff: float = 0.0,
@@ -60,23 +84,30 @@ def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, moe_au
     dims.check_model(family.shape(hf_config))
     tc = megatron_config(hf_config, dims, params_dtype=params_dtype, moe_aux_loss_coeff=moe_aux_loss_coeff,
                          log=groups.rank == 0, **config_overrides)
-    spec = decoder_block_spec(tc, pp_rank=groups.pp_rank)
     padded = family.padded_vocab_size(hf_config, dims)
-    model = GPTModel(
-        config=tc,
-        transformer_layer_spec=spec,
-        vocab_size=padded,
-        pre_process=groups.is_first_stage,
-        post_process=groups.is_last_stage,
-        parallel_output=True,
-        **family.gpt_kwargs(hf_config),
-    )
-    _mark_expert_params(model)
-    layers = model.decoder.layers
-    layer_offset = layers[0].layer_number - 1 if len(layers) else 0
+    chunks, offsets = [], []
+    for vp in range(dims.vpp):
+        vp_stage = vp if dims.vpp > 1 else None
+        model = GPTModel(
+            config=tc,
+            transformer_layer_spec=decoder_block_spec(tc, pp_rank=groups.pp_rank, vp_stage=vp_stage),
+            vocab_size=padded,
+            pre_process=groups.is_first_stage and vp == 0,
+            post_process=groups.is_last_stage and vp == dims.vpp - 1,
+            parallel_output=True,
+            vp_stage=vp_stage,
+            **family.gpt_kwargs(hf_config),
+        )
+        _mark_expert_params(model)
+        stage = dims.layer_range(hf_config.num_hidden_layers, groups.pp_rank, vp)
+        layers = model.decoder.layers
+        assert [l.layer_number - 1 for l in layers] == list(stage), (
+            f"Megatron built layers {[l.layer_number - 1 for l in layers]} for stage {stage}")
+        chunks.append(model)
+        offsets.append(stage.start)
     n_exp = family.num_experts(hf_config)
     expert_offset = groups.ep_rank * (n_exp // dims.ep) if n_exp else 0
-    return BuiltModel(model, family, hf_config, family.param_map(hf_config), layer_offset,
+    return BuiltModel(chunks, family, hf_config, family.param_map(hf_config), offsets,
                       expert_offset, padded)
 
 
@@ -85,8 +116,9 @@ def build_reference(hf_config, hf_dir, groups: Groups, *, params_dtype=torch.flo
     gradients, eval mode, and no DDP/optimizer (it only runs forward)."""
     built = build_model(hf_config, groups, params_dtype=params_dtype)
     load_hf_weights(built, hf_dir, groups)
-    built.module.requires_grad_(False)
-    built.module.eval()
+    for chunk in built.chunks:
+        chunk.requires_grad_(False)
+        chunk.eval()
     return built
 
 
@@ -108,12 +140,14 @@ def _is_expert(name: str) -> bool:
 
 
 def local_tensors(built: BuiltModel):
-    """(local name, canonical name, tensor) for every parameter and mapped buffer of this rank."""
-    for local, t in built.module.state_dict(keep_vars=True).items():
-        if local.endswith("_extra_state"):
-            continue
-        canon = canonical_name(local, layer_offset=built.layer_offset, expert_offset=built.expert_offset)
-        yield local, canon, t
+    """(chunk index, local name, canonical name, tensor) for every parameter and mapped buffer
+    of this rank."""
+    for c, (chunk, offset) in enumerate(zip(built.chunks, built.layer_offsets)):
+        for local, t in chunk.state_dict(keep_vars=True).items():
+            if local.endswith("_extra_state"):
+                continue
+            canon = canonical_name(local, layer_offset=offset, expert_offset=built.expert_offset)
+            yield c, local, canon, t
 
 
 def partition_of(t: torch.Tensor) -> int | None:
@@ -132,7 +166,7 @@ def load_hf_weights(built: BuiltModel, ckpt: HFCheckpoint | str, groups: Groups)
     if not isinstance(ckpt, HFCheckpoint):
         with HFCheckpoint(ckpt) as opened:
             return load_hf_weights(built, opened, groups)
-    params = {n for n, _ in built.module.named_parameters()}
+    params = {(c, n) for c, chunk in enumerate(built.chunks) for n, _ in chunk.named_parameters()}
     loaded = 0
     cache: dict[str, torch.Tensor] = {}
 
@@ -141,9 +175,9 @@ def load_hf_weights(built: BuiltModel, ckpt: HFCheckpoint | str, groups: Groups)
             cache[name] = ckpt.get(name)
         return cache[name]
 
-    for local, canon, t in local_tensors(built):
+    for c, local, canon, t in local_tensors(built):
         if canon not in built.param_map:
-            if local in params:
+            if (c, local) in params:
                 raise KeyError(f"parameter {local} (canonical {canon}) has no HF mapping in "
                                f"family {built.family.name}")
             continue

@@ -1,6 +1,7 @@
 """Megatron's DDP, optimizer (plain or distributed), gradient clipping and LR schedule.
 
-Parallel semantics: every rank calls :func:`wrap_for_training` with its own model chunk;
+Parallel semantics: every rank calls :func:`wrap_for_training` with its own model chunks (one
+per virtual pipeline stage, each wrapped in its own DDP, one optimizer over all);
 gradients of dense parameters are averaged over the dense DP group, expert parameters over
 the expert DP group, both scaled by 1/DP (Megatron's convention, which
 ``moe_rl.train.schedule`` compensates so that losses normalised by *global* counts give the
@@ -20,28 +21,50 @@ from moe_rl.train.config import OptimConfig
 
 @dataclass
 class TrainState:
-    model: Any  # the DDP-wrapped model chunk
+    chunks: list  # the DDP-wrapped model chunks, one per virtual pipeline stage
     optimizer: Any  # Megatron's optimizer (get_megatron_optimizer)
     scheduler: Any  # Megatron's OptimizerParamScheduler, advanced by applied updates only
     step: int = 0  # optimizer_step calls so far, skipped steps included
 
+    def __post_init__(self):
+        if not isinstance(self.chunks, (list, tuple)):
+            self.chunks = [self.chunks]  # one chunk given bare
 
-def wrap_for_training(module: torch.nn.Module, cfg: OptimConfig, groups: Groups) -> TrainState:
+    @property
+    def model(self):
+        """The DDP-wrapped model when this rank holds one chunk (no virtual pipeline)."""
+        if len(self.chunks) != 1:
+            raise ValueError(f"this rank trains {len(self.chunks)} model chunks (virtual_pipeline); "
+                             "use TrainState.chunks")
+        return self.chunks[0]
+
+    def train(self, mode: bool = True) -> None:
+        for c in self.chunks:
+            c.train(mode)
+
+
+def wrap_for_training(module, cfg: OptimConfig, groups: Groups) -> TrainState:
+    """``module``: this rank's model, or its list of chunks (``BuiltModel.chunks``)."""
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    tc = module.config
+    modules = list(module) if isinstance(module, (list, tuple)) else [module]
+    tc = modules[0].config
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.overlap_grad_reduce,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
-    ddp = _collectable_ddp_class()(config=tc, ddp_config=ddp_cfg, module=module)
+    ddps = []
+    for i, m in enumerate(modules):
+        # As Megatron-LM's own training does: chunks after the first are one bucket each.
+        ddps.append(_collectable_ddp_class()(config=tc, ddp_config=ddp_cfg, module=m,
+                                             disable_bucketing=i > 0))
     tc.finalize_model_grads_func = finalize_model_grads
     if cfg.overlap_grad_reduce:
-        tc.no_sync_func = ddp.no_sync
-        tc.grad_sync_func = ddp.start_grad_sync
+        tc.no_sync_func = [d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync
+        tc.grad_sync_func = [d.start_grad_sync for d in ddps] if len(ddps) > 1 else ddps[0].start_grad_sync
     opt_cfg = OptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,
@@ -56,10 +79,10 @@ def wrap_for_training(module: torch.nn.Module, cfg: OptimConfig, groups: Groups)
         fp16=tc.fp16,
         params_dtype=tc.params_dtype,
     )
-    optimizer = get_megatron_optimizer(opt_cfg, [ddp],
+    optimizer = get_megatron_optimizer(opt_cfg, ddps,
                                        use_gloo_process_groups=backend_for_device() != "gloo")
     scheduler = build_lr_scheduler(optimizer, cfg)
-    return TrainState(ddp, optimizer, scheduler)
+    return TrainState(ddps, optimizer, scheduler)
 
 
 _DDP_CLASS = None
@@ -133,7 +156,8 @@ def optimizer_step(state: TrainState) -> dict[str, float]:
     lr = state.optimizer.param_groups[0]["lr"]
     if ok:
         state.scheduler.step(increment=1)
-    state.model.zero_grad_buffer()
+    for chunk in state.chunks:
+        chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
     state.step += 1
     return {"train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from moe_rl.parallel.context_parallel import gather_sequence
 from moe_rl.parallel.groups import Groups
 from moe_rl.train.model import BuiltModel, build_model, load_hf_weights
 from moe_rl.train.schedule import forward_backward, gather_vocab
@@ -46,12 +47,14 @@ def megatron_logits(built: BuiltModel, microbatches: Sequence[torch.Tensor], gro
     out: list[torch.Tensor] = []
 
     def keep(logits_BSV, mb):
-        out.append(gather_vocab(logits_BSV.float(), groups)[..., : built.hf_config.vocab_size].clone())
+        full = gather_sequence(gather_vocab(logits_BSV.float(), groups), groups.cp_group if groups.dims.cp > 1 else None)
+        out.append(full[..., : built.hf_config.vocab_size].clone())
         return logits_BSV.sum() * 0.0, {}
 
-    built.module.eval()
+    for chunk in built.chunks:
+        chunk.eval()
     dev = _device()
-    forward_backward(built.module, [{"tokens": t.to(dev)} for t in microbatches], keep, groups,
+    forward_backward(built.chunks, [{"tokens": t.to(dev)} for t in microbatches], keep, groups,
                      forward_only=True)
     return out
 
@@ -82,33 +85,35 @@ def logit_parity(hf_model, hf_dir: str, groups: Groups, *, batch: int = 2, seq: 
 def logprob_parity(hf_model, hf_dir: str, groups: Groups, *, temperature: float = 0.7, batch: int = 2,
                    seq: int = 32, seed: int = 0) -> dict:
     """Per-token log-probs and entropies from our chunked vocab-parallel head vs HF's
-    ``log_softmax(logits / temperature)`` (max abs diff of each, over all ranks)."""
+    ``log_softmax(logits / temperature)`` (max abs diff of each, over all ranks). One
+    sequence per micro-batch (the interleaved schedule needs at least PP micro-batches)."""
     from moe_rl.train.policy_head import emit_hidden_states, sequence_logprobs
 
     from moe_rl.train.model import build_reference
 
     # The frozen reference computes reference log-probs in RL: check it through the same path.
     built = build_reference(hf_model.config, hf_dir, groups)
-    frozen = not any(p.requires_grad for p in built.module.parameters())
+    frozen = not any(p.requires_grad for c in built.chunks for p in c.parameters())
     V = hf_model.config.vocab_size
     tokens = random_tokens(V, batch, seq, seed)
     targets = random_tokens(V, batch, seq, seed + 100)
     got: list = []
 
     def score(hidden, mb):
-        logp, ent = sequence_logprobs(hidden, built.module, mb["targets"], groups, vocab_size=V,
+        logp, ent = sequence_logprobs(hidden, built.head, mb["targets"], groups, vocab_size=V,
                                       temperature=temperature)
         got.append((logp.detach().cpu(), ent.detach().cpu()))
         return logp.sum() * 0.0, {}
 
     dev = _device()
-    with torch.no_grad(), emit_hidden_states(built.module):
-        forward_backward(built.module, [{"tokens": tokens.to(dev), "targets": targets.to(dev)}],
+    with torch.no_grad(), emit_hidden_states(built.head):
+        forward_backward(built.chunks, [{"tokens": tokens[i:i + 1].to(dev), "targets": targets[i:i + 1].to(dev)}
+                                         for i in range(batch)],
                          score, groups, forward_only=True)
         ref = torch.log_softmax(hf_model(tokens.to(hf_model.device)).logits.float().cpu() / temperature, -1)
     d_logp = d_ent = 0.0
     if got:
-        logp, ent = got[0]
+        logp, ent = torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
         d_logp = (logp - ref.gather(-1, targets[..., None])[..., 0]).abs().max().item()
         d_ent = (ent - (-(ref.exp() * ref).sum(-1))).abs().max().item()
     return {"logp_max_abs_diff": _max_over_world(d_logp), "entropy_max_abs_diff": _max_over_world(d_ent),

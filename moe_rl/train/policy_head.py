@@ -10,12 +10,17 @@ into Megatron's DDP buffers.
 Sequence parallelism: the final norm's output is sharded along the sequence over TP; it is
 gathered here. Its backward only splits, because the log-prob function already all-reduces
 the hidden-state gradient over TP (a reduce-scatter here would count it TP times).
+
+Context parallelism: the hidden states are this CP rank's tokens; log-probs and entropies are
+computed for them and gathered into whole sequences [B, S] (``gather_sequence``), so the
+losses, counts and metrics downstream see whole sequences.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moe_rl.parallel.context_parallel import gather_sequence, slice_sequence
 from moe_rl.parallel.groups import Groups
 from moe_rl.train.logprobs import token_logprobs_and_entropy
 
@@ -41,7 +46,8 @@ class _HiddenStatesHead:
 
 
 def emit_hidden_states(model) -> _HiddenStatesHead:
-    """Make ``model`` (a GPTModel of the last pipeline stage) return hidden states [B, S', H]
+    """Make ``model`` (a GPTModel of the last pipeline stage: ``BuiltModel.head``; None on
+    other stages) return hidden states [B, S', H]
     in place of logits (S' = S/TP under sequence parallelism) until the returned handle
     restores it: ``with emit_hidden_states(model): ...`` restores the output layer when the
     block ends, exceptions included (a bare call stays in force until ``.restore()``). Inside
@@ -79,8 +85,13 @@ def sequence_logprobs(hidden_BSH: torch.Tensor, model, tokens_BS: torch.Tensor, 
         h_SBH = gather_from_sequence_parallel_region(h_SBH.contiguous(), tensor_parallel_output_grad=False,
                                                      group=groups.tp_group)
     S, B, H = h_SBH.shape
+    cp = groups.dims.cp
+    if cp > 1:
+        tokens_BS = slice_sequence(tokens_BS, cp, groups.cp_rank)
     h_TH = h_SBH.transpose(0, 1).reshape(B * S, H)
     logp_T, ent_T = token_logprobs_and_entropy(
         h_TH, output_weight(model), tokens_BS.reshape(-1), temperature=temperature,
         tp_group=groups.tp_group if groups.dims.tp > 1 else None, vocab_size=vocab_size)
+    if cp > 1:
+        return gather_sequence(logp_T.view(B, S), groups.cp_group), gather_sequence(ent_T.view(B, S), groups.cp_group)
     return logp_T.view(B, S), ent_T.view(B, S)

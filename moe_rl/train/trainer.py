@@ -59,15 +59,15 @@ class Trainer:
         vocab = built.hf_config.vocab_size
 
         def loss_fn(hidden, mb):
-            logp, _ = sequence_logprobs(hidden, built.module, mb["targets"], self.groups, vocab_size=vocab,
+            logp, _ = sequence_logprobs(hidden, built.head, mb["targets"], self.groups, vocab_size=vocab,
                                         temperature=self.cfg.temperature)
             mb[key] = logp.detach()
             return logp.sum() * 0.0, {}
 
         for mb in microbatches:
             mb[key] = torch.zeros(mb["tokens"].shape, dtype=torch.float32, device=self.device)
-        with emit_hidden_states(built.module):
-            forward_backward(built.module, microbatches, loss_fn, self.groups, forward_only=True)
+        with emit_hidden_states(built.head):
+            forward_backward(built.chunks, microbatches, loss_fn, self.groups, forward_only=True)
 
     def score_batch(self, batch: tb.TrainBatch, built) -> torch.Tensor:
         """Response-space log-probs [B, T] of the whole batch under ``built`` (every rank gets all)."""

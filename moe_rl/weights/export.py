@@ -67,8 +67,8 @@ def _live_partition(t: torch.Tensor) -> int | None:
 def check_layout(plan: ExportPlan, built, groups) -> None:
     """The plan's idea of this rank (coordinates, layer and expert offsets) is the live one's."""
     c = coords(plan.dims, groups.rank)
-    live = (groups.tp_rank, groups.dp_rank, groups.pp_rank, groups.etp_rank, groups.ep_rank)
-    assert (c.tp, c.dp, c.pp, c.etp, c.ep) == live, (
+    live = (groups.tp_rank, groups.cp_rank, groups.dp_rank, groups.pp_rank, groups.etp_rank, groups.ep_rank)
+    assert (c.tp, c.cp, c.dp, c.pp, c.etp, c.ep) == live, (
         f"rank {groups.rank}: plan coordinates {c} differ from Megatron's {live}")
     if plan.dims != groups.dims:
         raise ValueError(f"the plan is for {plan.dims.describe()}, the model runs at {groups.dims.describe()}")
@@ -82,8 +82,8 @@ def export_buckets(plan: ExportPlan, built, groups) -> Iterator[ExportedBucket]:
     gathers of buckets it does not send). ``built`` is the ``BuiltModel`` of this rank."""
     check_layout(plan, built, groups)
     rank = groups.rank
-    params = {name: t for name, t in built.module.state_dict(keep_vars=True).items()
-              if not name.endswith("_extra_state")}
+    params = {(c, name): t for c, chunk in enumerate(built.chunks)
+              for name, t in chunk.state_dict(keep_vars=True).items() if not name.endswith("_extra_state")}
     for bucket in plan.buckets:
         if not plan.involves(rank, bucket):
             continue
@@ -92,10 +92,10 @@ def export_buckets(plan: ExportPlan, built, groups) -> Iterator[ExportedBucket]:
         for item in bucket.items:
             if rank not in item.sources:
                 continue
-            t = params.get(item.local_name)
+            t = params.get((item.chunk, item.local_name))
             if t is None:
-                raise KeyError(f"rank {rank}: the plan reads {item.local_name} (canonical {item.mcore}), "
-                               f"which this rank's model does not have")
+                raise KeyError(f"rank {rank}: the plan reads {item.local_name} of model chunk {item.chunk} "
+                               f"(canonical {item.mcore}), which this rank's model does not have")
             group_size = groups.dims.etp if item.group == "etp" else groups.dims.tp
             if group_size > 1:
                 assert _live_partition(t) == item.partition_dim, (

@@ -9,10 +9,12 @@ gathered once from its TP (or ETP) shards and turned into 1-3 HF tensors (``copy
 ``qkv`` split into q/k/v, the ``glu`` split into gate/up; vocabulary padding trimmed).
 
 Who sends what (Megatron's rank order ``tp-cp-ep-dp-pp``): the dense part of pipeline
-stage ``s`` is sent by its rank (tp 0, dp 0, pp s) after a gather in its TP group; the
+stage ``s`` is sent by its rank (tp 0, cp 0, dp 0, pp s) after a gather in its TP group; the
 experts of EP rank ``r`` by (etp 0, ep r, edp 0, pp s) after a gather in its ETP group.
 So every PP stage and every EP rank exports what it owns: experts are never gathered onto
-one rank. Other data-parallel replicas take no part.
+one rank. Other data-parallel replicas take no part. A layer's stage comes from the layout's
+split (``ParallelDims.stage_layers``: uneven stages, and with virtual pipeline stages the
+model chunk of the rank that holds it, :attr:`Item.chunk`).
 
 How a Megatron parameter is split over TP is Megatron's choice (column-parallel: dim 0,
 row-parallel: dim 1, the rest replicated); :data:`COLUMN_PARALLEL` / :data:`ROW_PARALLEL`
@@ -94,6 +96,7 @@ class Item:
     group: str  # "tp" or "etp": the group its shards are gathered in
     shape: tuple[int, ...]  # canonical (gathered) shape, vocabulary padding included
     vocab_rows: int | None = None  # rows to keep (the true vocabulary) when padded
+    chunk: int = 0  # the model chunk (virtual pipeline stage) of the source ranks that holds it
 
     @property
     def mcore(self) -> str:
@@ -129,6 +132,7 @@ class RankCoords:
     etp: int
     ep: int
     edp: int
+    cp: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,9 +168,9 @@ class ExportPlan:
 # ------------------------------------------------------------------ ranks (Megatron's order)
 
 
-def dense_rank(dims: ParallelDims, *, tp: int, dp: int, pp: int) -> int:
-    """Global rank of dense coordinates (order tp-cp-dp-pp, tp fastest; cp = 1)."""
-    return tp + dims.tp * (dp + dims.dp * pp)
+def dense_rank(dims: ParallelDims, *, tp: int, dp: int, pp: int, cp: int = 0) -> int:
+    """Global rank of dense coordinates (order tp-cp-dp-pp, tp fastest)."""
+    return tp + dims.tp * (cp + dims.cp * (dp + dims.dp * pp))
 
 
 def expert_rank(dims: ParallelDims, *, etp: int, ep: int, edp: int, pp: int) -> int:
@@ -177,11 +181,12 @@ def expert_rank(dims: ParallelDims, *, etp: int, ep: int, edp: int, pp: int) -> 
 def coords(dims: ParallelDims, rank: int) -> RankCoords:
     """Inverse of :func:`dense_rank` and :func:`expert_rank` for one global rank."""
     tp, rest = rank % dims.tp, rank // dims.tp
+    cp, rest = rest % dims.cp, rest // dims.cp
     dp, pp = rest % dims.dp, rest // dims.dp
     etp, rest = rank % dims.etp, rank // dims.etp
     ep, rest = rest % dims.ep, rest // dims.ep
     edp = rest % dims.edp
-    return RankCoords(tp=tp, dp=dp, pp=pp, etp=etp, ep=ep, edp=edp)
+    return RankCoords(tp=tp, dp=dp, pp=pp, etp=etp, ep=ep, edp=edp, cp=cp)
 
 
 # ------------------------------------------------------------------ the plan
@@ -193,13 +198,20 @@ def local_name(mcore: str, *, layer_offset: int, expert_offset: int) -> str:
     return _EXPERT_RE.sub(lambda m: f".mlp.experts.local_experts.{int(m[1]) - expert_offset}.", name, count=1)
 
 
-def _stage_of(mcore: str, num_layers: int, pp: int) -> int:
+def _stage_of(mcore: str, dims: ParallelDims, num_layers: int) -> tuple[int, int, int]:
+    """(pipeline rank, virtual stage, global index of that stage's first layer) holding ``mcore``."""
     m = _LAYER_RE.match(mcore)
+    counts = dims.stage_layers(num_layers)
     if m:
-        return int(m[1]) // (num_layers // pp)
+        layer, start = int(m[1]), 0
+        for i, c in enumerate(counts):
+            if layer < start + c:
+                return i % dims.pp, i // dims.pp, start
+            start += c
+        raise ValueError(f"{mcore}: layer {layer} beyond the model's {num_layers} layers")
     if mcore.startswith("embedding."):
-        return 0
-    return pp - 1  # final norm, output layer
+        return 0, 0, 0
+    return dims.pp - 1, dims.vpp - 1, num_layers - counts[-1]  # final norm, output layer
 
 
 def _mcore_shape(entry: Entry, hf_shapes: Mapping[str, Sequence[int]], padded_vocab: int) -> tuple[int, ...]:
@@ -249,8 +261,7 @@ def plan_export(hf_config, hf_shapes: Mapping[str, Sequence[int]], dims: Paralle
 
 def _item(entry: Entry, hf_shapes, dims: ParallelDims, L: int, n_exp: int, padded: int, dt: str,
           vocab_size: int) -> Item:
-    stage = _stage_of(entry.mcore, L, dims.pp)
-    layer_offset = stage * (L // dims.pp)
+    stage, chunk, layer_offset = _stage_of(entry.mcore, dims, L)
     shape = _mcore_shape(entry, hf_shapes, padded)
     pdim = partition_dim(entry.mcore)
     if is_expert(entry.mcore):
@@ -273,7 +284,7 @@ def _item(entry: Entry, hf_shapes, dims: ParallelDims, L: int, n_exp: int, padde
     vocab_rows = vocab_size if entry.vocab and shape[0] != vocab_size else None
     return Item(entry=entry, hf=hf, sources=tuple(ranks),
                 local_name=local_name(entry.mcore, layer_offset=layer_offset, expert_offset=expert_offset),
-                partition_dim=pdim, group=group, shape=shape, vocab_rows=vocab_rows)
+                partition_dim=pdim, group=group, shape=shape, vocab_rows=vocab_rows, chunk=chunk)
 
 
 def _buckets(items: list[Item], bucket_bytes: int) -> list[Bucket]:

@@ -54,8 +54,8 @@ def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int =
     gradient buffers, the GPU training setup."""
     built = build_model(hf_config, groups, params_dtype=params_dtype)
     load_hf_weights(built, hf_dir, groups)
-    state = wrap_for_training(built.module, _optim_cfg(lr, distributed_optimizer), groups)
-    state.model.train()
+    state = wrap_for_training(built.chunks, _optim_cfg(lr, distributed_optimizer), groups)
+    state.train()
     tokens, labels, mask = make_global_batch(hf_config.vocab_size, num_seqs, seq, seed)
     dp, dp_rank = groups.dims.dp, groups.dp_rank
     if num_seqs % (dp * micro_batch):
@@ -68,12 +68,12 @@ def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int =
 
     scope = contextlib.nullcontext()
     if head == "logits":
-        loss_fn = token_cross_entropy(global_tokens)
+        loss_fn = token_cross_entropy(global_tokens, cp_group=groups.cp_group)
     elif head == "logprobs":
-        scope = emit_hidden_states(built.module)
+        scope = emit_hidden_states(built.head)
 
         def loss_fn(hidden, mb):
-            logp, _ = sequence_logprobs(hidden, built.module, mb["labels"], groups,
+            logp, _ = sequence_logprobs(hidden, built.head, mb["labels"], groups,
                                         vocab_size=hf_config.vocab_size)
             loss = -(logp * mb["mask"]).sum() / global_tokens
             return loss, {"loss": loss.detach().clone()}
@@ -83,7 +83,7 @@ def megatron_train_steps(hf_config, hf_dir: str, groups: Groups, *, steps: int =
     losses, norms = [], []
     with scope:
         for _ in range(steps):
-            out = forward_backward(state.model, mbs, loss_fn, groups)
+            out = forward_backward(state.chunks, mbs, loss_fn, groups)
             losses.append(step_loss(out, groups))
             norms.append(optimizer_step(state)["train/grad_norm"])
     return {"losses": losses, "grad_norms": norms}
@@ -151,8 +151,8 @@ def megatron_actor_steps(hf_config, hf_dir: str, groups: Groups, batch: dict, *,
 
     built = build_model(hf_config, groups)
     load_hf_weights(built, hf_dir, groups)
-    state = wrap_for_training(built.module, _optim_cfg(lr), groups)
-    state.model.train()
+    state = wrap_for_training(built.chunks, _optim_cfg(lr), groups)
+    state.train()
     n, dp = batch["tokens"].shape[0], groups.dims.dp
     per_rank = n // dp
     lo = groups.dp_rank * per_rank

@@ -3,8 +3,10 @@
     torchrun --nproc-per-node N tests/distributed/layouts_worker.py OUT.json SPEC.json
 
 SPEC: {"families": {name: hf_dir},
-       "layouts": [{"tp":..,"pp":..,"ep":..,"etp":.., "opt": "plain", "dtype": "bfloat16"}],
-       "checks": ["parity", "train"], "skip": [[family, layout_name], ...]}
+       "layouts": [{"tp":..,"pp":..,"ep":..,"etp":.., "vpp":.., "split": "Ett|tL",
+                    "opt": "plain", "dtype": "bfloat16", "families": [name, ...]}],
+       "checks": ["parity", "train"]}
+A layout with "families" runs on those only; one without on every family of the spec.
 """
 
 import gc
@@ -48,8 +50,12 @@ def main():
     for fam, hf_dir in spec["families"].items():
         hf = hf_models[fam]
         for lay in spec["layouts"]:
+            if fam not in lay.get("families", spec["families"]):
+                continue
             cfg = ParallelConfig(tensor_parallel=lay.get("tp", 1), pipeline_parallel=lay.get("pp", 1),
-                                 expert_parallel=lay.get("ep", 1), expert_tensor_parallel=lay.get("etp"))
+                                 expert_parallel=lay.get("ep", 1), expert_tensor_parallel=lay.get("etp"),
+                                 virtual_pipeline=lay.get("vpp", 1), pipeline_layout=lay.get("split"),
+                                 context_parallel=lay.get("cp", 1))
             rec = {"family": fam, "layout": lay}
             try:
                 dims = ParallelDims.build(cfg, world, family_for(hf.config).shape(hf.config))

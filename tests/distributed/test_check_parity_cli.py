@@ -33,6 +33,22 @@ def test_impossible_layout_is_a_clear_error():
     assert "expert_parallel (4)" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_three_layers_at_pp2_and_impossible_splits(tmp_path):
+    """The user's case: a 3-layer checkpoint made by transformers alone at --pp 2 (balanced
+    split [1, 2]), then splits that cannot work, refused with their numbers (exit 2)."""
+    from moe_rl.models.tiny import save_tiny_hf
+
+    hf_dir = save_tiny_hf("qwen3_moe", tmp_path / "three", num_hidden_layers=3)
+    proc = torchrun(TOOL, 2, "--hf-dir", hf_dir, "--pp", "2")
+    last = _last(proc)
+    assert last.startswith("max_abs_diff=") and float(last.split("=")[1]) <= 1e-4, proc.stdout
+    assert "PP2" in proc.stdout
+    proc = torchrun(TOOL, 2, "--hf-dir", hf_dir, "--pp", "2", "--vpp", "2", check=False)
+    assert proc.returncode != 0
+    assert "pipeline_parallel (2) x virtual_pipeline (2) = 4 stages need at least 4 layers" in proc.stderr, \
+        proc.stderr[-2000:]
+
+
 # RoPE scalings of released checkpoints. Llama 3.1 (factor 8, low/high frequency factors 1
 # and 4, original context 8192, theta 500000): with head_dim 16 one frequency pair falls in
 # the smoothed band (wavelength 4443 -> 11971). DeepSeek-V3's YaRN (beta 32/1, mscale and

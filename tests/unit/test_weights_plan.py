@@ -156,8 +156,8 @@ def test_padded_vocabulary_is_trimmed_and_bad_input_is_named():
     with pytest.raises(ValueError, match=r"2 HF tensors .* have no shape, e.g. model.layers.0.mlp.up_proj"):
         plan_export(hf, {k: v for k, v in shapes.items() if not (
             k.endswith("mlp.up_proj.weight") and k.startswith(("model.layers.0.", "model.layers.1.")))}, dims)
-    with pytest.raises(ValueError, match=r"pipeline_parallel \(3\) must divide num_layers \(4\)"):
-        plan_export(hf, shapes, ParallelDims.build(ParallelConfig(pipeline_parallel=3), 3))
+    with pytest.raises(ValueError, match=r"= 5 stages need at least 5 layers \(one per stage\); the model has 4"):
+        plan_export(hf, shapes, ParallelDims.build(ParallelConfig(pipeline_parallel=5), 5))
 
 
 def test_tied_embeddings_are_sent_once_from_the_first_stage(ckpts):
@@ -170,3 +170,59 @@ def test_tied_embeddings_are_sent_once_from_the_first_stage(ckpts):
     assert sorted(names) == sorted(shapes)
     (emb,) = [it for b in plan.buckets for it in b.items if "model.embed_tokens.weight" in [t.name for t in it.hf]]
     assert emb.mcore == "embedding.word_embeddings.weight" and {coords(dims, r).pp for r in emb.sources} == {0}
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+@pytest.mark.parametrize("pp,vpp,split,expect", [
+    # (pipeline rank, virtual stage, local index) of global layers 0..3
+    (2, 1, "1,3", [(0, 0, 0), (1, 0, 0), (1, 0, 1), (1, 0, 2)]),
+    (2, 1, "Ettt|tL", [(0, 0, 0), (0, 0, 1), (0, 0, 2), (1, 0, 0)]),
+    (2, 2, None, [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)]),  # interleaved order
+])
+def test_uneven_and_virtual_stages_place_layers_where_megatron_builds_them(family, ckpts, pp, vpp, split, expect):
+    """Each layer's sender is the pipeline rank of its stage, read from that rank's model chunk
+    under its local index; the embedding from the first chunk of rank 0, the output layer from
+    the last chunk of the last rank. Still every HF tensor exactly once."""
+    hf, shapes, _ = ckpts[family]
+    dims = ParallelDims.build(ParallelConfig(pipeline_parallel=pp, virtual_pipeline=vpp, pipeline_layout=split), pp)
+    plan = plan_export(hf, shapes, dims, bucket_bytes=BUCKET)
+    assert sorted(t.name for t in plan.tensors()) == sorted(shapes)
+    for it in (i for b in plan.buckets for i in b.items):
+        layer = it.mcore.split(".")[2] if it.mcore.startswith("decoder.layers.") else None
+        if layer is not None:
+            rank, chunk, local = expect[int(layer)]
+            assert (it.sources[0], it.chunk) == (rank, chunk), it.mcore
+            assert it.local_name.startswith(f"decoder.layers.{local}."), (it.mcore, it.local_name)
+        elif it.mcore.startswith("embedding."):
+            assert (it.sources[0], it.chunk) == (0, 0)
+        else:
+            assert (it.sources[0], it.chunk) == (pp - 1, vpp - 1), it.mcore
+
+
+def test_context_parallel_ranks_follow_megatrons_rank_generator(ckpts):
+    """With CP the dense ranks fold TP x CP x DP (cp between tp and dp); the expert fold is
+    unchanged. Dense tensors are sent by CP rank 0."""
+    from megatron.core.parallel_state import RankGenerator
+
+    for tp, cp, pp, ep, world in [(1, 2, 1, 2, 4), (2, 2, 1, 1, 4), (2, 2, 2, 2, 16), (1, 4, 1, 2, 8)]:
+        dims = ParallelDims.build(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                                 context_parallel=cp), world)
+        dense = RankGenerator(tp=tp, ep=1, dp=dims.dp, pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
+        for kind, key in (("tp", "tp"), ("cp", "cp"), ("dp", "dp"), ("pp", "pp")):
+            for group in dense.get_ranks(kind):
+                cs = [coords(dims, r) for r in group]
+                others = {tuple(getattr(c, f) for f in ("tp", "cp", "dp", "pp") if f != key) for c in cs}
+                assert len(others) == 1 and [getattr(c, key) for c in cs] == list(range(len(group))), (kind, group)
+        for r in range(world):
+            c = coords(dims, r)
+            assert dense_rank(dims, tp=c.tp, dp=c.dp, pp=c.pp, cp=c.cp) == r
+            assert expert_rank(dims, etp=c.etp, ep=c.ep, edp=c.edp, pp=c.pp) == r
+        hf, shapes, _ = ckpts["qwen3_moe"]
+        plan = plan_export(hf, shapes, dims, bucket_bytes=BUCKET)
+        for it in (i for b in plan.buckets for i in b.items):
+            c = coords(dims, it.sources[0])
+            if is_expert(it.mcore):
+                assert c.edp == 0 and c.etp == 0, it.mcore
+            else:
+                assert (c.cp, c.dp, c.tp) == (0, 0, 0), it.mcore
+
