@@ -169,12 +169,31 @@ def _mcore_to_hf(reader, shards, hf_config, tmp: Path, file_bytes: int, counted)
     dtype = shards.per_param[next(iter(shards.per_param))][0].dtype
     plan = _one_rank_plan(hf_config, shards, file_bytes, dtype)
 
+    def glu_halves(it):
+        """A GLU fc1's HF gate and up, mapped straight from the two chunks Megatron stores
+        (no [gate; up] tensor in between); None when they are not stored that way."""
+        if it.entry.kind != "glu":
+            return None
+        blocks = reader.read_blocks(it.mcore)
+        if blocks is None or len(blocks) != len(it.hf):
+            return None
+        if any(tuple(t.shape) != spec.shape for spec, t in zip(it.hf, blocks)):
+            return None
+        return [(spec.name, t.to(getattr(torch, spec.dtype))) for spec, t in zip(it.hf, blocks)]
+
     def buckets():
         for b in plan.buckets:
-            full = reader.read([it.mcore for it in b.items])
-            named = []
+            named, rest = [], []
             for it in b.items:
-                named += assemble(it, [full.pop(it.mcore)])
+                direct = glu_halves(it)
+                named.append(direct)
+                if direct is None:
+                    rest.append(it)
+            full = reader.read([it.mcore for it in rest])
+            for i, it in enumerate(b.items):
+                if named[i] is None:
+                    named[i] = assemble(it, [full.pop(it.mcore)])
+            named = [pair for pairs in named for pair in pairs]
             yield named
             del full, named  # before the next bucket is read
 

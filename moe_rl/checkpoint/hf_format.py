@@ -254,7 +254,8 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
 def write_safetensors(path: Path, named: list[tuple[str, torch.Tensor]]) -> int:
     """One safetensors file of ``named`` (header, then each tensor's bytes in order, written
     from the tensor's own memory); returns the bytes of tensor data. Flushing to disk is the
-    caller's (the whole output directory is fsynced before it is published)."""
+    caller's (:func:`write_shards` flushes each file; the whole output directory is fsynced
+    again before it is published)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
     for n, t in named:
@@ -276,19 +277,30 @@ def write_safetensors(path: Path, named: list[tuple[str, torch.Tensor]]) -> int:
 def write_shards(dst: Path, buckets: Iterable[list[tuple[str, torch.Tensor]]], num_files: int,
                  on_tensor=None) -> None:
     """One safetensors file per bucket (``model-0000i-of-0000N.safetensors``), then the index."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_rl.checkpoint.atomic import fsync_file
+
     weight_map: dict[str, str] = {}
     total = 0
     i = -1
     it = iter(buckets)
-    while (named := next(it, None)) is not None:  # not a for loop: it would hold this bucket
-        i += 1                                     # while the next one is read
-        fname = f"model-{i + 1:05d}-of-{num_files:05d}.safetensors"
-        total += write_safetensors(dst / fname, named)
-        for n, t in named:
-            weight_map[n] = fname
-            if on_tensor is not None:
-                on_tensor(t.nbytes)
-        del named
+    # Each file is flushed to disk in a thread while the next bucket is read and written:
+    # the disk's write-back overlaps the conversion instead of following it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync") as flusher:
+        flushed = []
+        while (named := next(it, None)) is not None:  # not a for loop: it would hold this bucket
+            i += 1                                     # while the next one is read
+            fname = f"model-{i + 1:05d}-of-{num_files:05d}.safetensors"
+            total += write_safetensors(dst / fname, named)
+            flushed.append(flusher.submit(fsync_file, dst / fname))
+            for n, t in named:
+                weight_map[n] = fname
+                if on_tensor is not None:
+                    on_tensor(t.nbytes)
+            del named
+        for f in flushed:
+            f.result()  # a failed flush fails the conversion
     assert i + 1 == num_files, (i + 1, num_files)
     (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                          "weight_map": dict(sorted(weight_map.items()))}, indent=1))

@@ -272,6 +272,34 @@ class DistCheckpointReader:
             self._read_dcp(rest, names)
         return out
 
+    def read_blocks(self, name: str) -> list[torch.Tensor] | None:
+        """``name`` as the row blocks it is stored in (a GLU fc1: its gate and up chunks),
+        each a memory map of its bytes; None when a block is not one whole stored chunk."""
+        from moe_rl.checkpoint.hf_format import map_tensor
+
+        sts, shape = self.shards.per_param[name], self.shards.shape[name]
+        if not self.fast or not shape:
+            return None
+        blocks, row = [], 0
+        for st in sorted(sts, key=lambda st: _region(st)[0].start):
+            region = _region(st)
+            rows = region[0]
+            if rows.start != row or tuple(st.local_shape[1:]) != shape[1:]:
+                return None
+            sizes = (1,) * st.prepend_axis_num + tuple(st.local_shape)
+            loc = self._locate(st.key, tuple(st.global_offset), sizes, st.dtype)
+            if loc is None:
+                return None
+            blocks.append(loc)
+            row = rows.stop
+        if row != shape[0]:
+            return None
+        out = []
+        for (fd, start), st in zip(blocks, sorted(sts, key=lambda st: _region(st)[0].start)):
+            out.append(map_tensor(fd, start, st.dtype, tuple(st.local_shape))[0])
+            self.fast_reads += 1
+        return out
+
     def close(self) -> None:
         fds, self._fds = self._fds, {}
         for fd in fds.values():
