@@ -16,10 +16,14 @@ Differences from the papers' loops, and why:
 - DAPO dynamic sampling draws extra rounds of prompts (at most ``max_extra_rounds``); when
   the cap is hit the batch is completed with non-informative groups (zero advantage), so
   every step trains the same number of responses and the step's shapes stay fixed.
+- KL in the reward (``algorithm.kl_placement=reward``) is scored in stage 4, on the whole batch,
+  before stage 5's micro-batches exist; its policy log-probs route live, as the reference's do,
+  even under R3/R2 (replaying there would need the trainer's whole-batch scoring to carry routes).
 
 The stages live with their components: rollout and sync in ``rollout/in_process.py`` (an
 engine inside every rank) or ``rollout/http_rollout.py`` (engine servers: the embedded one
-or SGLang), rewards in ``rewards/scoring.py``, log-probs and steps in ``train/trainer.py``.
+or SGLang), rewards in ``rewards/scoring.py``, log-probs and steps in ``train/trainer.py``,
+the MoE routers' capture, replay (R2/R3) and metrics around stages 5 and 6 in ``routing/``.
 Every rank runs the loop and holds the whole batch after stage 3; advantages are computed on
 all of it (identical everywhere); training takes this rank's data-parallel shard.
 """
@@ -43,6 +47,7 @@ from moe_rl.observability import MetricWriter, StageTimer
 from moe_rl.observability.gpu import gpu_stats
 from moe_rl.observability.progress import progress_bar
 from moe_rl.rewards.scoring import Scorer
+from moe_rl.routing import RoutingSession
 from moe_rl.train.trainer import SkipCounter, Trainer
 
 
@@ -57,6 +62,8 @@ class RLLoop:
                                  checkpoints=ckpt.checkpoint_root(cfg.output_dir))
         self.next_prompts = None  # async: the prompts the engine is already generating for
         self.resume_sampler = parts.prompts.state_dict()  # the data position a checkpoint records
+        tr = parts.trainer  # the policy's routers (collective under PP; a no-op for a dense model)
+        self.routing = RoutingSession(cfg.routing, tr.built.chunks, tr.groups, tr.built.hf_config)
 
     # ----------------------------------------------------------------------- the loop
     def run(self) -> List[Dict[str, Any]]:
@@ -64,10 +71,13 @@ class RLLoop:
         records = []
         bar = progress_bar(self.cfg.train.steps, "steps", enabled=self.p.show_progress, leave=True)
         bar.update(self.p.start_step)
-        for step in range(self.p.start_step, self.cfg.train.steps):
-            records += self.step(step)
-            bar.update(1)
-            bar.set_postfix(reward=f"{records[-1]['rollout/reward_mean']:.3f}")
+        try:
+            for step in range(self.p.start_step, self.cfg.train.steps):
+                records += self.step(step)
+                bar.update(1)
+                bar.set_postfix(reward=f"{records[-1]['rollout/reward_mean']:.3f}")
+        finally:
+            self.routing.close()
         bar.close()
         return records
 
@@ -83,7 +93,11 @@ class RLLoop:
         records = []
         with t("train"), self.p.rollout.offloaded():             # (6) loss + optimizer step per mini-batch
             for mbs in minibatches:
-                records.append(self.skips.count(self.p.trainer.step(mbs)))
+                with self.routing.train_pass(mbs):               #     (R2/R3: the recorded routes)
+                    m = self.p.trainer.step(mbs)
+                records.append(self.skips.count(m))
+        with t("routing"):                                       #     routing drift and load
+            rollout_m.update(self.route_metrics(step, minibatches))
         self.version += 1
         with t("sync"):                                          # (7) weights -> engine(s)
             self.p.rollout.sync_weights(self.version)            #     (async: after the next batch is in)
@@ -158,10 +172,24 @@ class RLLoop:
         tr = self.p.trainer
         minibatches = tr.microbatches(batch, self.cfg.train.global_batch)
         flat = [mb for mbs in minibatches for mb in mbs]
-        tr.score(flat, tr.built, "old_logp")
+        self.routing.attach(flat, batch.routes, batch.seq_lengths)
+        with self.routing.old_pass(flat):  # R3: the engine's routes; records the routes used (R2's)
+            tr.score(flat, tr.built, "old_logp")
         if self.cfg.algorithm.needs_reference and self.cfg.algorithm.kl_placement == "loss":
             tr.score(flat, tr.reference, "ref_logp")
         return minibatches
+
+    def route_metrics(self, step: int, minibatches: List[List[dict]]) -> Dict[str, float]:
+        """``routing/...`` of the step (collective): rollout->old, old->new (one forward pass
+        after the update, routing live) and load; the routes saved every ``routing.dump_every``."""
+        tr, rc = self.p.trainer, self.cfg.routing
+        flat = [mb for mbs in minibatches for mb in mbs]
+        if self.routing.active and rc.old_new and rc.records_old:
+            with self.routing.new_pass(flat):
+                tr.score(flat, tr.built, "new_logp")
+        if rc.dump_every and (step + 1) % rc.dump_every == 0:
+            self.routing.dump(flat, self.cfg.output_dir, step)
+        return self.routing.metrics(flat)
 
     # ------------------------------------------------------------------ checkpoint, metrics
     def _checkpoint_due(self, step: int) -> bool:

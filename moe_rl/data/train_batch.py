@@ -44,6 +44,10 @@ class TrainBatch:
     named_rewards: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> fp32 [B]
     adv_BT: Optional[torch.Tensor] = None  # fp32 [B, T], filled by the advantage stage
     token_penalty_BT: Optional[torch.Tensor] = None  # fp32 [B, T] beta*k1 when the KL is in the reward
+    # [B] each row's engine routes (``Sample.routed_experts_NLK``: int [P + T - 1, L, K], sequence
+    # space) or None where the engine gave none; None when no row has any (routing replay R3 and
+    # the rollout->old drift metrics read them)
+    routes: Optional[List[Optional[torch.Tensor]]] = None
 
     @property
     def size(self) -> int:
@@ -66,12 +70,14 @@ class TrainBatch:
             group_ids_B=pick(self.group_ids_B), mask_BT=pick(self.mask_BT), rollout_logp_BT=pick(self.rollout_logp_BT),
             rewards_B=pick(self.rewards_B), truncated_B=pick(self.truncated_B), versions_B=pick(self.versions_B),
             named_rewards={k: pick(v) for k, v in self.named_rewards.items()},
-            adv_BT=pick(self.adv_BT), token_penalty_BT=pick(self.token_penalty_BT))
+            adv_BT=pick(self.adv_BT), token_penalty_BT=pick(self.token_penalty_BT),
+            routes=None if self.routes is None else [self.routes[i] for i in rows])
 
 
 def from_samples(samples: Sequence[Sample], rewards_B: torch.Tensor,
                  named_rewards: Optional[Dict[str, torch.Tensor]] = None) -> TrainBatch:
-    """Stack ``samples`` (group-major) with their rewards; the version is ``int(weight_version)``."""
+    """Stack ``samples`` (group-major) with their rewards; the version is ``int(weight_version)``;
+    ``routes`` are the samples' ``routed_experts_NLK`` (None when no sample has any)."""
     B = len(samples)
     T = max((len(s.response_ids) for s in samples), default=0)
     mask = torch.zeros(B, T, dtype=torch.bool)
@@ -86,7 +92,8 @@ def from_samples(samples: Sequence[Sample], rewards_B: torch.Tensor,
         rollout_logp_BT=logp, rewards_B=rewards_B.to(torch.float32),
         truncated_B=torch.tensor([s.finish_reason == FinishReason.LENGTH for s in samples], dtype=torch.bool),
         versions_B=torch.tensor([int(s.weight_version) for s in samples], dtype=torch.int64),
-        named_rewards=dict(named_rewards or {}))
+        named_rewards=dict(named_rewards or {}),
+        routes=[s.routed_experts_NLK for s in samples] if any(s.routed_experts_NLK is not None for s in samples) else None)
 
 
 def plan_microbatches(seq_lengths: Sequence[int], *, token_budget: int, max_rows: int) -> List[List[int]]:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from moe_rl.config.run import RunConfig
-from moe_rl.rollout.in_process import without_routes
+from moe_rl.rollout.in_process import keeps_routes, without_routes
 from moe_rl.rollout.requests import make_requests
 from moe_rl.rollout.types import Sample
 
@@ -47,7 +47,7 @@ class ServerRollout:
     def __init__(self, cfg: RunConfig, hf_dir: str, plan, trainer: Trainer, *, show_progress: bool) -> None:
         import concurrent.futures as cf
 
-        from moe_rl.rollout.client import RolloutClient
+        from moe_rl.rollout.client import RolloutClient, RoutingLayout
         from moe_rl.weights.sync import WeightSync
 
         self.cfg, self.trainer, self.show_progress = cfg, trainer, show_progress
@@ -62,8 +62,12 @@ class ServerRollout:
         dist.broadcast_object_list(box, src=0)
         if box[1]:
             raise RuntimeError(box[1])
-        client_cfg = dataclasses.replace(cfg.rollout.client, server_urls=box[0], return_routed_experts=False)
-        self.client = RolloutClient(client_cfg)
+        # routes only when routing reads them (R3, capture's rollout->old drift), and as the MoE
+        # layout of the trainer's model (a real SGLang's /model_info does not describe it)
+        self.keep_routes = keeps_routes(cfg, trainer.built.hf_config) and cfg.rollout.client.return_routed_experts
+        client_cfg = dataclasses.replace(cfg.rollout.client, server_urls=box[0], return_routed_experts=self.keep_routes)
+        self.client = RolloutClient(client_cfg, RoutingLayout.from_hf_config(trainer.built.hf_config)
+                                    if self.keep_routes else None)
         try:
             self.sync = WeightSync(weight_sync_config(cfg), self.client, plan, trainer.groups, hf_dir=hf_dir)
         except BaseException:
@@ -78,7 +82,8 @@ class ServerRollout:
 
     def _generate_rank0(self, step: int, rnd: int, prompts) -> List[Sample]:
         reqs = make_requests(self.cfg, step, rnd, prompts)
-        return without_routes(self.client.generate(reqs))
+        samples = self.client.generate(reqs)
+        return samples if self.keep_routes else without_routes(samples)
 
     def generate(self, step: int, rnd: int, prompts) -> List[Sample]:
         box: List[Any] = [None]
@@ -175,6 +180,12 @@ def check_sglang_installed(python: str) -> None:
                          f"that has sglang==0.5.23; or give running servers in rollout.client.server_urls)")
 
 
+def _hf_config(path: str):
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(path)
+
+
 def start_engine_server(cfg: RunConfig, hf_dir: str):
     """The embedded engine as its own server process on a free loopback port; waits for
     ``/health`` (``rollout.sglang.startup_timeout_s``) and returns (process, URL)."""
@@ -188,8 +199,9 @@ def start_engine_server(cfg: RunConfig, hf_dir: str):
     e = cfg.rollout.embedded
     cmd = [sys.executable, "-m", "moe_rl.rollout.embedded.server", "--model", e.model_path or hf_dir,
            "--host", "127.0.0.1", "--port", str(port), "--max-running", str(e.max_running),
-           "--weight-version", "0", "--dtype", e.dtype, "--no-routed-experts",
-           "--num-threads", str(e.num_threads or 1)]
+           "--weight-version", "0", "--dtype", e.dtype, "--num-threads", str(e.num_threads or 1)]
+    if not (e.capture_routed_experts and keeps_routes(cfg, _hf_config(e.model_path or hf_dir))):
+        cmd.append("--no-routed-experts")  # capture costs the engine time; only when routing reads the routes
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + cfg.rollout.sglang.startup_timeout_s

@@ -37,6 +37,7 @@ class InProcessRollout:
     def __init__(self, cfg: RunConfig, engine, plan, trainer: Trainer, *, show_progress: bool) -> None:
         self.cfg, self.engine, self.plan, self.trainer = cfg, engine, plan, trainer
         self.show_progress = show_progress
+        self.keep_routes = keeps_routes(cfg, trainer.built.hf_config)
         self.last_sync: Dict[str, float] = {}
 
     def generate(self, step: int, rnd: int, prompts) -> List[Sample]:
@@ -45,7 +46,8 @@ class InProcessRollout:
         bar = progress_bar(len(reqs) * self.cfg.rollout.n_samples_per_prompt, f"rollout {step}",
                            enabled=self.show_progress)
         local = self.engine.generate(mine) if mine else []
-        local = without_routes(local)
+        if not self.keep_routes:
+            local = without_routes(local)
         out = gather_lists(local)
         bar.update(len(out))
         bar.close()
@@ -86,11 +88,17 @@ class InProcessRollout:
         pass
 
 
-_ROUTES = next(f.name for f in dataclasses.fields(Sample) if f.name.startswith("routed_experts"))
+def keeps_routes(cfg: RunConfig, hf_config) -> bool:
+    """Whether the rollout keeps the engines' routes (``Sample.routed_experts_NLK``): R3 replays
+    them, and routing capture compares them with the old policy's (``routing/*/rollout_old``).
+    A dense model has none to keep."""
+    from moe_rl.models import family_for
+
+    wanted = cfg.routing.replay == "r3" or cfg.routing.capture
+    return wanted and bool(list(family_for(hf_config).moe_layer_ids(hf_config)))
 
 
 def without_routes(samples: List[Sample]) -> List[Sample]:
-    """The samples without their routed experts: the loop does not replay routes yet, and
-    they would only grow what is gathered and broadcast. (Looked up by prefix while the
-    field's shape suffix is being renamed.)"""
-    return [dataclasses.replace(s, **{_ROUTES: None}) for s in samples]
+    """The samples without their routed experts, when nothing reads them (:func:`keeps_routes`):
+    they would only grow what is gathered and broadcast."""
+    return [dataclasses.replace(s, routed_experts_NLK=None) for s in samples]

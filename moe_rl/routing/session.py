@@ -30,7 +30,7 @@ import torch.distributed as dist
 from moe_rl.routing import metrics as M
 from moe_rl.routing.capture import RouteCapture, moe_routers
 from moe_rl.routing.config import RoutingConfig
-from moe_rl.routing.layout import NEW, OLD, ROLLOUT, VALID
+from moe_rl.routing.layout import NEW, OLD, ROLLOUT, VALID, attach_engine_routes, attach_positions
 from moe_rl.routing.replay import ModelReplay
 
 
@@ -103,6 +103,17 @@ class RoutingSession:
         with self.replayer.replay([mb[key] for mb in mbs]):
             yield
 
+    def attach(self, mbs: Sequence[dict], routes_B, seq_lengths: Sequence[int]) -> None:
+        """Before the old-policy pass: each micro-batch's ``route_valid`` and, where the batch
+        has engine routes (``TrainBatch.routes``), its ``routes_rollout``. Without any engine
+        route R3 is refused by the replay itself (no ``routes_rollout`` to replay)."""
+        if not self.active:
+            return
+        if routes_B is not None and any(r is not None for r in routes_B):
+            attach_engine_routes(mbs, routes_B, seq_lengths, self.moe_layer_ids, num_experts=self.num_experts)
+        else:
+            attach_positions(mbs, seq_lengths)
+
     # ------------------------------------------------------------- the loop's three passes
     @contextlib.contextmanager
     def old_pass(self, mbs: Sequence[dict]) -> Iterator[None]:
@@ -156,6 +167,18 @@ class RoutingSession:
             for layer, t in part.items():
                 per_layer.setdefault(layer, []).append((dp_rank, t))
         return {layer: torch.cat([t for _, t in sorted(v, key=lambda x: x[0])]) for layer, v in sorted(per_layer.items())}
+
+    def dump(self, mbs: Sequence[dict], run_dir: str, step: int) -> None:
+        """Save the old-policy pass's routes of step ``step`` for ``tools/routing_report.py``
+        (``routing.dump_every``). Collective over the world; rank 0 writes. Nothing without
+        MoE layers or without recorded routes (``routing.capture`` off and no R2)."""
+        if not (self.active and self.cfg.records_old):
+            return
+        routes = self.gather_routes(mbs)
+        if routes is not None:
+            from moe_rl.routing.report import write_route_dump
+
+            write_route_dump(run_dir, step, routes, self.num_experts)
 
     # -------------------------------------------------------------------------- metrics
     def metrics(self, mbs: Sequence[dict]) -> dict[str, float]:

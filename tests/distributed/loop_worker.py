@@ -15,6 +15,8 @@ Scenarios (each a fresh build of every part, in this process):
   server (the embedded engine's, standing in for SGLang: same HTTP protocol) that holds other
   weights than the policy's (another random tiny model), sync mode,
   weights over the distributed transport (gloo); the loop must not start a server itself.
+- routing: 2 steps with routing replay R3 (the embedded engines' routes in the old-policy and
+  training passes; bf16 engines, inference precision), routes dumped every step (the test runs ``tools/routing_report.py`` on it).
 - async: the quickstart task (max of four digits, answered in one token) for 12 steps in
   async mode: the engine as its own server process, weights over HTTP (tensor transport).
 """
@@ -159,6 +161,9 @@ def main():
                            "weights.transport=tensor", "train.steps=12", "train.seed=1", "rollout.max_new_tokens=1",
                            "rollout.n_samples_per_prompt=8", "loop.rollout_batch_size=128", "train.global_batch=128",
                            "train.micro_batch=64", "data.toy_num_prompts=2048"])
+        elif sc == "routing":
+            loop("routing", ["parallel.expert_parallel=2", "algorithm.kl_beta=0.0", "routing.replay=r3",
+                             "routing.dump_every=1", "rollout.embedded.dtype=bfloat16"])
         elif sc == "layouts":
             for name, lay in LAYOUTS.items():
                 loop(name, lay + ["algorithm.kl_beta=0.0"])

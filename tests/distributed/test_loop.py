@@ -14,12 +14,12 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def loop_runs(tmp_path_factory):
     """One launch: the kill-and-resume reference run, run checkpoints, the sync scenario, the
-    same steps at three layouts, non-finite steps, async mode, and the loop against given
-    server URLs."""
+    same steps at three layouts, non-finite steps, async mode, the loop against given
+    server URLs, and routing replay R3."""
     work = tmp_path_factory.mktemp("loop")
     out = work / "out.json"
     torchrun(ROOT / "tests/distributed/loop_worker.py", 2, str(out), str(work), "uninterrupted", "ckpt", "sync",
-             "layouts", "nonfinite", "async", "servers", timeout=500)
+             "layouts", "nonfinite", "async", "servers", "routing", timeout=500)
     res = json.loads(out.read_text())
     errors = {k: v for k, v in res.items() if k.endswith("_error")}
     assert not errors, errors
@@ -54,6 +54,64 @@ def test_sync_run_logs_every_metric_and_starts_on_policy(loop_runs):
     assert [r["step"] for r in on_disk] == [0, 1, 2, 3]
     assert on_disk[3]["actor/pg_loss"] == recs[3]["actor/pg_loss"]
     assert list((work / "sync" / "tb").glob("events.out.tfevents.*"))
+
+
+def _moe_layers(run_dir):
+    """The MoE layers of the run's tiny Qwen3-MoE, by HF's rule: every ``decoder_sparse_step``-th
+    layer that ``mlp_only_layers`` does not name."""
+    (hf,) = [p for p in run_dir.iterdir() if p.name.startswith("hf_tiny")]
+    c = json.loads((hf / "config.json").read_text())
+    assert c["model_type"] == "qwen3_moe"
+    return [i for i in range(c["num_hidden_layers"])
+            if i not in c["mlp_only_layers"] and (i + 1) % c["decoder_sparse_step"] == 0]
+
+
+def _check_routing_metrics(recs, layers):
+    assert len(layers) >= 2
+    for r in recs:
+        for pair in ("rollout_old", "old_new"):
+            for m in ("flip_frac", "topk_overlap", "any_layer_flip_frac"):
+                assert 0.0 <= r[f"routing/{m}/{pair}"] <= 1.0, (r["step"], m, pair)
+            for layer in layers:
+                assert 0.0 <= r[f"routing/flip_frac/{pair}/layer_{layer}"] <= 1.0
+            assert f"routing/flip_frac/{pair}/layer_{max(layers) + 1}" not in r
+        assert r["routing/router_kl/old_new"] >= 0.0  # the engine gives no router distribution
+        for m in ("load_max_over_mean", "load_cv", "dead_experts"):
+            assert all(f"routing/{m}/layer_{layer}" in r for layer in layers) and f"routing/{m}" in r
+        assert r["routing/load_max_over_mean"] >= 1.0
+        # the optimizer step moved the routers: some token's experts changed old -> new
+        assert r["routing/flip_frac/old_new"] > 0.0
+
+
+def test_routing_metrics_every_step_without_replay(loop_runs):
+    work, res = loop_runs
+    recs = res["sync"]
+    _check_routing_metrics(recs, _moe_layers(work / "sync"))
+    assert not any(k.startswith("routing/replay_") for r in recs for k in r)  # routing.replay=none
+    assert not (work / "sync" / "routes").exists()  # routing.dump_every=0
+
+
+def test_routing_replay_r3_in_the_loop_and_its_report(loop_runs, tmp_path):
+    """R3: the old-policy pass used exactly the (bf16) engines' routes, every step, self-checked;
+    the routes dumped every step feed tools/routing_report.py."""
+    import subprocess
+    import sys
+
+    work, res = loop_runs
+    recs = res["routing"]
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    _check_routing_metrics(recs, _moe_layers(work / "routing"))
+    for r in recs:
+        assert r["routing/flip_frac/rollout_old"] == 0.0 and r["routing/any_layer_flip_frac/rollout_old"] == 0.0
+        assert r["routing/replay_mismatch_frac"] == 0.0 and r["routing/replay_fallback_frac"] == 0.0
+    assert sorted(p.name for p in (work / "routing" / "routes").iterdir()) == ["step_00000000.pt", "step_00000001.pt"]
+    p = subprocess.run([sys.executable, str(ROOT / "tools/routing_report.py"), str(work / "routing"),
+                        "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    written = {q.name for q in (tmp_path / "report").iterdir()}
+    assert {"flip_frac_layers.png", "flip_frac_heatmap.png", "expert_load.png", "drift_pairs.png",
+            "summary.md"} <= written, written
+    assert all((tmp_path / "report" / n).stat().st_size > 0 for n in written)
 
 
 def test_run_checkpoint_resumes_bitwise_and_reshards(loop_runs):

@@ -27,6 +27,20 @@ def test_from_samples_is_response_space():
     assert sub.response_ids == [[11, 12, 2], [7, 2]] and sub.rewards_B.tolist() == [0.25, 1.0]
 
 
+def test_engine_routes_follow_their_rows():
+    import dataclasses
+
+    s = [_sample(0, 0, [1, 5, 6], [7, 2]), _sample(0, 1, [1, 4], [2]), _sample(1, 0, [1], [3, 4])]
+    assert tb.from_samples(s, torch.zeros(3)).routes is None  # no sample has routes
+    r = [torch.full((n, 2, 1), k, dtype=torch.int32) for k, n in enumerate([4, 2, 2])]  # P + T - 1 rows
+    s = [dataclasses.replace(x, routed_experts_NLK=r[k] if k != 1 else None) for k, x in enumerate(s)]
+    b = tb.from_samples(s, torch.zeros(3))
+    assert b.routes[0] is r[0] and b.routes[1] is None and b.routes[2] is r[2]
+    sub = b.select([2, 1, 0])
+    assert sub.routes[0] is r[2] and sub.routes[1] is None and sub.routes[2] is r[0]
+    assert [len(x) for x in sub.routes if x is not None] == [sub.seq_lengths[0], sub.seq_lengths[2]]
+
+
 def test_microbatch_positions_score_each_response_token_once():
     b = _batch()
     b.adv_BT = torch.arange(12, dtype=torch.float32).view(4, 3)
