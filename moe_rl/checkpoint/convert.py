@@ -169,23 +169,24 @@ def _mcore_to_hf(reader, shards, hf_config, tmp: Path, file_bytes: int, counted)
     dtype = shards.per_param[next(iter(shards.per_param))][0].dtype
     plan = _one_rank_plan(hf_config, shards, file_bytes, dtype)
 
-    def glu_halves(it):
-        """A GLU fc1's HF gate and up, mapped straight from the two chunks Megatron stores
-        (no [gate; up] tensor in between); None when they are not stored that way."""
-        if it.entry.kind != "glu":
+    def as_stored(it):
+        """The HF tensors of ``it`` left in the checkpoint's files when each is exactly one
+        stored chunk (a plain copy; a GLU fc1's gate and up, which Megatron stores apart): the
+        writer copies them file to file. None when a transform or another layout is involved."""
+        if it.entry.kind not in ("copy", "glu"):
             return None
-        blocks = reader.read_blocks(it.mcore)
-        if blocks is None or len(blocks) != len(it.hf):
+        ranges = reader.block_ranges(it.mcore)
+        if ranges is None or len(ranges) != len(it.hf):
             return None
-        if any(tuple(t.shape) != spec.shape for spec, t in zip(it.hf, blocks)):
-            return None
-        return [(spec.name, t.to(getattr(torch, spec.dtype))) for spec, t in zip(it.hf, blocks)]
+        if any(r.shape != spec.shape or r.dtype != getattr(torch, spec.dtype) for spec, r in zip(it.hf, ranges)):
+            return None  # e.g. vocabulary padding to trim, or a cast
+        return [(spec.name, r) for spec, r in zip(it.hf, ranges)]
 
     def buckets():
         for b in plan.buckets:
             named, rest = [], []
             for it in b.items:
-                direct = glu_halves(it)
+                direct = as_stored(it)
                 named.append(direct)
                 if direct is None:
                     rest.append(it)

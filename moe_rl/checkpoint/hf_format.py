@@ -251,11 +251,46 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def write_safetensors(path: Path, named: list[tuple[str, torch.Tensor]]) -> int:
+@dataclasses.dataclass(frozen=True)
+class FileRange:
+    """A tensor's bytes still in a file: copied into the output by the kernel
+    (``copy_file_range``, as ``cp`` does), never through this process's memory."""
+
+    fd: int
+    start: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _copy_range(src: FileRange, f) -> None:
+    f.flush()
+    out, done = f.fileno(), 0
+    try:
+        while done < src.nbytes:
+            n = os.copy_file_range(src.fd, out, src.nbytes - done, src.start + done)
+            if n <= 0:
+                raise OSError(f"copy_file_range stopped {src.nbytes - done} bytes short")
+            done += n
+    except OSError:  # another file system, an old kernel: copy what is left through memory
+        os.lseek(out, 0, os.SEEK_END)
+        t, _ = map_tensor(src.fd, src.start + done, torch.uint8, (src.nbytes - done,))
+        f.write(memoryview(t.numpy()))
+        return
+    os.lseek(out, 0, os.SEEK_END)
+
+
+def write_safetensors(path: Path, named: list[tuple[str, "torch.Tensor | FileRange"]]) -> int:
     """One safetensors file of ``named`` (header, then each tensor's bytes in order, written
-    from the tensor's own memory); returns the bytes of tensor data. Flushing to disk is the
-    caller's (:func:`write_shards` flushes each file; the whole output directory is fsynced
-    again before it is published)."""
+    from the tensor's own memory, or copied file to file for a :class:`FileRange`); returns
+    the bytes of tensor data. Flushing to disk is the caller's (:func:`write_shards` flushes
+    each file; the whole output directory is fsynced again before it is published)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
     for n, t in named:
@@ -269,7 +304,9 @@ def write_safetensors(path: Path, named: list[tuple[str, torch.Tensor]]) -> int:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for _, t in named:
-            if t.nbytes:
+            if isinstance(t, FileRange):
+                _copy_range(t, f)
+            elif t.nbytes:
                 f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
     return off
 

@@ -272,10 +272,11 @@ class DistCheckpointReader:
             self._read_dcp(rest, names)
         return out
 
-    def read_blocks(self, name: str) -> list[torch.Tensor] | None:
-        """``name`` as the row blocks it is stored in (a GLU fc1: its gate and up chunks),
-        each a memory map of its bytes; None when a block is not one whole stored chunk."""
-        from moe_rl.checkpoint.hf_format import map_tensor
+    def block_ranges(self, name: str):
+        """Where the row blocks of ``name`` lie in the checkpoint's files (``FileRange`` each:
+        the whole tensor, or a GLU fc1's gate and up); None unless each block is one whole
+        stored chunk."""
+        from moe_rl.checkpoint.hf_format import FileRange
 
         sts, shape = self.shards.per_param[name], self.shards.shape[name]
         if not self.fast or not shape:
@@ -294,11 +295,8 @@ class DistCheckpointReader:
             row = rows.stop
         if row != shape[0]:
             return None
-        out = []
-        for (fd, start), st in zip(blocks, sorted(sts, key=lambda st: _region(st)[0].start)):
-            out.append(map_tensor(fd, start, st.dtype, tuple(st.local_shape))[0])
-            self.fast_reads += 1
-        return out
+        return [FileRange(fd, start, st.dtype, tuple(st.local_shape))
+                for (fd, start), st in zip(blocks, sorted(sts, key=lambda st: _region(st)[0].start))]
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}

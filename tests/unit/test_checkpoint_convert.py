@@ -117,6 +117,31 @@ def test_safetensors_written_and_read_as_the_safetensors_package_does(tmp_path):
         files.close()
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_tensors_copied_file_to_file_land_whole(tmp_path, monkeypatch, kernel_copy):
+    """A FileRange is copied by copy_file_range, or through memory where the kernel refuses."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moe_rl.checkpoint.hf_format import FileRange, read_header, write_safetensors
+
+    src = {"x": torch.randn(33, 7).to(torch.bfloat16), "y": torch.arange(10, dtype=torch.int32)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    stored = read_header(tmp_path / "src.safetensors")
+    if not kernel_copy:
+        def refuse(*a, **k):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    fd = os.open(tmp_path / "src.safetensors", os.O_RDONLY)
+    try:
+        named = [(n, FileRange(fd, stored[n].start, stored[n].dtype, stored[n].shape)) for n in ("y", "x")]
+        write_safetensors(tmp_path / "out.safetensors", [("z", torch.ones(3))] + named)
+    finally:
+        os.close(fd)
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert torch.equal(out["x"], src["x"]) and torch.equal(out["y"], src["y"]) and torch.equal(out["z"], torch.ones(3))
+
+
 def test_megatron_checkpoint_direct_reads_equal_dcp_and_hf(tiny_hf_dirs, tmp_path):
     """HF -> mcore, then every canonical tensor read back by the direct path equals DCP's own
     load of it and the HF tensors it was made from (the independent reference); mcore -> HF
