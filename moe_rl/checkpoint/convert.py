@@ -5,9 +5,11 @@
   from its HF tensors (``Entry.to_mcore_parts``, each read with one ``pread``) when the
   writer asks for it; a GLU fc1 stays [gate, up], the two chunks Megatron stores.
 * mcore -> HF: the plan of the weight sync at one rank (``weights/plan.py``) groups the HF
-  tensors into files of at most ``bucket_bytes``; each file's Megatron tensors are read
-  (``DistCheckpointReader``: one ``pread`` per stored chunk where the chunk is a whole
-  region, Megatron's own load otherwise) and split back (``Entry.to_hf``). Config and
+  tensors into files of at most ``bucket_bytes``. An HF tensor stored as one whole chunk (a
+  plain copy; a GLU fc1's gate or up) is copied file to file by the kernel
+  (``copy_file_range``); the rest (fused QKV, chunks of another layout) is read
+  (``DistCheckpointReader``: mapped or ``pread`` per whole chunk, Megatron's own load
+  otherwise) and split back (``Entry.to_hf``). Config and
   tokenizer files come from the checkpoint's ``hf/`` folder, a run checkpoint's
   ``model.hf_dir``, or ``hf_config_dir``. Run checkpoints (``run_state.py``: a ``step_*``
   directory or the ``checkpoints`` root, newest complete one) convert the same way: only
@@ -15,9 +17,10 @@
 * mcore -> mcore: the same Megatron tensors rewritten (a model-only checkpoint checked
   against the layout); Megatron reshards ``torch_dist`` on load, so any layout can load it.
 
-Memory (no file is memory-mapped, so the input's pages never count against the process):
-one canonical tensor at a time (HF -> mcore); one output file's tensors plus the copies of
-one fused QKV being split (mcore -> HF): at most the largest tensor plus one bucket.
+Memory (every resident page counts, the input's mapped pages too; each map covers one
+tensor and goes with it): one canonical tensor at a time (HF -> mcore); at most one output
+file's tensors that need a transform, plus the copies of one fused QKV being split
+(mcore -> HF): at most the largest tensor plus one bucket.
 The output is built in a hidden sibling directory, fsynced and renamed into place: an
 interrupted conversion leaves nothing under the output name. An output directory that
 already holds files is refused unless ``overwrite``.
