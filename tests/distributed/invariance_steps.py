@@ -109,6 +109,33 @@ def hf_train_steps(hf_model, *, steps: int = 3, num_seqs: int = 4, seq: int = 32
     return {"losses": losses, "grad_norms": norms}
 
 
+# ------------------------------------------------------------------ weight export at the layout
+
+def export_check(hf_config, hf_dir, groups):
+    """Export the HF tensors from the live model at this layout (the weight-sync stream) and
+    compare each with the checkpoint, bitwise; counts over all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from moe_rl.models.hf_checkpoint import HFCheckpoint
+    from moe_rl.train.model import build_model, load_hf_weights
+    from moe_rl.weights.export import export_buckets
+    from moe_rl.weights.plan import checkpoint_shapes, plan_export
+
+    built = build_model(hf_config, groups)
+    load_hf_weights(built, hf_dir, groups)
+    shapes = checkpoint_shapes(hf_dir)
+    plan = plan_export(hf_config, shapes, groups.dims, bucket_bytes=64 << 10)
+    sent = torch.zeros(2, dtype=torch.int64)
+    with HFCheckpoint(hf_dir) as ckpt:
+        for bucket in export_buckets(plan, built, groups):
+            for name, t in bucket.named():
+                sent[0] += 1
+                sent[1] += int(not torch.equal(t, ckpt.get(name).to(t.dtype)))
+    dist.all_reduce(sent)
+    return {"exported": int(sent[0]), "mismatched": int(sent[1]), "hf_tensors": len(shapes)}
+
+
 # ------------------------------------------------------------------ the actor (RL) step
 
 def actor_test_config():

@@ -3,10 +3,11 @@
     torchrun --nproc-per-node N tests/distributed/layouts_worker.py OUT.json SPEC.json
 
 SPEC: {"families": {name: hf_dir},
-       "layouts": [{"tp":..,"pp":..,"ep":..,"etp":.., "vpp":.., "split": "Ett|tL",
-                    "opt": "plain", "dtype": "bfloat16", "families": [name, ...]}],
+       "layouts": [{"tp":..,"pp":..,"ep":..,"etp":.., "vpp":.., "cp":.., "split": "Ett|tL",
+                    "opt": "plain", "dtype": "bfloat16", "families": [name, ...], "export": true}],
        "checks": ["parity", "train"]}
-A layout with "families" runs on those only; one without on every family of the spec.
+A layout with "families" runs on those only; one without on every family of the spec. A
+layout with "export" also runs the "export" check (the weight-sync stream vs the checkpoint).
 """
 
 import gc
@@ -28,8 +29,8 @@ def main():
     from moe_rl.parallel import ParallelConfig, ParallelDims
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
-    from invariance_steps import (hf_actor_steps, hf_train_steps, make_rl_batch, megatron_actor_steps,
-                                  megatron_train_steps)
+    from invariance_steps import (export_check, hf_actor_steps, hf_train_steps, make_rl_batch,
+                                  megatron_actor_steps, megatron_train_steps)
     from moe_rl.train.parity import logit_parity, logprob_parity
 
     torch.set_num_threads(1)
@@ -64,7 +65,7 @@ def main():
                 results.append(rec)
                 continue
             rec["layout_name"] = dims.describe()
-            for check in spec["checks"]:
+            for check in spec["checks"] + (["export"] if lay.get("export") else []):
                 t0 = time.perf_counter()
                 if dist.get_rank() == 0:
                     print(f"[worker] {fam} {dims.describe()} {check}", file=sys.stderr, flush=True)
@@ -88,6 +89,8 @@ def main():
                             refs[("actor_ref", fam)] = hf_actor_steps(hf, refs[key])
                         rec["actor"] = megatron_actor_steps(hf.config, hf_dir, groups, refs[key])
                         rec["actor_ref"] = refs[("actor_ref", fam)]
+                    elif check == "export":
+                        rec["export"] = export_check(hf.config, hf_dir, groups)
                     elif check == "logprobs":
                         if fam not in refs:
                             refs[fam] = hf_train_steps(hf)
