@@ -19,6 +19,7 @@ from moe_rl.data.config import DataConfig
 from moe_rl.models.config import ModelConfig
 from moe_rl.observability.config import MetricsConfig
 from moe_rl.parallel.dims import ParallelConfig
+from moe_rl.parallel.watchdog import WatchdogConfig
 from moe_rl.rewards.config import RewardConfig
 from moe_rl.rollout.config import RolloutConfig
 from moe_rl.routing.config import RoutingConfig
@@ -63,6 +64,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # run checkpoints and resume
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # JSONL, tensorboard, wandb, progress
     routing: RoutingConfig = field(default_factory=RoutingConfig)  # MoE routing capture, drift and load metrics, replay (R2/R3)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # fail fast when a rollout server dies
     output_dir: str = "runs/quickstart"  # where the run writes metrics, tensorboard files and checkpoints
 
     def __post_init__(self) -> None:

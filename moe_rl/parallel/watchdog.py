@@ -147,8 +147,7 @@ class ServerWatch:
 def start_for(cfg, rank: int) -> Optional[ServerWatch]:
     """The run's watch (rank 0 only, and only when ``rollout.client.server_urls`` names
     servers); None otherwise. Call :meth:`ServerWatch.stop` before the run ends."""
-    # RunConfig may not carry a ``watchdog`` section yet: the defaults then apply.
-    wcfg = getattr(cfg, "watchdog", None) or WatchdogConfig()
+    wcfg = cfg.watchdog
     urls = list(cfg.rollout.client.server_urls)
     if rank != 0 or not urls or not wcfg.enabled:
         return None
