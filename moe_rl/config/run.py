@@ -154,5 +154,13 @@ def config_reference(schema: type = RunConfig, prefix: str = "") -> str:
     return "| key | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
+REFERENCE_HEADER = """# Configuration reference
+
+Generated from the typed config (`moe_rl/config/run.py` and the dataclasses it nests) by
+`python -m moe_rl.config.run > docs/configuration.md`; `tests/unit/test_config_reference.py` fails when it is stale.
+Set any key in the YAML file or as a dotted override: `torchrun ... -m moe_rl.launch CONFIG.yaml train.steps=20`.
+
+"""
+
 if __name__ == "__main__":
-    print(config_reference(), end="")
+    print(REFERENCE_HEADER + config_reference(), end="")
