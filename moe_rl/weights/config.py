@@ -17,7 +17,7 @@ class WeightSyncConfig:
     tensor_format: str = "auto"  # tensor transport payload: safetensors | sglang (SGLang's serializer, same GPUs) | auto
     disk_dir: str = ""  # disk transport: where weight_v<version>/ directories go (seen by trainer and engines)
     keep_disk_versions: int = 1  # disk transport: older weight_v* directories beyond this many are removed
-    group_address: str = "127.0.0.1"  # distributed transport: rank 0's address the engines can reach
+    group_address: str = ""  # distributed transport: rank 0's address the engines can reach ("" = the job's MASTER_ADDR)
     group_port: int = 0  # distributed transport: rendezvous port (0 = a free port)
     group_name: str = "moe_rl_weights"  # distributed transport: the weight-update group's name
     engine_ranks: int = 1  # distributed transport: ranks each engine joins with (its TP size)

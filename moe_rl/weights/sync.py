@@ -62,9 +62,26 @@ def make_transport(cfg: WeightSyncConfig, client: RolloutClient, *, staging: boo
         return TensorTransport(client, fmt, engine_tp_size=cfg.engine_ranks)
     from moe_rl.weights.transport.distributed import DistributedTransport
 
-    return DistributedTransport(client, address=cfg.group_address, port=cfg.group_port, group_name=cfg.group_name,
+    return DistributedTransport(client, address=group_address(cfg), port=cfg.group_port, group_name=cfg.group_name,
                                 engine_ranks=cfg.engine_ranks, timeout_s=cfg.timeout_s,
                                 backend="gloo" if staging else None)  # the embedded engine joins over gloo
+
+
+def group_address(cfg: WeightSyncConfig) -> str:
+    """Where the engines reach rank 0 for the weight-update group: ``weights.group_address``,
+    else the job's rendezvous host (rank 0's node under Slurm; a fixed 127.0.0.1 hung a
+    multi-node job until the rendezvous deadline), else this host's loopback."""
+    if cfg.group_address:
+        return cfg.group_address
+    import os
+
+    from moe_rl.parallel.launch_env import resolve_launch_env
+
+    try:
+        host = resolve_launch_env(os.environ).master_addr
+    except ValueError:  # no launcher variables: a single process
+        host = ""
+    return "127.0.0.1" if host in ("", "localhost", "::1") else host  # one node: IPv4 loopback, as before
 
 
 SESSION_TRANSPORTS = ("tensor", "distributed")  # the SGLang updates that need a weight-update session
