@@ -86,6 +86,7 @@ def from_samples(samples: Sequence[Sample], rewards_B: torch.Tensor,
         n = len(s.response_ids)
         mask[i, :n] = True
         logp[i, :n] = s.rollout_logprobs_T
+    routes = [s.routed_experts_NLK for s in samples]
     return TrainBatch(
         prompt_ids=[list(s.prompt_ids) for s in samples], response_ids=[list(s.response_ids) for s in samples],
         group_ids_B=torch.tensor([s.group_id for s in samples], dtype=torch.int64), mask_BT=mask,
@@ -93,7 +94,7 @@ def from_samples(samples: Sequence[Sample], rewards_B: torch.Tensor,
         truncated_B=torch.tensor([s.finish_reason == FinishReason.LENGTH for s in samples], dtype=torch.bool),
         versions_B=torch.tensor([int(s.weight_version) for s in samples], dtype=torch.int64),
         named_rewards=dict(named_rewards or {}),
-        routes=[s.routed_experts_NLK for s in samples] if any(s.routed_experts_NLK is not None for s in samples) else None)
+        routes=routes if any(r is not None for r in routes) else None)
 
 
 def plan_microbatches(seq_lengths: Sequence[int], *, token_budget: int, max_rows: int) -> List[List[int]]:

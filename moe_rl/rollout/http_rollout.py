@@ -65,9 +65,10 @@ class ServerRollout:
         # routes only when routing reads them (R3, capture's rollout->old drift), and as the MoE
         # layout of the trainer's model (a real SGLang's /model_info does not describe it)
         self.keep_routes = keeps_routes(cfg, trainer.built.hf_config) and cfg.rollout.client.return_routed_experts
-        client_cfg = dataclasses.replace(cfg.rollout.client, server_urls=box[0], return_routed_experts=self.keep_routes)
-        self.client = RolloutClient(client_cfg, RoutingLayout.from_hf_config(trainer.built.hf_config)
-                                    if self.keep_routes else None)
+        client_cfg = dataclasses.replace(cfg.rollout.client, server_urls=box[0],
+                                         return_routed_experts=self.keep_routes)
+        layout = RoutingLayout.from_hf_config(trainer.built.hf_config) if self.keep_routes else None
+        self.client = RolloutClient(client_cfg, layout)
         try:
             self.sync = WeightSync(weight_sync_config(cfg), self.client, plan, trainer.groups, hf_dir=hf_dir)
         except BaseException:

@@ -10,22 +10,20 @@ routing replay (R2/R3) on Megatron-Core's own replay, scoped to one model and se
 - :mod:`moe_rl.routing.metrics`: pure per-layer counts and their named metrics.
 - :mod:`moe_rl.routing.session`: :class:`RoutingSession`, what the loop holds per model.
 
-How the loop uses it. Once, on every rank, after the policy is built (collective under PP)::
+How the loop (``moe_rl/loop.py``) uses it. Once, on every rank, after the policy is built
+(collective under PP; a dense model gets a session that does nothing)::
 
-    self.routing = RoutingSession(cfg.routing, [tr.built.module], tr.groups, tr.built.hf_config)
+    self.routing = RoutingSession(cfg.routing, tr.built.chunks, tr.groups, tr.built.hf_config)
 
 The batch carries each row's engine routes: ``TrainBatch.routes`` ([B] of
 ``Sample.routed_experts_NLK`` or None, set by ``from_samples`` and kept by ``select``), and the
-rollout keeps the samples' routes when ``routing.replay == "r3"`` or ``routing.capture``.
-Stage 5, old log-probs (the reference pass stays outside: the reference routes live)::
+rollout keeps the samples' routes when ``routing.replay == "r3"`` or ``routing.capture``
+(``moe_rl.rollout.in_process.keeps_routes``). Stage 5, old log-probs (the reference pass stays
+outside: the reference routes live)::
 
     minibatches = tr.microbatches(batch, cfg.train.global_batch)
     flat = [mb for mbs in minibatches for mb in mbs]
-    if batch.routes is not None and any(r is not None for r in batch.routes):
-        attach_engine_routes(flat, batch.routes, batch.seq_lengths, self.routing.moe_layer_ids,
-                             num_experts=self.routing.num_experts)
-    else:                                 # r3 without routes is refused by the replay itself
-        attach_positions(flat, batch.seq_lengths)
+    self.routing.attach(flat, batch.routes, batch.seq_lengths)  # routes_rollout, route_valid
     with self.routing.old_pass(flat):     # r3: replay the engine's routes; records routes_old
         tr.score(flat, tr.built, "old_logp")
 
@@ -34,14 +32,12 @@ Stage 6, the training passes, then the old -> new pass and the step's metrics::
     for mbs in minibatches:
         with self.routing.train_pass(mbs):  # r2: routes_old, r3: routes_rollout, none: nothing
             records.append(tr.step(mbs))
-    if self.routing.active and cfg.routing.old_new:
+    if self.routing.active and cfg.routing.old_new and cfg.routing.records_old:
         with self.routing.new_pass(flat):   # live routing after the update, same batch
             tr.score(flat, tr.built, "new_logp")
-    routing_m = self.routing.metrics(flat)  # collective; merge into every record of the step
     if cfg.routing.dump_every and (step + 1) % cfg.routing.dump_every == 0:
-        routes = self.routing.gather_routes(flat)           # collective; rank 0 gets them
-        if routes is not None:
-            report.write_route_dump(cfg.output_dir, step, routes, self.routing.num_experts)
+        self.routing.dump(flat, cfg.output_dir, step)   # collective; rank 0 writes
+    routing_m = self.routing.metrics(flat)  # collective; merged into every record of the step
 
 An R2/R3 self-check failure raises :class:`ReplayError` inside the forward (before the
 optimizer step) or at the end of the pass; the run stops.

@@ -16,7 +16,8 @@ Scenarios (each a fresh build of every part, in this process):
   weights than the policy's (another random tiny model), sync mode,
   weights over the distributed transport (gloo); the loop must not start a server itself.
 - routing: 2 steps with routing replay R3 (the embedded engines' routes in the old-policy and
-  training passes; bf16 engines, inference precision), routes dumped every step (the test runs ``tools/routing_report.py`` on it).
+  training passes; bf16 engines, inference precision), routes dumped every step (the test
+  runs ``tools/routing_report.py`` on them).
 - async: the quickstart task (max of four digits, answered in one token) for 12 steps in
   async mode: the engine as its own server process, weights over HTTP (tensor transport).
 """

@@ -194,6 +194,8 @@ def test_async_runs_one_version_behind_and_learns(loop_runs):
     assert [r["rollout/staleness_max"] for r in recs] == [0.0] + [1.0] * 11
     assert [r["rollout/weight_version_min"] for r in recs] == [0.0] + [float(k) for k in range(11)]
     assert all(r["weights/probe_logprob_diff"] < 1e-3 for r in recs)  # the engine got the trainer's weights
+    # the server returned every sample's routes over HTTP: the trainer compared them with its own
+    assert all(0.0 <= r["routing/flip_frac/rollout_old"] <= 1.0 for r in recs)
     first = sum(r["rollout/reward_mean"] for r in recs[:3]) / 3
     last = sum(r["rollout/reward_mean"] for r in recs[-3:]) / 3
     assert first < 0.2 and last > first + 0.15, (first, last)
@@ -231,3 +233,4 @@ def test_sglang_backend_with_given_servers_generates_and_syncs_through_them(loop
     assert abs(first["mismatch/k1"]) < 1e-4, first["mismatch/k1"]
     for r in recs:
         assert r["weights/probe_logprob_diff"] < 1e-3 and r["weights/bytes"] > 0, r
+        assert "routing/flip_frac/rollout_old" in r  # routes from the given server, with the trainer's layout
