@@ -97,3 +97,22 @@ class HFCheckpoint:
         t = self._handle(name).get_tensor(name)
         self.bytes_read += t.numel() * t.element_size()
         return t
+
+
+def unmapped_tensors(names, mapped: set[str], hf_config) -> list[str]:
+    """Checkpoint tensors the family's map does not carry and that ``transformers`` would not
+    skip either: loading would silently drop them (a model that differs from the checkpoint),
+    so the loader refuses them. Skipped, as ``transformers`` skips them: the class's
+    ``_keys_to_ignore_on_load_unexpected`` (DeepSeek-V3's multi-token-prediction layer), a
+    tied ``lm_head.weight`` and rotary ``inv_freq`` buffers of old exports."""
+    import re
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    ignore = [r"(^|\.)rotary_emb\.inv_freq$"]
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type, ""), None)
+    ignore += list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])
+    if getattr(hf_config, "tie_word_embeddings", False):
+        ignore.append(r"^lm_head\.weight$")
+    return sorted(n for n in names if n not in mapped and not any(re.search(p, n) for p in ignore))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from moe_rl.models import Family, family_for
-from moe_rl.models.hf_checkpoint import HFCheckpoint
+from moe_rl.models.hf_checkpoint import HFCheckpoint, unmapped_tensors
 from moe_rl.models.param_map import ParamMap, canonical_name, shard
 from moe_rl.models.spec import decoder_block_spec
 from moe_rl.parallel.dims import ParallelDims
@@ -166,6 +166,11 @@ def load_hf_weights(built: BuiltModel, ckpt: HFCheckpoint | str, groups: Groups)
     if not isinstance(ckpt, HFCheckpoint):
         with HFCheckpoint(ckpt) as opened:
             return load_hf_weights(built, opened, groups)
+    extra = unmapped_tensors(ckpt.keys(), built.param_map.hf_names(), built.hf_config)
+    if extra:
+        raise ValueError(f"{ckpt.path}: {len(extra)} tensor(s) the {built.family.name} map does not carry would be "
+                         f"dropped: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''} (a config option "
+                         "this family does not support yet, or a checkpoint of another architecture)")
     params = {(c, n) for c, chunk in enumerate(built.chunks) for n, _ in chunk.named_parameters()}
     loaded = 0
     cache: dict[str, torch.Tensor] = {}

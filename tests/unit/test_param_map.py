@@ -279,3 +279,39 @@ def test_llama_attention_bias_maps_every_hf_bias():
     with torch.device("meta"):
         names = set(transformers.AutoModelForCausalLM.from_config(hf).state_dict())
     assert {n for n in names if n.endswith("_proj.bias")} <= family_for(hf).param_map(hf).hf_names()
+
+
+def _saved_names(family, tmp_path, **overrides) -> set[str]:
+    """Tensor names of a checkpoint written by ``transformers`` (``save_pretrained``; its
+    in-memory names differ for fused experts)."""
+    from moe_rl.models.hf_checkpoint import HFCheckpoint
+    from moe_rl.models.tiny import save_tiny_hf
+
+    with HFCheckpoint(save_tiny_hf(family, tmp_path / family, **overrides)) as ckpt:
+        return set(ckpt.keys())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "qwen3", "llama"])
+def test_a_plain_checkpoint_has_nothing_unmapped(family, tmp_path):
+    from moe_rl.models.hf_checkpoint import unmapped_tensors
+
+    hf = tiny_hf_config(family)
+    assert unmapped_tensors(_saved_names(family, tmp_path), family_for(hf).param_map(hf).hf_names(), hf) == []
+
+
+def test_what_loading_would_drop_is_named(tmp_path):
+    """A Llama with attention_bias has o_proj biases the map cannot carry yet: the loader must
+    refuse them by name (never load a model that silently differs from the checkpoint); what
+    transformers itself skips (DeepSeek-V3's MTP layer 61, a tied lm_head) is skipped too."""
+    from moe_rl.models.hf_checkpoint import unmapped_tensors
+
+    hf = tiny_hf_config("llama", attention_bias=True)
+    names = _saved_names("llama", tmp_path, attention_bias=True)
+    assert unmapped_tensors(names, family_for(hf).param_map(hf).hf_names(), hf) == sorted(
+        n for n in names if n.endswith("o_proj.bias"))
+    ds = tiny_hf_config("deepseek_v3")
+    mapped = family_for(ds).param_map(ds).hf_names()
+    assert unmapped_tensors({"model.layers.61.eh_proj.weight", "model.layers.0.rotary_emb.inv_freq"}, mapped, ds) == []
+    ds.tie_word_embeddings = True
+    assert unmapped_tensors({"lm_head.weight", "model.layers.0.mlp.bogus"}, mapped - {"lm_head.weight"}, ds) == [
+        "model.layers.0.mlp.bogus"]
