@@ -178,7 +178,7 @@ def build_parts(cfg):
     from moe_rl.rollout.in_process import InProcessRollout
     from moe_rl.train.model import build_model, build_reference, load_hf_weights
     from moe_rl.train.optimizer import wrap_for_training
-    from moe_rl.train.trainer import Trainer
+    from moe_rl.train.trainer import Trainer, check_microbatching
     from moe_rl.weights.plan import checkpoint_shapes, plan_export
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -188,12 +188,13 @@ def build_parts(cfg):
     dist.barrier()
     hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
     dims = ParallelDims.build(cfg.parallel, world, family_for(hf_config).shape(hf_config))
+    check_microbatching(cfg, dims)  # before the model is built
     groups = G.setup(dims, seed=cfg.train.seed)
     dtype = getattr(torch, cfg.model.params_dtype)
     built = build_model(hf_config, groups, params_dtype=dtype, moe_aux_loss_coeff=cfg.train.moe_aux_loss_coeff)
     load_hf_weights(built, hf_dir, groups)
-    state = wrap_for_training(built.module, cfg.optim, groups)
-    state.model.train()
+    state = wrap_for_training(built.chunks, cfg.optim, groups)  # one DDP per virtual pipeline chunk
+    state.train()
     reference = build_reference(hf_config, hf_dir, groups, params_dtype=dtype) if cfg.algorithm.needs_reference else None
     trainer = Trainer(cfg, built, state, groups, reference)
 

@@ -444,17 +444,20 @@ def _pread_into(fd: int, start: int, out: torch.Tensor) -> None:
 
 def load_into(built, path: str | os.PathLike) -> None:
     """Load the ``torch_dist`` checkpoint at ``path`` (a checkpoint directory or its
-    iteration directory) into a live model at any layout. Every rank of the job calls it."""
+    iteration directory) into a live model at any layout (each virtual pipeline chunk
+    included; tensors are found by their global sharded keys). Every rank of the job calls it."""
     from megatron.core import dist_checkpointing
 
     ckpt = iteration_dir(Path(path))
-    request = {k: v for k, v in built.module.sharded_state_dict().items() if not k.endswith("_extra_state")}
+    request = {f"model{i}": {k: v for k, v in chunk.sharded_state_dict().items() if not k.endswith("_extra_state")}
+               for i, chunk in enumerate(built.chunks)}
     loaded = dist_checkpointing.load(request, str(ckpt))
-    tensors = {k: v for k, v in loaded.items() if k in request}
-    missing = built.module.load_state_dict(tensors, strict=False).missing_keys
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing:
-        raise CheckpointError(f"{ckpt}: no value for {len(missing)} parameters, e.g. {missing[0]}")
+    for i, chunk in enumerate(built.chunks):
+        tensors = {k: v for k, v in loaded[f"model{i}"].items() if k in request[f"model{i}"]}
+        missing = chunk.load_state_dict(tensors, strict=False).missing_keys
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing:
+            raise CheckpointError(f"{ckpt}: no value for {len(missing)} parameters, e.g. {missing[0]}")
 
 
 # ------------------------------------------------------------------ directory layout

@@ -147,9 +147,18 @@ def restore_rng(state: Dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- save
+def _model_keys(built) -> list:
+    """The state-dict entry of each model chunk: ``model`` for one, ``model0``, ``model1``, ...
+    under virtual pipeline stages (as Megatron-LM names them). Only the nesting differs: the
+    tensors are stored under their global sharded keys (global layer numbers), so a checkpoint
+    loads at any layout, with or without virtual pipeline stages."""
+    n = len(built.chunks)
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
 def _sharded_state(train_state, built, *, is_loading: bool) -> Dict[str, Any]:
-    model_sd = built.module.sharded_state_dict()
-    return {"model": model_sd,
+    model_sd = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(built), built.chunks)}
+    return {**model_sd,
             "optimizer": train_state.optimizer.sharded_state_dict(model_sd, is_loading, metadata=OPTIM_METADATA)}
 
 
@@ -214,7 +223,8 @@ def load(path: str, *, train_state, built, groups) -> Dict[str, Any]:
     _prepare_optimizer_for_load(train_state.optimizer)
     loaded = dist_checkpointing.load(_sharded_state(train_state, built, is_loading=True),
                                      os.path.join(path, "model_optim"))
-    built.module.load_state_dict(loaded["model"])
+    for key, chunk in zip(_model_keys(built), built.chunks):
+        chunk.load_state_dict(loaded[key])
     _load_optimizer(train_state.optimizer, loaded["optimizer"])
     train_state.scheduler.load_state_dict(state["scheduler"])
     train_state.step = int(state["optimizer_step"])

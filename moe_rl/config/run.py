@@ -81,6 +81,25 @@ class RunConfig:
         if trained % self.train.global_batch:
             raise ValueError(f"train.global_batch ({self.train.global_batch}) must divide the responses trained per "
                              f"step ({trained} = {self.prompts_per_step} prompts x {keep or n})")
+        self._layout_rules()
+
+    def _layout_rules(self) -> None:
+        """What the parallel layout asks of the rest of the run, checked before anything is built
+        (the data-parallel part needs the world size: ``moe_rl.train.trainer.check_microbatching``)."""
+        par, t, rc = self.parallel, self.train, self.routing
+        if par.virtual_pipeline > 1 and t.global_batch % (t.micro_batch * par.pipeline_parallel):
+            raise ValueError(
+                f"parallel.virtual_pipeline ({par.virtual_pipeline}) runs Megatron's interleaved schedule, which needs "
+                f"a multiple of pipeline_parallel ({par.pipeline_parallel}) micro-batches of train.micro_batch rows: "
+                f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) x "
+                f"parallel.pipeline_parallel ({par.pipeline_parallel}) = {t.micro_batch * par.pipeline_parallel} "
+                f"(x the data-parallel degree)")
+        if par.context_parallel > 1 and (rc.capture or rc.replay != "none"):
+            raise ValueError(
+                f"routing.capture ({rc.capture}) / routing.replay ({rc.replay!r}) with parallel.context_parallel "
+                f"({par.context_parallel}) > 1: a router sees only its CP rank's tokens, and mapping captured or "
+                f"replayed routes to whole-sequence positions is not implemented; set routing.capture=false and "
+                f"routing.replay=none, or context_parallel=1")
 
     def _one_response_length(self) -> None:
         alg, L = self.algorithm, self.rollout.max_new_tokens

@@ -1,6 +1,15 @@
 """Stages 5 and 6 of the loop on the Megatron policy: the rollout batch as micro-batches,
 log-prob scoring (:meth:`Trainer.score`: old-policy and reference log-probs, forward only)
-and the actor's optimizer step (:meth:`Trainer.step`), with non-finite steps skipped."""
+and the actor's optimizer step (:meth:`Trainer.step`), with non-finite steps skipped.
+
+Micro-batching follows the layout: sequences are padded to a multiple of what the layout
+splits them by (2 x CP chunks; TP with sequence parallelism), and under virtual pipeline
+stages the interleaved schedule needs a multiple of PP micro-batches of ONE shape (Megatron
+exchanges no shapes there), so each mini-batch becomes ``train.global_batch / (DP x
+train.micro_batch)`` micro-batches of exactly ``train.micro_batch`` rows, all padded to the
+step's longest sequence (:func:`check_microbatching` refuses the numbers that cannot work).
+Padding sits after every real token (causal attention), so it changes no log-prob.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,28 @@ from moe_rl.config.run import RunConfig
 from moe_rl.data import train_batch as tb
 
 
+def check_microbatching(cfg: RunConfig, dims) -> None:
+    """The trainer's micro-batching at this layout (``ParallelDims``), refused with the numbers
+    when impossible: data-parallel ranks share each mini-batch evenly and, with virtual
+    pipeline stages, every rank runs a multiple of PP micro-batches of ``train.micro_batch`` rows."""
+    t, alg = cfg.train, cfg.algorithm
+    if t.global_batch % dims.dp:
+        raise ValueError(f"train.global_batch ({t.global_batch}) must be divisible by the data-parallel degree ({dims.dp})")
+    if dims.vpp == 1:
+        return
+    per = t.global_batch // dims.dp
+    if per % t.micro_batch or (per // t.micro_batch) % dims.pp:
+        raise ValueError(
+            f"virtual_pipeline ({dims.vpp}) runs Megatron's interleaved schedule, which needs a multiple of "
+            f"pipeline_parallel ({dims.pp}) micro-batches of one shape per rank: train.global_batch "
+            f"({t.global_batch}) / data-parallel ({dims.dp}) = {per} responses per rank must be a multiple of "
+            f"train.micro_batch ({t.micro_batch}) x pipeline_parallel ({dims.pp}) = {t.micro_batch * dims.pp}")
+    if alg.kl_beta > 0 and alg.kl_placement == "reward" and cfg.trained_per_step % dims.pp:
+        raise ValueError(
+            f"KL in the reward scores the {cfg.trained_per_step} responses of a step one per micro-batch; with "
+            f"virtual_pipeline ({dims.vpp}) that count must be a multiple of pipeline_parallel ({dims.pp})")
+
+
 class RunStopped(RuntimeError):
     """The run stopped on purpose (too many skipped steps); the message says why."""
 
@@ -26,11 +57,35 @@ class Trainer:
     def __init__(self, cfg: RunConfig, built, state, groups, reference=None) -> None:
         self.cfg, self.built, self.state, self.groups, self.reference = cfg, built, state, groups, reference
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        check_microbatching(cfg, groups.dims)
+
+    @property
+    def pad_multiple(self) -> int:
+        """Sequence lengths the layout can split: 2 x CP chunks, each a multiple of TP under
+        sequence parallelism."""
+        d = self.groups.dims
+        return math.lcm(2 * d.cp if d.cp > 1 else 1, d.cp * d.tp if d.sp else 1)
+
+    def _fixed_shape(self, mbs: List[dict]) -> List[dict]:
+        """With virtual pipeline stages: every micro-batch padded to the longest sequence among
+        them (all hold as many rows), so the interleaved schedule sees one shape."""
+        if self.groups.dims.vpp == 1 or not mbs:
+            return mbs
+        S = max(mb["tokens"].shape[1] for mb in mbs)
+        for mb in mbs:
+            extra = S - mb["tokens"].shape[1]
+            if extra:
+                for k, v in mb.items():
+                    if v.dim() == 2:
+                        mb[k] = torch.nn.functional.pad(v, (0, extra))
+        return mbs
 
     def microbatches(self, batch: tb.TrainBatch, global_batch: int) -> List[List[dict]]:
         """Mini-batches of ``global_batch`` responses (in batch order), this rank's DP shard of
         each, packed into micro-batches of at most ``train.micro_batch`` rows and
-        ``train.micro_batch x train.seq_len`` padded tokens; the same count on every rank."""
+        ``train.micro_batch x train.seq_len`` padded tokens; the same count on every rank.
+        With virtual pipeline stages: ``per-rank rows / train.micro_batch`` micro-batches of
+        ``train.micro_batch`` rows each, one shape over the whole step."""
         g, t = self.groups, self.cfg.train
         per = global_batch // g.dims.dp
         lens = batch.seq_lengths
@@ -38,15 +93,22 @@ class Trainer:
         for start in range(0, batch.size, global_batch):
             rows = list(range(start + g.dp_rank * per, start + (g.dp_rank + 1) * per))
             shards.append(rows)
-        counts = torch.tensor([max(len(tb.plan_microbatches([lens[i] for i in rows], token_budget=t.micro_batch * t.seq_len,
-                                                            max_rows=t.micro_batch)) for rows in shards)])
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # every rank runs as many forwards (EP exchanges tokens)
-        pad = g.dims.tp if g.dims.sp else 1
+        if g.dims.vpp > 1:
+            counts = torch.tensor([per // t.micro_batch])  # check_microbatching: a multiple of PP
+        else:
+            counts = torch.tensor([max(len(tb.plan_microbatches([lens[i] for i in rows],
+                                                                token_budget=t.micro_batch * t.seq_len,
+                                                                max_rows=t.micro_batch)) for rows in shards)])
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # every rank runs as many forwards (EP exchanges tokens)
         out = []
         for rows in shards:
-            split = tb.split_rows([lens[i] for i in rows], int(counts))
-            out.append([tb.to_microbatch(batch, [rows[j] for j in part], pad_multiple=pad, device=self.device)
-                        for part in split])
+            if g.dims.vpp > 1:  # equal row counts, in batch order
+                split = [list(range(k, k + t.micro_batch)) for k in range(0, per, t.micro_batch)]
+            else:
+                split = tb.split_rows([lens[i] for i in rows], int(counts))
+            out.append([tb.to_microbatch(batch, [rows[j] for j in part], pad_multiple=self.pad_multiple,
+                                         device=self.device) for part in split])
+        self._fixed_shape([mb for mbs in out for mb in mbs])
         return out
 
     @torch.no_grad()
@@ -71,7 +133,8 @@ class Trainer:
 
     def score_batch(self, batch: tb.TrainBatch, built) -> torch.Tensor:
         """Response-space log-probs [B, T] of the whole batch under ``built`` (every rank gets all)."""
-        mbs = [tb.to_microbatch(batch, [i], device=self.device) for i in range(batch.size)]
+        mbs = self._fixed_shape([tb.to_microbatch(batch, [i], pad_multiple=self.pad_multiple, device=self.device)
+                                 for i in range(batch.size)])
         self.score(mbs, built, "logp")
         out = torch.cat([tb.response_values(batch, mb, mb["logp"]) for mb in mbs])
         if self.groups.dims.pp > 1:

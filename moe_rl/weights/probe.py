@@ -17,6 +17,8 @@ runs the forward, every rank returns the same metrics.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -52,26 +54,33 @@ def trainer_logprobs(built, groups, tokens_BS: torch.Tensor) -> torch.Tensor:
     from moe_rl.train.schedule import forward_backward
 
     B, S = tokens_BS.shape
-    pad = (-S) % groups.dims.tp  # sequence parallelism splits S over TP; padding at the end changes nothing before it
+    d = groups.dims
+    # the layout splits S over 2 x CP chunks and (sequence parallelism) TP; padding at the end changes nothing before it
+    multiple = math.lcm(2 * d.cp if d.cp > 1 else 1, d.cp * d.tp)
+    pad = (-S) % multiple
     tokens = torch.nn.functional.pad(tokens_BS, (0, pad))
     targets = torch.roll(tokens, -1, dims=1)
-    dev = next(built.module.parameters()).device
+    dev = next(built.chunks[0].parameters()).device
     got: list[torch.Tensor] = []
 
     def score(hidden, mb):
-        logp, _ = sequence_logprobs(hidden, built.module, mb["targets"], groups,
+        logp, _ = sequence_logprobs(hidden, built.head, mb["targets"], groups,
                                     vocab_size=built.hf_config.vocab_size, temperature=1.0)
         got.append(logp.float())
         return logp.sum() * 0.0, {}
 
-    was_training = built.module.training
-    built.module.eval()
+    # the interleaved schedule (virtual pipeline) runs a multiple of PP micro-batches: the
+    # batch repeated, the first copy kept
+    mbs = [{"tokens": tokens.to(dev), "targets": targets.to(dev)}] * (d.pp if len(built.chunks) > 1 else 1)
+    was_training = [c.training for c in built.chunks]
+    for c in built.chunks:
+        c.eval()
     try:
-        with emit_hidden_states(built.module):
-            forward_backward(built.module, [{"tokens": tokens.to(dev), "targets": targets.to(dev)}], score, groups,
-                             forward_only=True)
+        with emit_hidden_states(built.head):
+            forward_backward(built.chunks, mbs, score, groups, forward_only=True)
     finally:
-        built.module.train(was_training)
+        for c, mode in zip(built.chunks, was_training):
+            c.train(mode)
     out = torch.zeros(B, S + pad, dtype=torch.float32, device=dev)
     if got and groups.tp_rank == 0 and groups.dp_rank == 0:  # one copy: last stage, TP 0, DP 0
         out.copy_(got[0])

@@ -1,0 +1,81 @@
+"""Runs under torchrun (2 ranks): the RL loop at the virtual-pipeline and context-parallel
+layouts, in ONE launch, results to a JSON file.
+
+    torchrun --nproc-per-node 2 tests/distributed/loop_layouts_worker.py OUT.json WORK_DIR
+
+Runs (each a fresh build of every part; the tiny Qwen3-MoE has 4 layers):
+- plain: EP1 / PP1 (DP2), the reference;
+- vpp: PP2 x VPP2 (one layer per model chunk, Megatron's interleaved schedule), saving a run
+  checkpoint after every step;
+- vpp_resumed: a new run directory holding only the vpp run's first checkpoint, resumed at
+  the same layout (it runs the second step);
+- cp: CP2 (each sequence split over both ranks; routing capture off, which CP refuses).
+Each run: 2 steps of 2 mini-batches; its per-mini-batch records.
+"""
+
+import json
+import os
+import shutil
+import sys
+import traceback
+
+BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16", "train.micro_batch=4",
+        "train.seq_len=16", "train.seed=3", "optim.lr=3e-3", "optim.weight_decay=0.0", "rollout.n_samples_per_prompt=4",
+        "rollout.max_new_tokens=3", "loop.rollout_batch_size=32", "data.toy_task=max_digit", "data.toy_num_prompts=64",
+        "algorithm.kl_beta=0.0", "rewards.rewards=[{name: correct, fn: 'moe_rl.data.toy_tasks:exact_answer_reward'}]",
+        "rewards.executor=serial", "rewards.progress=false", "metrics.progress=false", "checkpoint.save_at_end=false"]
+VPP = ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"]
+RUNS = {"plain": [],
+        "vpp": VPP + ["checkpoint.interval=1"],
+        "cp": ["parallel.context_parallel=2", "routing.capture=false"]}
+
+
+def main():
+    out_path, work = sys.argv[1], sys.argv[2]
+    import torch
+    import torch.distributed as dist
+    import transformers  # noqa: F401  (before the CPU substitutions)
+
+    from moe_rl.checkpoint import run_state as rs
+    from moe_rl.config import load_config
+    from moe_rl.config.run import RunConfig
+    from moe_rl.launch import run_loop
+    from moe_rl.parallel import groups as G
+    from moe_rl.parallel.cpu_platform import activate_cpu_mode
+
+    torch.set_num_threads(1)
+    activate_cpu_mode()
+    G.init_distributed()
+    res = {}
+
+    def loop(name, overrides):
+        cfg = load_config(RunConfig, None, BASE + overrides + [f"output_dir={os.path.join(work, name)}"])
+        if dist.get_rank() == 0:
+            print(f"[worker] {name}", file=sys.stderr, flush=True)
+        try:
+            res[name] = run_loop(cfg)
+        except Exception:
+            res[name + "_error"] = traceback.format_exc()[-4000:]
+            print(res[name + "_error"], file=sys.stderr, flush=True)
+        G.teardown()
+        dist.barrier()
+
+    for name, overrides in RUNS.items():
+        loop(name, overrides)
+        if name == "vpp":
+            src, dst = rs.checkpoint_root(os.path.join(work, "vpp")), rs.checkpoint_root(os.path.join(work, "vpp_resumed"))
+            if dist.get_rank() == 0:
+                res["vpp_checkpoints"] = sorted(os.listdir(src)) if os.path.isdir(src) else []
+                if os.path.isdir(rs.step_dir(src, 1)):
+                    shutil.copytree(rs.step_dir(src, 1), rs.step_dir(dst, 1))
+            dist.barrier()
+            loop("vpp_resumed", VPP + ["checkpoint.resume=true"])
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(res, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
