@@ -97,6 +97,9 @@ class DeepseekV3(Family):
         kw = super().gpt_kwargs(hf)
         return kw
 
+    def attention_out_bias(self, hf) -> bool:
+        return False  # MLA biases are not mapped: a checkpoint with them is refused by name on load
+
     def attention_entries(self, hf, l):
         p, m = f"model.layers.{l}.", f"decoder.layers.{l}."
         a, s = p + "self_attn.", m + "self_attention."

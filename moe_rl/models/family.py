@@ -47,6 +47,12 @@ class Family:
             add_qkv_bias=bool(getattr(hf, "attention_bias", False)),
         )
 
+    def attention_out_bias(self, hf) -> bool:
+        """Whether ``o_proj`` has a bias (Llama/Qwen3 ``attention_bias``). Megatron gives
+        ``linear_proj`` a bias only with ``add_bias_linear``, which would add MLP biases too;
+        the layer spec gives it one instead (``spec.decoder_block_spec(out_bias=...)``)."""
+        return bool(getattr(hf, "attention_bias", False))
+
     def head_dim(self, hf) -> int:
         return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
 
@@ -198,6 +204,8 @@ class Family:
         if getattr(hf, "attention_bias", False):
             out.append(Entry(m + "self_attention.linear_qkv.bias",
                              (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"), "qkv", qkv))
+        if self.attention_out_bias(hf):
+            out.append(Entry(m + "self_attention.linear_proj.bias", (a + "o_proj.bias",)))
         if self.qk_layernorm(hf):
             out += [Entry(m + "self_attention.q_layernorm.weight", (a + "q_norm.weight",)),
                     Entry(m + "self_attention.k_layernorm.weight", (a + "k_norm.weight",))]

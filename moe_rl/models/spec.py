@@ -12,6 +12,9 @@ we correct, on every platform"):
 * MLA down-projections: as ColumnParallelLinear (the stock local spec) the rope part of the
   key gradient is never reduced over TP — silently wrong gradients at TP>1. They are
   replicated ``Linear`` layers instead (as the TE spec does with its duplicated TELinear).
+* An attention output bias (Llama/Qwen3 ``attention_bias``): Megatron gives ``linear_proj``
+  a bias only with ``add_bias_linear``, which would give every MLP linear one too; the spec
+  swaps in the same linear class with its bias forced on (local and TE specs alike).
 * Context parallelism: ``DotProductAttention`` refuses it; with CP > 1 the core attention is
   ``moe_rl.models.cp_attention`` (on GPU with TE, TE's own attention does CP).
 """
@@ -89,10 +92,29 @@ def _fix_local_layer(spec: ModuleSpec, mla: bool, cp: bool = False) -> ModuleSpe
     return spec
 
 
+def with_bias(cls: type) -> type:
+    """``cls`` (a Megatron linear) built with a bias whatever ``bias=`` its caller passes."""
+
+    class Biased(cls):
+        def __init__(self, *args, bias: bool = False, **kwargs):
+            super().__init__(*args, bias=True, **kwargs)
+
+    Biased.__name__ = Biased.__qualname__ = f"Biased{cls.__name__}"
+    return Biased
+
+
+def _out_bias(spec: ModuleSpec) -> ModuleSpec:
+    spec = copy.deepcopy(spec)
+    attn = spec.submodules.self_attention.submodules
+    attn.linear_proj = with_bias(attn.linear_proj)
+    return spec
+
+
 def decoder_block_spec(config, *, use_te: bool | None = None, pp_rank: int | None = None,
-                       vp_stage: int | None = None):
+                       vp_stage: int | None = None, out_bias: bool = False):
     """The decoder block spec for ``config`` (dense and MoE layers mixed per
-    ``config.moe_layer_freq``), sliced to this pipeline stage (and virtual stage)."""
+    ``config.moe_layer_freq``), sliced to this pipeline stage (and virtual stage).
+    ``out_bias``: the attention output projection has a bias (``Family.attention_out_bias``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     if use_te is None:
@@ -100,6 +122,8 @@ def decoder_block_spec(config, *, use_te: bool | None = None, pp_rank: int | Non
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                        normalization="RMSNorm", pp_rank=pp_rank,
                                        vp_stage=vp_stage)
+    if out_bias:
+        block.layer_specs = [_out_bias(s) for s in block.layer_specs]
     if use_te:
         return block
     mla = bool(getattr(config, "multi_latent_attention", False))

@@ -69,7 +69,9 @@ def tiny_hf_config(family: str, **overrides: Any):
     elif family == "qwen3":
         cfg = tf.Qwen3Config(**common, head_dim=16, intermediate_size=128)
     elif family == "llama":
-        cfg = tf.LlamaConfig(**common, head_dim=16, intermediate_size=128)
+        # attention biases on (q/k/v/o, as some Llama derivatives have): every layout and
+        # conversion test of the family then covers the bias paths too
+        cfg = tf.LlamaConfig(**common, head_dim=16, intermediate_size=128, attention_bias=True)
     else:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     for k, v in overrides.items():

@@ -90,7 +90,8 @@ def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, moe_au
         vp_stage = vp if dims.vpp > 1 else None
         model = GPTModel(
             config=tc,
-            transformer_layer_spec=decoder_block_spec(tc, pp_rank=groups.pp_rank, vp_stage=vp_stage),
+            transformer_layer_spec=decoder_block_spec(tc, pp_rank=groups.pp_rank, vp_stage=vp_stage,
+                                                      out_bias=family.attention_out_bias(hf_config)),
             vocab_size=padded,
             pre_process=groups.is_first_stage and vp == 0,
             post_process=groups.is_last_stage and vp == dims.vpp - 1,

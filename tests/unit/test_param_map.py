@@ -269,9 +269,6 @@ def test_spelling_is_read_from_the_live_names():
                         "decoder.layers.0.mlp.experts.linear_fc2.weight1"]) == TE_GROUPED
 
 
-@pytest.mark.xfail(strict=True, reason="Llama attention_bias=True also has o_proj.bias; Megatron's linear_proj "
-                   "has a bias only with add_bias_linear (which adds MLP biases too), so the family needs a "
-                   "linear_proj spec with bias=True before the map can carry it (models/family.py, spec.py)")
 def test_llama_attention_bias_maps_every_hf_bias():
     import transformers
 
@@ -300,15 +297,15 @@ def test_a_plain_checkpoint_has_nothing_unmapped(family, tmp_path):
 
 
 def test_what_loading_would_drop_is_named(tmp_path):
-    """A Llama with attention_bias has o_proj biases the map cannot carry yet: the loader must
-    refuse them by name (never load a model that silently differs from the checkpoint); what
-    transformers itself skips (DeepSeek-V3's MTP layer 61, a tied lm_head) is skipped too."""
+    """A DeepSeek-V3 with attention_bias has MLA projection biases the map does not carry: the
+    loader must refuse them by name (never load a model that silently differs from the
+    checkpoint); what transformers itself skips (the MTP layer 61, a tied lm_head) is skipped."""
     from moe_rl.models.hf_checkpoint import unmapped_tensors
 
-    hf = tiny_hf_config("llama", attention_bias=True)
-    names = _saved_names("llama", tmp_path, attention_bias=True)
-    assert unmapped_tensors(names, family_for(hf).param_map(hf).hf_names(), hf) == sorted(
-        n for n in names if n.endswith("o_proj.bias"))
+    hf = tiny_hf_config("deepseek_v3", attention_bias=True)
+    names = _saved_names("deepseek_v3", tmp_path, attention_bias=True)
+    biases = sorted(n for n in names if ".self_attn." in n and n.endswith(".bias"))
+    assert biases and unmapped_tensors(names, family_for(hf).param_map(hf).hf_names(), hf) == biases
     ds = tiny_hf_config("deepseek_v3")
     mapped = family_for(ds).param_map(ds).hf_names()
     assert unmapped_tensors({"model.layers.61.eh_proj.weight", "model.layers.0.rotary_emb.inv_freq"}, mapped, ds) == []
