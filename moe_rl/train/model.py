@@ -19,7 +19,7 @@ import torch
 
 from moe_rl.models import Family, family_for
 from moe_rl.models.hf_checkpoint import HFCheckpoint, unmapped_tensors
-from moe_rl.models.param_map import ParamMap, canonical_name, shard
+from moe_rl.models.param_map import ParamMap, canonical_name, shard, spelling_of
 from moe_rl.models.spec import decoder_block_spec
 from moe_rl.parallel.dims import ParallelDims
 from moe_rl.parallel.groups import Groups
@@ -108,8 +108,11 @@ def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, moe_au
         offsets.append(stage.start)
     n_exp = family.num_experts(hf_config)
     expert_offset = groups.ep_rank * (n_exp // dims.ep) if n_exp else 0
-    return BuiltModel(chunks, family, hf_config, family.param_map(hf_config), offsets,
-                      expert_offset, padded)
+    # The map in the names of the spec in use (TE fuses norms into linears and may group experts).
+    spelling = spelling_of(n for c in chunks for n, _ in c.named_parameters())
+    param_map = family.param_map(hf_config).respelled(spelling, moe_layers=family.moe_layers(hf_config),
+                                                      mla=bool(getattr(tc, "multi_latent_attention", False)))
+    return BuiltModel(chunks, family, hf_config, param_map, offsets, expert_offset, padded)
 
 
 def build_reference(hf_config, hf_dir, groups: Groups, *, params_dtype=torch.float32) -> BuiltModel:
