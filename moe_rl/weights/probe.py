@@ -82,7 +82,7 @@ def trainer_logprobs(built, groups, tokens_BS: torch.Tensor) -> torch.Tensor:
         for c, mode in zip(built.chunks, was_training):
             c.train(mode)
     out = torch.zeros(B, S + pad, dtype=torch.float32, device=dev)
-    if got and groups.tp_rank == 0 and groups.dp_rank == 0:  # one copy: last stage, TP 0, DP 0
+    if got and groups.tp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0:  # one copy: last stage, TP/DP/CP 0
         out.copy_(got[0])
     if dist.is_initialized():
         dist.all_reduce(out)

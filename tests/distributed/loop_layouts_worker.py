@@ -10,7 +10,9 @@ Runs (each a fresh build of every part; the tiny Qwen3-MoE has 4 layers):
 - vpp_resumed: a new run directory holding only the vpp run's first checkpoint, resumed at
   the same layout (it runs the second step);
 - cp: CP2 (each sequence split over both ranks; routing capture off, which CP refuses).
-Each run: 2 steps of 2 mini-batches; its per-mini-batch records.
+Each run: 2 steps of 2 mini-batches; its per-mini-batch records, and the weight probe's
+trainer log-probs (``moe_rl.weights.probe.trainer_logprobs``) of the final policy on a fixed
+batch of 7-token sequences (padded for CP inside).
 """
 
 import json
@@ -42,6 +44,17 @@ def main():
     from moe_rl.launch import run_loop
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
+    from moe_rl.train.trainer import Trainer
+    from moe_rl.weights.probe import trainer_logprobs
+
+    trainers = []
+    init = Trainer.__init__
+
+    def keep_trainer(self, *a, **k):
+        trainers.append(self)
+        init(self, *a, **k)
+
+    Trainer.__init__ = keep_trainer
 
     torch.set_num_threads(1)
     activate_cpu_mode()
@@ -54,6 +67,9 @@ def main():
             print(f"[worker] {name}", file=sys.stderr, flush=True)
         try:
             res[name] = run_loop(cfg)
+            tr = trainers[-1]
+            tokens = torch.randint(0, tr.built.hf_config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+            res[name + "_probe"] = trainer_logprobs(tr.built, tr.groups, tokens)[:, :-1].tolist()
         except Exception:
             res[name + "_error"] = traceback.format_exc()[-4000:]
             print(res[name + "_error"], file=sys.stderr, flush=True)

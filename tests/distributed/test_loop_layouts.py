@@ -45,6 +45,17 @@ def test_layout_gives_the_plain_layouts_steps(runs, layout):
             assert _close(a[k], b[k]), (layout, a["step"], k, a[k], b[k])
 
 
+@pytest.mark.parametrize("layout", ["vpp", "cp"])
+def test_weight_probe_scores_at_the_layout(runs, layout):
+    """The probe's trainer log-probs of the final policy (through the head and every chunk;
+    7 tokens padded for CP) equal the plain layout's."""
+    import torch
+
+    ref, got = torch.tensor(runs["plain_probe"]), torch.tensor(runs[layout + "_probe"])
+    assert ref.shape == got.shape == (2, 6) and (ref < 0).all()
+    torch.testing.assert_close(got, ref, rtol=LAYOUT_TOL, atol=LAYOUT_TOL)
+
+
 def test_vpp_captures_the_plain_layouts_routes(runs):
     """Routing capture over the model chunks: every MoE layer's metrics, as at the plain layout."""
     for a, b in zip(runs["plain"], runs["vpp"]):
