@@ -94,12 +94,11 @@ class RunConfig:
                 f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) x "
                 f"parallel.pipeline_parallel ({par.pipeline_parallel}) = {t.micro_batch * par.pipeline_parallel} "
                 f"(x the data-parallel degree)")
-        if par.context_parallel > 1 and (rc.capture or rc.replay != "none"):
+        if par.context_parallel > 1 and rc.replay != "none":
             raise ValueError(
-                f"routing.capture ({rc.capture}) / routing.replay ({rc.replay!r}) with parallel.context_parallel "
-                f"({par.context_parallel}) > 1: a router sees only its CP rank's tokens, and mapping captured or "
-                f"replayed routes to whole-sequence positions is not implemented; set routing.capture=false and "
-                f"routing.replay=none, or context_parallel=1")
+                f"routing.replay ({rc.replay!r}) with parallel.context_parallel ({par.context_parallel}) > 1: a router "
+                f"sees only its CP rank's tokens, and slicing replayed routes to them is not implemented; set "
+                f"routing.replay=none (routing.capture and its metrics work under CP), or context_parallel=1")
 
     def _one_response_length(self) -> None:
         alg, L = self.algorithm, self.rollout.max_new_tokens

@@ -11,8 +11,11 @@ tokens flattened sequence-major (token ``s * B + b``). The routing map is what t
 dispatcher sends, so the recorded experts are the ones the layer really ran, whatever chose
 them (live top-k, group-limited top-k, or a replay). Under sequence parallelism each TP rank
 routes its own slice ``S_loc`` of the sequence; :meth:`RouteCapture.finish` gathers the slices
-over the TP group so every TP rank holds the whole micro-batch. Expert parallelism needs no
-gather: every EP rank routes the tokens of its own data-parallel shard.
+over the TP group so every TP rank holds the whole micro-batch. Under context parallelism a
+router sees only its CP rank's load-balanced chunks (``S_loc = S / CP``, then / TP under
+sequence parallelism); they are gathered over the CP group and put back in position order
+(``moe_rl.parallel.context_parallel.cp_positions``). Expert parallelism needs no gather:
+every EP rank routes the tokens of its own data-parallel shard.
 
 Routes are keyed by GLOBAL layer index (``TransformerLayer.layer_number - 1``, which is also
 the HF layer index), so they stay right on any pipeline stage and for a model given as a list
@@ -139,16 +142,16 @@ class RouteCapture:
                 out.append(Routes([], torch.empty(B, S, 0, self.topk, dtype=self.dtype), probs))
                 continue
             recs = [self._records[layer][m] for layer in layers]
-            S_loc = S // d.tp if d.sp else S
+            S_loc = S // d.cp // d.tp if d.sp else S // d.cp
             if any(r[0] != S_loc or r[1] != B for r in recs):
                 raise RuntimeError(f"routing capture: micro-batch {m} has tokens [{B}, {S}], its routers saw "
                                    f"{sorted({(r[1], r[0]) for r in recs})} (micro-batches out of order?)")
             idx = from_router_order(torch.stack([r[2] for r in recs], 1), S_loc, B,
-                                    tp_group=g.tp_group, tp=d.tp, sp=d.sp)
+                                    tp_group=g.tp_group, tp=d.tp, sp=d.sp, cp_group=g.cp_group, cp=d.cp)
             probs = None
             if self.want_probs:
                 probs = from_router_order(torch.stack([r[3] for r in recs], 1), S_loc, B,
-                                          tp_group=g.tp_group, tp=d.tp, sp=d.sp)
+                                          tp_group=g.tp_group, tp=d.tp, sp=d.sp, cp_group=g.cp_group, cp=d.cp)
             out.append(Routes(layers, idx, probs))
         self._records = {}
         self.seconds += time.perf_counter() - t0

@@ -76,16 +76,32 @@ def to_router_order(x_BS: torch.Tensor, *, tp_rank: int, tp: int, sp: bool) -> t
     return x_SB.reshape(-1, *x_SB.shape[2:])
 
 
-def from_router_order(x_N: torch.Tensor, S_loc: int, B: int, *, tp_group, tp: int, sp: bool) -> torch.Tensor:
+def from_router_order(x_N: torch.Tensor, S_loc: int, B: int, *, tp_group, tp: int, sp: bool,
+                      cp_group=None, cp: int = 1) -> torch.Tensor:
     """The inverse of :func:`to_router_order` for a whole micro-batch: [N, ...] -> [B, S, ...],
-    gathered over the TP group under sequence parallelism (all TP ranks must call)."""
+    gathered over the TP group under sequence parallelism, then over the CP group (a CP rank
+    routes its load-balanced chunks of each sequence, ``cp_positions``), so every rank gets
+    whole sequences in position order (all TP and CP ranks must call)."""
     x_SB = x_N.reshape(S_loc, B, *x_N.shape[1:])
     if sp and tp > 1:
-        wire = x_SB.to(torch.int32) if not x_SB.dtype.is_floating_point else x_SB  # gloo lacks int8/int16
-        parts = [torch.empty_like(wire) for _ in range(tp)]
-        dist.all_gather(parts, wire.contiguous(), group=tp_group)
-        x_SB = torch.cat(parts, 0).to(x_SB.dtype)
+        x_SB = _all_gather_rows(x_SB, tp, tp_group)
+    if cp > 1:
+        from moe_rl.parallel.context_parallel import cp_positions
+
+        cat_SB = _all_gather_rows(x_SB, cp, cp_group)
+        S = cat_SB.shape[0]
+        order = torch.cat([cp_positions(S, cp, r) for r in range(cp)]).to(cat_SB.device)
+        x_SB = torch.empty_like(cat_SB)
+        x_SB[order] = cat_SB
     return x_SB.transpose(0, 1).contiguous()
+
+
+def _all_gather_rows(x: torch.Tensor, n: int, group) -> torch.Tensor:
+    """Every rank's ``x`` of ``group`` (size ``n``), concatenated along dim 0 in rank order."""
+    wire = x.to(torch.int32) if not x.dtype.is_floating_point else x  # gloo lacks int8/int16
+    parts = [torch.empty_like(wire) for _ in range(n)]
+    dist.all_gather(parts, wire.contiguous(), group=group)
+    return torch.cat(parts, 0).to(x.dtype)
 
 
 def attach_positions(mbs: Sequence[dict], seq_lengths: Sequence[int]) -> None:

@@ -150,7 +150,7 @@ class RoutingSession:
         ``moe_rl.routing.report.write_route_dump`` saves. Collective over the world."""
         g = self.groups
         local: dict[int, torch.Tensor] = {}
-        if g.tp_rank == 0:
+        if self._counted():
             for j, layer in enumerate(self.local_layers):
                 parts = []
                 for mb in mbs:
@@ -216,7 +216,9 @@ class RoutingSession:
         return out
 
     def _counted(self) -> bool:
-        return self.groups.tp_rank == 0
+        """This rank's copy of the captured routes is the one counted: TP and CP ranks hold the
+        same whole-sequence routes after the capture's gather."""
+        return self.groups.tp_rank == 0 and self.groups.cp_rank == 0
 
     def _drift(self, mbs: Sequence[dict], key_a: str, key_b: str, pair: str) -> dict[str, float]:
         g, local, all_ids = self.groups, self.local_layers, self.moe_layer_ids

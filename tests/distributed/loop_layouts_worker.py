@@ -9,7 +9,7 @@ Runs (each a fresh build of every part; the tiny Qwen3-MoE has 4 layers):
   checkpoint after every step;
 - vpp_resumed: a new run directory holding only the vpp run's first checkpoint, resumed at
   the same layout (it runs the second step);
-- cp: CP2 (each sequence split over both ranks; routing capture off, which CP refuses).
+- cp: CP2 (each sequence split over both ranks; routes captured on both CP ranks' chunks).
 Each run: 2 steps of 2 mini-batches; its per-mini-batch records, and the weight probe's
 trainer log-probs (``moe_rl.weights.probe.trainer_logprobs``) of the final policy on a fixed
 batch of 7-token sequences (padded for CP inside).
@@ -29,7 +29,7 @@ BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16",
 VPP = ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"]
 RUNS = {"plain": [],
         "vpp": VPP + ["checkpoint.interval=1"],
-        "cp": ["parallel.context_parallel=2", "routing.capture=false"]}
+        "cp": ["parallel.context_parallel=2"]}
 
 
 def main():

@@ -56,9 +56,12 @@ def test_weight_probe_scores_at_the_layout(runs, layout):
     torch.testing.assert_close(got, ref, rtol=LAYOUT_TOL, atol=LAYOUT_TOL)
 
 
-def test_vpp_captures_the_plain_layouts_routes(runs):
-    """Routing capture over the model chunks: every MoE layer's metrics, as at the plain layout."""
-    for a, b in zip(runs["plain"], runs["vpp"]):
+@pytest.mark.parametrize("layout", ["vpp", "cp"])
+def test_routing_capture_gives_the_plain_layouts_metrics(runs, layout):
+    """Routing capture over the model chunks (VPP) and over both CP ranks' sequence chunks, put
+    back in position order (CP): every MoE layer's drift against the engine's routes, old->new
+    drift and load, as at the plain layout."""
+    for a, b in zip(runs["plain"], runs[layout]):
         keys = sorted(k for k in a if k.startswith("routing/"))
         assert "routing/flip_frac/old_new/layer_3" in keys
         assert keys == sorted(k for k in b if k.startswith("routing/"))
@@ -100,7 +103,7 @@ def test_layout_rules_refuse_with_the_numbers():
                                          r"train.micro_batch \(4\) x pipeline_parallel \(2\) = 8"):
         check_microbatching(cfg, SimpleNamespace(dp=2, pp=2, vpp=2))
     check_microbatching(cfg, SimpleNamespace(dp=2, pp=2, vpp=1))  # 1F1B takes any count and shape
-    for routing in (["routing.replay=r2"], ["routing.capture=true"]):
-        with pytest.raises(ValueError, match=r"routing.capture .* routing.replay .* parallel.context_parallel \(2\)"):
-            _config("parallel.context_parallel=2", *routing)
-    _config("parallel.context_parallel=2", "routing.capture=false")
+    for replay in ("r2", "r3"):
+        with pytest.raises(ValueError, match=rf"routing.replay \('{replay}'\) with parallel.context_parallel \(2\)"):
+            _config("parallel.context_parallel=2", f"routing.replay={replay}")
+    _config("parallel.context_parallel=2", "routing.capture=true")
