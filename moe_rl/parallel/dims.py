@@ -33,7 +33,7 @@ class ParallelConfig:
     virtual_pipeline: int = 1  # VPP: model chunks per pipeline rank, run by Megatron's interleaved 1F1B schedule
     # Decoder layers per pipeline stage, in layer order over pipeline_parallel x virtual_pipeline
     # stages: counts "3,5,5,3", or Megatron-Core's layout string "Ettt|ttttt|ttttt|tttL". None: balanced.
-    pipeline_layout: Optional[str] = None
+    pipeline_layout: Optional[str] = None  # per-stage layer counts "3,5,5,3" or Megatron's layout string; None: balanced
     pipeline_embedding_layers: float = 1.0  # the input embedding weighs this many decoder layers in the balanced split
     pipeline_output_layers: float = 1.0  # the output layer and loss weigh this many decoder layers in the balanced split
     context_parallel: int = 1  # CP: each sequence split over this many ranks (load-balanced 2 x CP chunks)
