@@ -86,7 +86,7 @@ class RunConfig:
     def _layout_rules(self) -> None:
         """What the parallel layout asks of the rest of the run, checked before anything is built
         (the data-parallel part needs the world size: ``moe_rl.train.trainer.check_microbatching``)."""
-        par, t, rc = self.parallel, self.train, self.routing
+        par, t = self.parallel, self.train
         if par.virtual_pipeline > 1 and t.global_batch % (t.micro_batch * par.pipeline_parallel):
             raise ValueError(
                 f"parallel.virtual_pipeline ({par.virtual_pipeline}) runs Megatron's interleaved schedule, which needs "
@@ -94,11 +94,6 @@ class RunConfig:
                 f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) x "
                 f"parallel.pipeline_parallel ({par.pipeline_parallel}) = {t.micro_batch * par.pipeline_parallel} "
                 f"(x the data-parallel degree)")
-        if par.context_parallel > 1 and rc.replay != "none":
-            raise ValueError(
-                f"routing.replay ({rc.replay!r}) with parallel.context_parallel ({par.context_parallel}) > 1: a router "
-                f"sees only its CP rank's tokens, and slicing replayed routes to them is not implemented; set "
-                f"routing.replay=none (routing.capture and its metrics work under CP), or context_parallel=1")
 
     def _one_response_length(self) -> None:
         alg, L = self.algorithm, self.rollout.max_new_tokens

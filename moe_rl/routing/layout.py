@@ -54,6 +54,16 @@ class Routes:
         return Routes(list(layer_ids), self.experts_BSLK[:, :, pos],
                       None if self.probs_BSLE is None else self.probs_BSLE[:, :, pos], self.valid_BS)
 
+    def cp_slice(self, cp: int, cp_rank: int) -> "Routes":
+        """The positions CP rank ``cp_rank`` runs (its load-balanced chunks, in its order), as
+        its routers see them; the routes unchanged when ``cp`` is 1."""
+        if cp == 1:
+            return self
+        from moe_rl.parallel.context_parallel import slice_sequence
+
+        cut = lambda t: None if t is None else slice_sequence(t, cp, cp_rank)  # noqa: E731
+        return Routes(list(self.layer_ids), cut(self.experts_BSLK), cut(self.probs_BSLE), cut(self.valid_BS))
+
 
 def index_dtype(num_experts: int) -> torch.dtype:
     """The smallest signed integer dtype that holds expert ids and the -1 placeholder."""

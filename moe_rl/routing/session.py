@@ -100,7 +100,9 @@ class RoutingSession:
         missing = [m for m, mb in enumerate(mbs) if key not in mb]
         if missing:
             raise ValueError(f"micro-batches {missing} have no {key!r} to replay")
-        with self.replayer.replay([mb[key] for mb in mbs]):
+        d, g = self.groups.dims, self.groups
+        # under CP a router sees only its rank's chunks of each sequence: replay those positions
+        with self.replayer.replay([mb[key].cp_slice(d.cp, g.cp_rank) for mb in mbs]):
             yield
 
     def attach(self, mbs: Sequence[dict], routes_B, seq_lengths: Sequence[int]) -> None:

@@ -1,6 +1,7 @@
 """The RL loop at the virtual-pipeline (PP2 x VPP2) and context-parallel (CP2) layouts on 2 gloo
-ranks (CPU): the same steps as the plain layout (EP1/PP1), and a VPP run resumed from its own
-checkpoint; the layout rules of the run config refuse what cannot work, naming the numbers."""
+ranks (CPU), with routing replay R3 and capture: the same steps, routing metrics and weight-probe
+log-probs as the plain layout (EP1/PP1), and a VPP run resumed from its own checkpoint; the
+layout rules refuse what cannot work, naming the numbers."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def test_layout_gives_the_plain_layouts_steps(runs, layout):
         assert a["rollout/response_len_mean"] == b["rollout/response_len_mean"]
         for k in COMPARED:
             assert _close(a[k], b[k]), (layout, a["step"], k, a[k], b[k])
+        # R3 ran: every token replayed the engine's route (under CP: its rank's positions)
+        assert b["routing/replay_fallback_frac"] == b["routing/replay_mismatch_frac"] == 0.0
 
 
 @pytest.mark.parametrize("layout", ["vpp", "cp"])
@@ -103,7 +106,3 @@ def test_layout_rules_refuse_with_the_numbers():
                                          r"train.micro_batch \(4\) x pipeline_parallel \(2\) = 8"):
         check_microbatching(cfg, SimpleNamespace(dp=2, pp=2, vpp=2))
     check_microbatching(cfg, SimpleNamespace(dp=2, pp=2, vpp=1))  # 1F1B takes any count and shape
-    for replay in ("r2", "r3"):
-        with pytest.raises(ValueError, match=rf"routing.replay \('{replay}'\) with parallel.context_parallel \(2\)"):
-            _config("parallel.context_parallel=2", f"routing.replay={replay}")
-    _config("parallel.context_parallel=2", "routing.capture=true")
