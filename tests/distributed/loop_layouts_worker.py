@@ -10,7 +10,8 @@ Runs (each a fresh build of every part; the tiny Qwen3-MoE has 4 layers):
 - vpp_resumed: a new run directory holding only the vpp run's first checkpoint, resumed at
   the same layout (it runs the second step);
 - cp: CP2 (each sequence split over both ranks; routes captured on both CP ranks' chunks).
-Each run: 2 steps of 2 mini-batches with routing replay R3 (the engine's routes replayed in
+Each run: 2 steps of 2 mini-batches, KL to a reference model in the loss (the reference
+scored at the layout too), routing replay R3 (the engine's routes replayed in
 the old-policy and training passes; under CP each rank replays its chunks' positions); its per-mini-batch records, and the weight probe's
 trainer log-probs (``moe_rl.weights.probe.trainer_logprobs``) of the final policy on a fixed
 batch of 7-token sequences (padded for CP inside).
@@ -25,7 +26,7 @@ import traceback
 BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16", "train.micro_batch=4",
         "train.seq_len=16", "train.seed=3", "optim.lr=3e-3", "optim.weight_decay=0.0", "rollout.n_samples_per_prompt=4",
         "rollout.max_new_tokens=3", "loop.rollout_batch_size=32", "data.toy_task=max_digit", "data.toy_num_prompts=64",
-        "algorithm.kl_beta=0.0", "routing.replay=r3", "rewards.rewards=[{name: correct, fn: 'moe_rl.data.toy_tasks:exact_answer_reward'}]",
+        "algorithm.kl_beta=0.04", "routing.replay=r3", "rewards.rewards=[{name: correct, fn: 'moe_rl.data.toy_tasks:exact_answer_reward'}]",
         "rewards.executor=serial", "rewards.progress=false", "metrics.progress=false", "checkpoint.save_at_end=false"]
 VPP = ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"]
 RUNS = {"plain": [],

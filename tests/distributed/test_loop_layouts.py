@@ -15,7 +15,7 @@ from launcher import ROOT, torchrun
 pytestmark = pytest.mark.distributed
 
 LAYOUT_TOL = 1e-5  # relative, as tests/distributed/test_loop.py: fp32, the same math at another layout
-COMPARED = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl", "actor/clipfrac")
+COMPARED = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl", "actor/clipfrac", "actor/kl_loss")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def _close(a: float, b: float) -> bool:
 def test_layout_gives_the_plain_layouts_steps(runs, layout):
     ref, other = runs["plain"], runs[layout]
     assert [r["step"] for r in other] == [r["step"] for r in ref] == [0, 1, 2, 3]  # 2 steps x 2 mini-batches
-    assert any(r["actor/grad_norm"] > 0 for r in ref)  # something was learned and is compared
+    assert all(r["actor/grad_norm"] > 0 for r in ref)  # something was learned and is compared
+    assert ref[1]["actor/kl_loss"] > 0  # the reference's log-probs enter the loss
     for a, b in zip(ref, other):
         assert a["rollout/reward_mean"] == b["rollout/reward_mean"]
         assert a["rollout/response_len_mean"] == b["rollout/response_len_mean"]
