@@ -67,7 +67,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 
 def test_cli_exits_2_before_starting_anything(tmp_path):
-    env = dict(os.environ, WORLD_SIZE="2", RANK="0")
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
     proc = subprocess.run([sys.executable, "-m", "moe_rl.launch", str(QUICKSTART), "parallel.expert_parallel=3",
                            f"output_dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
