@@ -85,6 +85,9 @@ def preflight(cfg, world: int) -> None:
     if cfg.train.global_batch % dims.dp:
         raise ValueError(f"train.global_batch ({cfg.train.global_batch}) must be divisible by the data-parallel "
                          f"degree ({dims.dp} = {world} ranks / (tensor_parallel x pipeline_parallel))")
+    if cfg.routing.replay != "none" and not family_for(hf).moe_layer_ids(hf):
+        raise ValueError(f"routing.replay={cfg.routing.replay} needs a MoE model; {hf.model_type} has no MoE "
+                         "layers (set routing.replay=none)")
     if cfg.data.path:
         _files_and_format(cfg.data)  # names the missing file
     for url in cfg.rollout.client.server_urls:

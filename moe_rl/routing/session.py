@@ -58,8 +58,12 @@ class RoutingSession:
         self.topk = int(getattr(hf_config, "num_experts_per_tok", 0) or 0)
         self.routers = moe_routers(model_chunks)
         self.local_layers = [layer for layer, _ in self.routers]
+        if cfg.replay != "none" and not self.moe_layer_ids:
+            # replay that was asked for and cannot happen must not look as if it did
+            raise ValueError(f"routing.replay={cfg.replay} needs a MoE model; {hf_config.model_type} "
+                             "has no MoE layers (set routing.replay=none)")
         self.replayer = None
-        if cfg.replay != "none" and self.moe_layer_ids:
+        if cfg.replay != "none":
             self.replayer = ModelReplay(self.routers, groups, moe_layer_ids=self.moe_layer_ids)
         self.seconds = {"capture": 0.0}  # host time in the capture hooks and gathers since metrics()
 

@@ -90,3 +90,15 @@ def test_configuration_reference_is_generated_from_the_typed_config():
 
     assert all(len(re.findall(r"(?<!\\)\|", line)) == 5 for line in rows)  # 4 cells, whatever the text
     assert dataclasses.fields(RunConfig)[0].name == "model"
+
+
+def test_replay_on_a_dense_model_is_refused_before_anything_starts(tmp_path):
+    """Routing replay asked for on a model without experts cannot happen: the run must not
+    start as if it would."""
+    env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29512")
+    proc = subprocess.run([sys.executable, "-m", "moe_rl.launch", str(QUICKSTART), "model.tiny_family=qwen3",
+                           "routing.replay=r3", "parallel.expert_parallel=1", f"output_dir={tmp_path}/run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "routing.replay=r3 needs a MoE model; qwen3 has no MoE layers" in proc.stderr
+    assert not (tmp_path / "run").exists()
