@@ -61,6 +61,9 @@ def test_sglang_payload_is_its_serializer_once_per_engine_tp_rank(monkeypatch):
 
 
 def test_without_sglang_its_payload_is_a_clear_error(monkeypatch):
+    # as if not installed: no sglang module at all, including submodules other tests imported
+    for name in [m for m in sys.modules if m.startswith("sglang.")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "sglang", None)
     with pytest.raises(RuntimeError, match="needs the sglang package"):
         encode_sglang([("w", torch.zeros(2))])
