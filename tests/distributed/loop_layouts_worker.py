@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import traceback
 
 BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16", "train.micro_batch=4",
         "train.seq_len=16", "train.seed=3", "optim.lr=3e-3", "optim.weight_decay=0.0", "rollout.n_samples_per_prompt=4",
@@ -40,10 +39,8 @@ def main():
     import torch.distributed as dist
     import transformers  # noqa: F401  (before the CPU substitutions)
 
+    from loop_worker import run_named  # noqa: E402  (this script's directory is on sys.path)
     from moe_rl.checkpoint import run_state as rs
-    from moe_rl.config import load_config
-    from moe_rl.config.run import RunConfig
-    from moe_rl.launch import run_loop
     from moe_rl.parallel import groups as G
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
     from moe_rl.train.trainer import Trainer
@@ -63,20 +60,13 @@ def main():
     G.init_distributed()
     res = {}
 
+    def probe(name):
+        tr = trainers[-1]
+        tokens = torch.randint(0, tr.built.hf_config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+        res[name + "_probe"] = trainer_logprobs(tr.built, tr.groups, tokens)[:, :-1].tolist()
+
     def loop(name, overrides):
-        cfg = load_config(RunConfig, None, BASE + overrides + [f"output_dir={os.path.join(work, name)}"])
-        if dist.get_rank() == 0:
-            print(f"[worker] {name}", file=sys.stderr, flush=True)
-        try:
-            res[name] = run_loop(cfg)
-            tr = trainers[-1]
-            tokens = torch.randint(0, tr.built.hf_config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
-            res[name + "_probe"] = trainer_logprobs(tr.built, tr.groups, tokens)[:, :-1].tolist()
-        except Exception:
-            res[name + "_error"] = traceback.format_exc()[-4000:]
-            print(res[name + "_error"], file=sys.stderr, flush=True)
-        G.teardown()
-        dist.barrier()
+        run_named(res, name, BASE + overrides + [f"output_dir={os.path.join(work, name)}"], after=probe)
 
     for name, overrides in RUNS.items():
         loop(name, overrides)

@@ -35,6 +35,31 @@ BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16",
 LAYOUTS = {"ep2": ["parallel.expert_parallel=2"], "ep1": [], "tp2": ["parallel.tensor_parallel=2"]}
 
 
+def run_named(res: dict, name: str, args: list, after=None) -> None:
+    """One RL run of a launch (collective): its records go to ``res[name]``, or its traceback
+    to ``res[name + "_error"]`` so the launch goes on with the next run; ``after(name)`` runs
+    on success, before the run's process groups are torn down."""
+    import torch.distributed as dist
+
+    from moe_rl.config import load_config
+    from moe_rl.config.run import RunConfig
+    from moe_rl.launch import run_loop
+    from moe_rl.parallel import groups as G
+
+    cfg = load_config(RunConfig, None, args)
+    if dist.get_rank() == 0:
+        print(f"[worker] {name}", file=sys.stderr, flush=True)
+    try:
+        res[name] = run_loop(cfg)
+        if after is not None:
+            after(name)
+    except Exception:
+        res[name + "_error"] = traceback.format_exc()[-4000:]
+        print(res[name + "_error"], file=sys.stderr, flush=True)
+    G.teardown()
+    dist.barrier()
+
+
 def main():
     out_path, work, scenarios = sys.argv[1], sys.argv[2], sys.argv[3:]
     import torch
@@ -53,16 +78,7 @@ def main():
     res = {}
 
     def loop(name, overrides):
-        cfg = load_config(RunConfig, None, BASE + overrides + [f"output_dir={os.path.join(work, name)}"])
-        if dist.get_rank() == 0:
-            print(f"[worker] {name}", file=sys.stderr, flush=True)
-        try:
-            res[name] = run_loop(cfg)
-        except Exception:
-            res[name + "_error"] = traceback.format_exc()[-4000:]
-            print(res[name + "_error"], file=sys.stderr, flush=True)
-        G.teardown()
-        dist.barrier()
+        run_named(res, name, BASE + overrides + [f"output_dir={os.path.join(work, name)}"])
 
     for sc in scenarios:
         if sc == "uninterrupted":
