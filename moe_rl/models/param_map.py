@@ -198,6 +198,17 @@ _TE_FUSED_NORMS = (
     ("self_attention.kv_layernorm.weight", "self_attention.linear_kv_up_proj.layer_norm_weight",
      lambda moe, mla: mla),
 )
+
+
+def te_checkpoint_keys_map(*, moe_layer: bool, mla: bool) -> dict[str, str]:
+    """The ``sharded_state_dict_keys_map`` that stores a local-spec layer's norms under the
+    keys the Transformer Engine spec's layer has (as Megatron's local spec does for dense
+    layers; 0.16.1's own map is wrong for MoE layers and missing for MLA), so that one
+    ``torch_dist`` checkpoint loads into either spec."""
+    return {local[:-len("weight")]: te[:-len("weight")]
+            for local, te, applies in _TE_FUSED_NORMS if applies(moe_layer, mla)}
+
+
 _LOCAL_EXPERT_RE = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
 
 

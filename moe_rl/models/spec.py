@@ -9,6 +9,10 @@ we correct, on every platform"):
   ``finalize_model_grads`` all-reduces its gradient over TP.
 * MLA core attention: ``DotProductAttention`` does not accept the ``k_channels``/``v_channels``
   keywords that multi-latent attention passes; ``MLADotProductAttention`` drops them.
+* Checkpoint keys: a norm the TE spec fuses into the next linear is stored under TE's key
+  (``te_checkpoint_keys_map``), so our checkpoints and Megatron-LM's TE-spec ones share keys.
+  Megatron's local spec does this for dense layers only: for a MoE layer it stores the
+  pre-MLP norm under the fused name TE does not use, and for MLA it maps nothing.
 * MLA down-projections: as ColumnParallelLinear (the stock local spec) the rope part of the
   key gradient is never reduced over TP — silently wrong gradients at TP>1. They are
   replicated ``Linear`` layers instead (as the TE spec does with its duplicated TELinear).
@@ -70,8 +74,14 @@ _ATTN_NORM_FIELDS = ("q_layernorm", "k_layernorm", "kv_layernorm")
 def _fix_local_layer(spec: ModuleSpec, mla: bool, cp: bool = False) -> ModuleSpec:
     from megatron.core.transformer.identity_op import IdentityOp
 
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from moe_rl.models.param_map import te_checkpoint_keys_map
+
     spec = copy.deepcopy(spec)
     sub = spec.submodules
+    moe = isinstance(sub.mlp, ModuleSpec) and issubclass(sub.mlp.module, MoELayer)
+    sub.sharded_state_dict_keys_map = te_checkpoint_keys_map(moe_layer=moe, mla=mla)
     for f in _NORM_FIELDS:
         if getattr(sub, f) is not IdentityOp:
             setattr(sub, f, SPRMSNorm)

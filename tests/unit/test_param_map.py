@@ -229,11 +229,11 @@ def test_te_expert_names_are_what_megatron_reads():
         "decoder.layers.2.mlp.experts.linear_fc1.weight7"
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_te_names_of_fused_norms_are_megatrons_checkpoint_keys(family):
-    """Megatron's local spec stores its separate norms under the TE spec's names
-    (``sharded_state_dict_keys_map``); for the norms the TE spec fuses, our TE spelling is
-    that key."""
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "deepseek_v3"])
+def test_checkpoint_keys_are_the_te_specs_names(family):
+    """A checkpoint written from our local-spec model stores every norm under the name the
+    Transformer Engine spec's model has for it (so Megatron-LM with TE loads it, and our
+    CPU tools read what a TE run saved): dense and MoE layers, with and without MLA."""
     import torch
 
     from moe_rl.checkpoint import megatron_format as mf
@@ -241,23 +241,26 @@ def test_te_names_of_fused_norms_are_megatrons_checkpoint_keys(family):
 
     hf = tiny_hf_config(family)
     moe = family_for(hf).moe_layers(hf)
+    mla = family == "deepseek_v3"
     with mf.single_process_megatron() as groups:
         shards = mf.model_shards(hf, groups, torch.float32)
-    checked = 0
+    fused = 0
     for name, sts in shards.per_param.items():
-        if not name.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")):
+        if not name.endswith("norm.weight") or not name.startswith("decoder.layers."):
             continue
         l = int(name.split(".")[2])
         key = sts[0].key
         if not key.startswith(f"decoder.layers.{l}."):  # uniform layers: one stacked key
             key = key.replace("decoder.layers.", f"decoder.layers.{l}.", 1)
-        te = respell(name, TE, moe_layer=moe[l], mla=False)
-        if te != name:
-            assert te == key, (name, te, key)
-            checked += 1
-        else:  # a MoE layer's pre-MLP norm, a TENorm of its own in the TE spec
-            assert moe[l] and name.endswith("pre_mlp_layernorm.weight"), name
-    assert checked >= len(moe)
+        te = respell(name, TE, moe_layer=moe[l], mla=mla)
+        assert key == te, (name, key, te)
+        fused += te != name
+    # Each layer fuses at least one norm into a linear in the TE spec (attention's input
+    # norm, or MLA's q/kv norms).
+    assert fused >= len(moe)
+    if any(moe):
+        assert any(k.endswith(".pre_mlp_layernorm.weight") for sts in shards.per_param.values()
+                   for k in [sts[0].key])
 
 
 def test_spelling_is_read_from_the_live_names():
