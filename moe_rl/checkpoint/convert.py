@@ -133,6 +133,9 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
                 else:  # HF -> HF: a checked, re-sharded copy
                     n = _hf_to_hf(ckpt, shards, hf_config, tmp, file_bytes, want, counted)
                     hf_format.copy_side_files(src, tmp)
+            # Nothing of the layout outlives the block: its end then frees the process groups
+            # all at once (``groups.teardown``), not one by one when this function returns.
+            groups = shards = pmap = reader = None
         fsync_tree(tmp)
         _publish(tmp, dst)
     except BaseException:

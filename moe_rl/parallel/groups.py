@@ -140,11 +140,13 @@ def teardown() -> None:
     # on gloo, their threads — measured: 4,000 per process after 50 set-ups, the machine then
     # spends its time in the kernel) stay alive. Destroy every group it created.
     seen: set[int] = set()
+    destroyed: list = []
     for name, value in list(vars(ps).items()):
         groups = list(_process_groups(value))
         for group in groups:
             if id(group) not in seen and group is not dist.GroupMember.WORLD:
                 seen.add(id(group))
+                destroyed.append(group)
                 try:
                     dist.destroy_process_group(group)
                 except (ValueError, RuntimeError):
@@ -158,6 +160,24 @@ def teardown() -> None:
     # Models and optimizers of the old layout hold the groups in reference cycles: collect
     # them now so the communicators (and gloo's threads) go with them.
     gc.collect()
+    _free_in_parallel(destroyed)
+
+
+def _free_in_parallel(groups: list) -> None:
+    """Drop our references to destroyed groups, each in a thread of its own. Freeing a gloo
+    group waits for its transport's event loop, which wakes every 10 ms: one after another,
+    the ~20 groups of a layout took 0.15 s (measured), in parallel about 0.01 s. A group that
+    something else still references is freed later, where that reference goes."""
+    import threading
+
+    boxes = [[g] for g in groups]
+    groups.clear()
+    threads = [threading.Thread(target=box.clear, name="moe_rl-free-group") for box in boxes]
+    del boxes
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def _clear_megatron_caches() -> None:
