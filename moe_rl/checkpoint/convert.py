@@ -155,8 +155,8 @@ def _to_mcore(tmp: Path, shards, read_tensor, cfg_dir: Path, info: dict, counted
     ckdir = mf.write_layout(tmp, info)
     (tmp / mf.HF_SUBDIR).mkdir()
     hf_format.copy_side_files(cfg_dir, tmp / mf.HF_SUBDIR)
-    mf.write_dist_checkpoint(ckdir, shards, read_tensor, common={"checkpoint_version": 3.0, "iteration": 0,
-                                                                 "moe_rl": info}, on_tensor=counted.add,
+    common = {"checkpoint_version": 3.0, "iteration": 0, "args": mf.megatron_lm_args(shards.built), "moe_rl": info}
+    mf.write_dist_checkpoint(ckdir, shards, read_tensor, common=common, on_tensor=counted.add,
                              release=release)
     return len(shards.per_param)
 

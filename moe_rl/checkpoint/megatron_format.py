@@ -527,6 +527,46 @@ def stored_dtype(path: Path) -> torch.dtype:
     return max(counts, key=counts.get)
 
 
+# The model's TransformerConfig fields stored as Megatron-LM arguments of the same names
+# (Megatron-LM builds its TransformerConfig from the arguments named like its fields).
+_ARG_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "normalization", "qk_layernorm", "add_bias_linear", "add_qkv_bias", "gated_linear_unit",
+    "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq",
+    "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
+    "moe_router_num_groups", "moe_router_group_topk", "moe_router_pre_softmax", "multi_latent_attention",
+    "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+)
+
+
+def megatron_lm_args(built) -> "argparse.Namespace":
+    """The ``args`` Megatron-LM's ``load_checkpoint`` reads from ``common.pt``: the TP and PP
+    sizes the checkpoint was saved at (it indexes ``state_dict['args']`` for them; a
+    checkpoint without ``args`` is a ``KeyError`` there), what was not saved (optimizer, RNG),
+    and the model's shape, which ``check_checkpoint_args`` compares with the run's (and
+    ``--use-checkpoint-args`` adopts). Megatron registers ``argparse.Namespace`` as safe for
+    ``torch.load``."""
+    import argparse
+
+    model = built.chunks[0]
+    cfg = model.config
+    args = {f: getattr(cfg, f) for f in _ARG_FIELDS if hasattr(cfg, f)}
+    args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()
+            if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
+    experts = getattr(cfg, "num_moe_experts", None)
+    args.update(
+        norm_epsilon=cfg.layernorm_epsilon,  # Megatron-LM's name for the config's layernorm_epsilon
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+        expert_tensor_parallel_size=1, num_experts=experts, swiglu=bool(cfg.gated_linear_unit),
+        group_query_attention=cfg.num_query_groups not in (None, cfg.num_attention_heads),
+        max_position_embeddings=model.max_sequence_length, position_embedding_type=model.position_embedding_type,
+        untie_embeddings_and_output_weights=not model.share_embeddings_and_output_weights,
+        padded_vocab_size=built.hf_config.vocab_size,  # stored unpadded: Megatron pads on load
+        no_save_optim=True, no_save_rng=True, ckpt_format="torch_dist", iteration=0,
+    )
+    return argparse.Namespace(**args)
+
+
 def write_layout(root: Path, info: dict) -> Path:
     """Create the layout under ``root`` (empty); returns the ``torch_dist`` directory."""
     (root / TRACKER).write_text(RELEASE)

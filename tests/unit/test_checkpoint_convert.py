@@ -175,3 +175,42 @@ def test_megatron_checkpoint_direct_reads_equal_dcp_and_hf(tiny_hf_dirs, tmp_pat
             for n in names:
                 assert torch.equal(a[n], b[n]), n
                 assert torch.equal(a[n], pmap[n].to_mcore(ck.get)), n
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "deepseek_v3"])
+def test_common_state_holds_the_args_megatron_lm_reads(tiny_hf_dirs, tmp_path, family):
+    """Megatron-LM's ``load_checkpoint`` indexes ``common.pt``'s ``args`` for the saved TP and
+    PP sizes and, unless fine-tuning, compares the model's shape with the run's. The stored
+    args load under ``torch.load``'s weights-only rule with Megatron's safe globals, and match
+    the HF config (read here with transformers, independently of our families)."""
+    import torch
+    import transformers
+    from megatron.core.safe_globals import register_safe_globals
+
+    from moe_rl.checkpoint import megatron_format as mf
+    from moe_rl.checkpoint.convert import convert
+
+    src = Path(tiny_hf_dirs[family])
+    convert(src, tmp_path / "mcore", to="mcore")
+    register_safe_globals()
+    common = torch.load(mf.iteration_dir(tmp_path / "mcore") / "common.pt", map_location="cpu", weights_only=True)
+    a, hf = common["args"], transformers.AutoConfig.from_pretrained(src)
+    # What load_checkpoint reads before anything else, and check_checkpoint_args' comparisons.
+    assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size) == (1, 1)
+    assert a.no_save_optim and a.no_save_rng and common["checkpoint_version"] >= 3.0
+    assert (a.num_layers, a.hidden_size, a.num_attention_heads) == (
+        hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads)
+    assert a.num_query_groups == hf.num_key_value_heads
+    assert a.group_query_attention == (hf.num_key_value_heads != hf.num_attention_heads)
+    assert a.max_position_embeddings == hf.max_position_embeddings and a.padded_vocab_size == hf.vocab_size
+    assert a.untie_embeddings_and_output_weights == (not hf.tie_word_embeddings) and a.swiglu
+    assert a.normalization == "RMSNorm" and a.norm_epsilon == hf.rms_norm_eps
+    experts = {"llama": None, "mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}[family]
+    assert a.num_experts == (getattr(hf, experts) if experts else None)
+    if experts:
+        assert a.moe_router_topk == hf.num_experts_per_tok
+    else:
+        assert a.ffn_hidden_size == hf.intermediate_size
+    assert a.multi_latent_attention == (family == "deepseek_v3")
+    if family == "deepseek_v3":
+        assert (a.q_lora_rank, a.kv_lora_rank, a.v_head_dim) == (hf.q_lora_rank, hf.kv_lora_rank, hf.v_head_dim)
