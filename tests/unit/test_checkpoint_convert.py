@@ -145,7 +145,8 @@ def test_tensors_copied_file_to_file_land_whole(tmp_path, monkeypatch, kernel_co
 def test_megatron_checkpoint_direct_reads_equal_dcp_and_hf(tiny_hf_dirs, tmp_path):
     """HF -> mcore, then every canonical tensor read back by the direct path equals DCP's own
     load of it and the HF tensors it was made from (the independent reference); mcore -> HF
-    is bitwise."""
+    is bitwise. The writer turns torch's zip CRC-32s off for its own records only: the
+    process-wide option is as it was after a conversion and after a failed write."""
     import torch
     from safetensors.torch import load_file
 
@@ -154,7 +155,13 @@ def test_megatron_checkpoint_direct_reads_equal_dcp_and_hf(tiny_hf_dirs, tmp_pat
     from moe_rl.models.hf_checkpoint import HFCheckpoint
 
     src = Path(tiny_hf_dirs["qwen3_moe"])
-    convert(src, tmp_path / "mcore", to="mcore")
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)
+    try:
+        convert(src, tmp_path / "mcore", to="mcore")
+        assert torch.serialization.get_crc32_options() is True
+    finally:
+        torch.serialization.set_crc32_options(crc)
     convert(tmp_path / "mcore", tmp_path / "back", to="hf", file_bytes=64 << 10)  # several files
     back = {}
     for f in (tmp_path / "back").glob("*.safetensors"):
@@ -175,6 +182,17 @@ def test_megatron_checkpoint_direct_reads_equal_dcp_and_hf(tiny_hf_dirs, tmp_pat
             for n in names:
                 assert torch.equal(a[n], b[n]), n
                 assert torch.equal(a[n], pmap[n].to_mcore(ck.get)), n
+
+            def unreadable(name):
+                raise mf.CheckpointError(f"{name}: unreadable")
+            (tmp_path / "failed").mkdir()
+            torch.serialization.set_crc32_options(True)
+            try:
+                with pytest.raises(mf.CheckpointError, match="unreadable"):
+                    mf.write_dist_checkpoint(tmp_path / "failed", shards, unreadable, common={})
+                assert torch.serialization.get_crc32_options() is True
+            finally:
+                torch.serialization.set_crc32_options(crc)
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "deepseek_v3"])
