@@ -25,7 +25,8 @@ Differences from the papers and peers, and why:
   (as verl): mean and unbiased variance over tokens, (A - mean) * rsqrt(var + WHITEN_EPS).
   reinforce_pp discounts with ``gamma`` counting valid tokens only (a masked position carries
   the return unchanged; verl restarts it at every masked position, which differs only on
-  interior holes of a mask).
+  interior holes of a mask). reinforce_pp_baseline: a group of one has baseline 0 (A = r_i
+  before the whitening), as verl.
 - gdpo: the final batch whitening is over responses (one weight per response), using the
   same rsqrt(var + WHITEN_EPS) form; the paper normalizes over the batch without saying how
   tokens are weighted, and a per-response advantage is naturally whitened per response.
@@ -36,6 +37,10 @@ Differences from the papers and peers, and why:
   REINFORCE++ estimators the token reward is r_i on the last valid token minus the penalty
   of every token, summed backwards into returns; for the group estimators the summed penalty
   of the response is subtracted from its reward before the group statistics.
+  reinforce_pp_baseline subtracts the group mean of the outcome rewards, then the penalty
+  returns, as OpenRLHF (the REINFORCE++ authors' code) does, so A varies along the response;
+  verl instead subtracts each response's summed penalty before the group mean, giving every
+  token of a response the same value. Without KL in the reward the two agree.
 - Rewards that are NaN or inf are rejected with a ValueError naming the group and values.
 """
 
@@ -165,7 +170,8 @@ def outcome_advantages(
         if estimator == "reinforce_pp":
             ret_BT = discounted_returns(r_B, mask_BT, gamma, token_penalty_BT=pen_BT)
         else:
-            ret_BT = st["dev_B"][:, None].expand_as(mask_BT).clone()
+            dev_B = torch.where(st["n_B"] == 1, r_B, st["dev_B"])  # a group of one: baseline 0 (verl)
+            ret_BT = dev_B[:, None].expand_as(mask_BT).clone()
             if pen_BT is not None:
                 ret_BT = ret_BT - _reverse_cumsum(pen_BT)
         adv_BT = whiten(ret_BT, mask_BT, batch_sum=bsum)

@@ -4,8 +4,8 @@ All functions work on the responses of one step: B responses, T tokens, with
 ``group_ids_B`` naming each response's prompt.
 
 - ``informative_groups``: keep mask for groups whose rewards are not all equal (DAPO
-  dynamic sampling; such a group has zero advantage under every group estimator and only
-  dilutes the batch). ``fill_informative`` drives the "generate until enough informative
+  dynamic sampling; such a group's deviation from its mean is zero under every group
+  estimator: it carries no signal and only dilutes the batch). ``fill_informative`` drives the "generate until enough informative
   groups, at most N extra rounds" loop around a caller-supplied generation function; when
   the cap is hit it returns what it has (fewer groups) rather than failing the step.
 - ``overlong_penalty``: DAPO's soft length penalty, added to the reward.

@@ -104,7 +104,8 @@ def test_reinforce_pp_token_whitening(est):
     else:
         base = [0.0] * len(REWARDS)
         for g, idx in _groups(GIDS).items():
-            mean = sum(REWARDS[i] for i in idx) / len(idx)
+            # a group of one (3, 4) has baseline 0, as verl
+            mean = sum(REWARDS[i] for i in idx) / len(idx) if len(idx) > 1 else 0.0
             for i in idx:
                 base[i] = REWARDS[i] - mean
     per_tok = [[base[i]] * T for i in range(len(base))]
@@ -124,6 +125,21 @@ def test_reinforce_pp_kl_in_reward_is_reverse_cumsum_of_penalty():
         for t in range(4):
             row.append(r[i] - sum(pen[i, s].item() for s in range(t, 4) if mask[i, s]) if mask[i, t] else 0.0)
         ret.append(row)
+    ref = ref_whiten_tokens(ret, mask.tolist())
+    assert torch.allclose(adv, torch.tensor(ref, dtype=D), atol=1e-10)
+
+
+def test_reinforce_pp_baseline_kl_in_reward_is_group_deviation_minus_penalty_returns():
+    """OpenRLHF's REINFORCE++-baseline: the group mean is taken of the outcome rewards, then the
+    per-token penalties are summed backwards into the returns; a group of one has baseline 0."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    pen = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.0, -0.1, 0.05, 0.2], [0.3, 0.1, 4.0, 4.0]], dtype=D)
+    r, gids = [1.0, 0.0, 2.0], [0, 0, 1]
+    adv, _ = outcome_advantages("reinforce_pp_baseline", torch.tensor(r, dtype=D), torch.tensor(gids), mask,
+                                token_penalty_BT=pen)
+    base = [r[0] - (r[0] + r[1]) / 2, r[1] - (r[0] + r[1]) / 2, r[2]]
+    ret = [[base[i] - sum(pen[i, s].item() for s in range(t, 4) if mask[i, s]) if mask[i, t] else 0.0
+            for t in range(4)] for i in range(3)]
     ref = ref_whiten_tokens(ret, mask.tolist())
     assert torch.allclose(adv, torch.tensor(ref, dtype=D), atol=1e-10)
 
