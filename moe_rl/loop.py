@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from moe_rl.algorithms import compute_advantages
-from moe_rl.algorithms.sampling import rollout_metrics
+from moe_rl.algorithms.sampling import fill_informative, rollout_metrics
 from moe_rl.checkpoint import run_state as ckpt
 from moe_rl.config import to_yaml
 from moe_rl.config.run import RunConfig
@@ -111,9 +111,10 @@ class RLLoop:
         """Prompts, rollout and rewards of one step, with DAPO's extra rounds; returns the
         step's TrainBatch (every rank holds all of it) and the rollout metrics."""
         cfg, t, alg = self.cfg, self.timer, self.cfg.algorithm
-        rounds = 1 + (alg.max_extra_rounds if alg.dynamic_sampling else 0)
-        kept, spare, n_rounds, tokens = [], [], 0, 0
-        for rnd in range(rounds):
+        tokens = 0
+
+        def one_round(rnd: int):
+            nonlocal tokens
             with t("prompts"):
                 prompts = self.next_prompts if rnd == 0 and self.next_prompts else self.p.prompts.next(cfg.prompts_per_step)
                 self.next_prompts = None
@@ -122,14 +123,14 @@ class RLLoop:
                 samples = self.p.rollout.generate(step, rnd, prompts)
             tokens += sum(len(s.response_ids) for s in samples)
             with t("rewards"):
-                groups = self.p.scorer.score(prompts, samples, rnd)
-            n_rounds += 1
-            for g in groups:  # without dynamic sampling every group is kept
-                (kept if not alg.dynamic_sampling or len(set(g["rewards"].tolist())) > 1 else spare).append(g)
-            if len(kept) >= cfg.prompts_per_step:
-                break
-        filled = max(0, cfg.prompts_per_step - len(kept))
-        groups = kept[:cfg.prompts_per_step] + spare[len(spare) - filled:]
+                return self.p.scorer.score(prompts, samples, rnd)
+
+        if alg.dynamic_sampling:
+            groups, n_rounds, filled = fill_informative(one_round, lambda g: g["rewards"].tolist(),
+                                                        num_groups=cfg.prompts_per_step,
+                                                        max_extra_rounds=alg.max_extra_rounds)
+        else:  # every group is kept
+            groups, n_rounds, filled = one_round(0), 1, 0
         batch = self.p.scorer.to_batch(groups)
         m = rollout_metrics(batch.rewards_B, batch.group_ids_B, batch.lengths_B, batch.truncated_B).compute()
         m.update({"rollout/tokens_per_s": tokens / max(t.seconds.get("rollout", 0.0), 1e-9),

@@ -5,9 +5,10 @@ All functions work on the responses of one step: B responses, T tokens, with
 
 - ``informative_groups``: keep mask for groups whose rewards are not all equal (DAPO
   dynamic sampling; such a group's deviation from its mean is zero under every group
-  estimator: it carries no signal and only dilutes the batch). ``fill_informative`` drives the "generate until enough informative
-  groups, at most N extra rounds" loop around a caller-supplied generation function; when
-  the cap is hit it returns what it has (fewer groups) rather than failing the step.
+  estimator: it carries no signal and only dilutes the batch). ``fill_informative`` drives
+  the "generate until enough informative groups, at most N extra rounds" loop around a
+  caller-supplied generation function (the RL loop's); when the cap is hit it completes the
+  batch with non-informative groups rather than failing the step.
 - ``overlong_penalty``: DAPO's soft length penalty, added to the reward.
 - ``overlong_filter_mask``: truncated responses get zero loss weight (their mask is
   cleared before the step's global counts, so they leave the denominators too, as DAPO).
@@ -40,24 +41,30 @@ def informative_groups(rewards_B: Tensor, group_ids_B: Tensor) -> Tuple[Tensor, 
 
 
 def fill_informative(
-    generate_round: Callable[[], Sequence[G]],
+    generate_round: Callable[[int], Sequence[G]],
     rewards_of: Callable[[G], Sequence[float]],
     *,
     num_groups: int,
     max_extra_rounds: int,
-) -> Tuple[List[G], int]:
-    """Call ``generate_round`` (one batch of groups) until ``num_groups`` informative
-    groups are collected or ``max_extra_rounds`` rounds beyond the first have run.
-    Returns (the first ``num_groups`` informative groups, number of rounds run)."""
+) -> Tuple[List[G], int, int]:
+    """DAPO dynamic sampling: call ``generate_round(round index)`` (one batch of groups) until
+    ``num_groups`` informative groups (two or more rewards, not all equal) are collected or
+    ``max_extra_rounds`` rounds beyond the first have run.
+
+    Returns ``(groups, rounds run, filled)``: the first ``num_groups`` informative groups in
+    arrival order; when the cap is hit first, completed with the non-informative groups that
+    arrived last (``filled`` of them, fewer if there are not enough), so that every step trains
+    the same number of groups and its shapes stay fixed."""
     kept: List[G] = []
+    spare: List[G] = []
     rounds = 0
     while len(kept) < num_groups and rounds <= max_extra_rounds:
-        rounds += 1
-        for group in generate_round():
+        for group in generate_round(rounds):
             r = list(rewards_of(group))
-            if len(r) > 1 and max(r) != min(r):
-                kept.append(group)
-    return kept[:num_groups], rounds
+            (kept if len(r) > 1 and max(r) != min(r) else spare).append(group)
+        rounds += 1
+    filled = min(max(0, num_groups - len(kept)), len(spare))
+    return kept[:num_groups] + spare[len(spare) - filled:], rounds, filled
 
 
 def overlong_penalty(lengths_B: Tensor, *, max_len: int, cache_len: int) -> Tensor:

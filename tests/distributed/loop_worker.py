@@ -18,6 +18,8 @@ Scenarios (each a fresh build of every part, in this process):
 - routing: 2 steps with routing replay R3 (the embedded engines' routes in the old-policy and
   training passes; bf16 engines, inference precision), routes dumped every step (the test
   runs ``tools/routing_report.py`` on them).
+- dynamic: DAPO dynamic sampling (at most 2 extra rounds) on the untrained model, whose
+  groups are mostly all-wrong: extra rounds run and the batch is completed at the cap.
 - async: the quickstart task (max of four digits, answered in one token) for 12 steps in
   async mode: the engine as its own server process, weights over HTTP (tensor transport).
 """
@@ -178,6 +180,9 @@ def main():
                            "weights.transport=tensor", "train.steps=12", "train.seed=1", "rollout.max_new_tokens=1",
                            "rollout.n_samples_per_prompt=8", "loop.rollout_batch_size=128", "train.global_batch=128",
                            "train.micro_batch=64", "data.toy_num_prompts=2048"])
+        elif sc == "dynamic":
+            loop("dynamic", ["parallel.expert_parallel=2", "algorithm.kl_beta=0.0", "algorithm.dynamic_sampling=true",
+                             "algorithm.max_extra_rounds=2"])
         elif sc == "routing":
             loop("routing", ["parallel.expert_parallel=2", "algorithm.kl_beta=0.0", "routing.replay=r3",
                              "routing.dump_every=1", "rollout.embedded.dtype=bfloat16"])

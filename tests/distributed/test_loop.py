@@ -15,11 +15,11 @@ pytestmark = pytest.mark.distributed
 def loop_runs(tmp_path_factory):
     """One launch: the kill-and-resume reference run, run checkpoints, the sync scenario, the
     same steps at three layouts, non-finite steps, async mode, the loop against given
-    server URLs, and routing replay R3."""
+    server URLs, routing replay R3 and dynamic sampling."""
     work = tmp_path_factory.mktemp("loop")
     out = work / "out.json"
     torchrun(ROOT / "tests/distributed/loop_worker.py", 2, str(out), str(work), "uninterrupted", "ckpt", "sync",
-             "layouts", "nonfinite", "async", "servers", "routing", timeout=500)
+             "layouts", "nonfinite", "async", "servers", "routing", "dynamic", timeout=560)
     res = json.loads(out.read_text())
     errors = {k: v for k, v in res.items() if k.endswith("_error")}
     assert not errors, errors
@@ -81,6 +81,23 @@ def _check_routing_metrics(recs, layers):
         assert r["routing/load_max_over_mean"] >= 1.0
         # the optimizer step moved the routers: some token's experts changed old -> new
         assert r["routing/flip_frac/old_new"] > 0.0
+
+
+def test_dynamic_sampling_draws_extra_rounds_and_completes_the_batch_at_the_cap(loop_runs):
+    """DAPO's rule: rounds run until the step has prompts_per_step informative groups or the cap
+    (1 + max_extra_rounds) is hit; then, and only then, non-informative groups fill the batch,
+    so the trained batch keeps its size and its all-equal fraction is the filled share."""
+    _, res = loop_runs
+    recs = res["dynamic"]
+    prompts_per_step, cap = 32 // 4, 3  # loop.rollout_batch_size / n_samples_per_prompt; 1 + 2 extra
+    assert len(recs) == 4  # 2 steps x 2 mini-batches
+    for r in recs:
+        rounds, filled = r["rollout/rounds"], r["rollout/filled_groups"]
+        assert 1 <= rounds <= cap and 0 <= filled <= prompts_per_step
+        assert filled == 0 or rounds == cap, r  # filling only at the cap
+        assert r["rollout/zero_std_group_frac"] == pytest.approx(filled / prompts_per_step)
+    # the untrained policy answers the max-digit task mostly wrong: some step needs extra rounds
+    assert any(r["rollout/rounds"] > 1 for r in recs)
 
 
 def test_routing_metrics_every_step_without_replay(loop_runs):

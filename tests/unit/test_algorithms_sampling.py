@@ -83,12 +83,25 @@ def test_dynamic_sampling_drops_all_equal_groups():
 
 
 def test_fill_informative_stops_at_target_or_cap():
-    rounds = iter([[[1, 1], [0, 1]], [[0, 0], [1, 0]], [[0, 1], [1, 1]], [[1, 0]]])
-    kept, n = fill_informative(lambda: next(rounds), lambda gr: gr, num_groups=3, max_extra_rounds=5)
-    assert kept == [[0, 1], [1, 0], [0, 1]] and n == 3
-    always_same = lambda: [[1, 1], [0, 0]]  # noqa: E731
-    kept, n = fill_informative(always_same, lambda gr: gr, num_groups=2, max_extra_rounds=2)
-    assert kept == [] and n == 3  # first round + 2 extra
+    rounds = [[[1, 1], [0, 1]], [[0, 0], [1, 0]], [[0, 1], [1, 1]], [[1, 0]]]
+    seen = []
+
+    def gen(i):
+        seen.append(i)
+        return rounds[i]
+    got, n, filled = fill_informative(gen, lambda gr: gr, num_groups=3, max_extra_rounds=5)
+    assert got == [[0, 1], [1, 0], [0, 1]] and n == 3 and filled == 0 and seen == [0, 1, 2]
+
+
+def test_fill_informative_completes_with_the_latest_uninformative_groups_at_the_cap():
+    """The cap is 1 + max_extra_rounds rounds; the batch is then completed with the
+    non-informative groups that arrived last (a group of one is never informative)."""
+    rounds = [[[1, 1], [0, 1], [2]], [[0, 0], [3, 3]], [[5, 5]]]
+    got, n, filled = fill_informative(lambda i: rounds[i], lambda gr: gr, num_groups=3, max_extra_rounds=1)
+    assert n == 2 and filled == 2 and got == [[0, 1], [0, 0], [3, 3]]
+    got, n, filled = fill_informative(lambda i: rounds[i], lambda gr: gr, num_groups=9, max_extra_rounds=2)
+    spare = [[1, 1], [2], [0, 0], [3, 3], [5, 5]]
+    assert n == 3 and filled == len(spare) and got == [[0, 1]] + spare  # fewer than asked: all there is
 
 
 def test_overlong_penalty_piecewise():
