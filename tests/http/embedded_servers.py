@@ -73,7 +73,7 @@ class InProcessServer:
     """``build_app`` over an engine of this process, served by uvicorn on 127.0.0.1 in a thread
     (for tests that reach into the engine, e.g. to inject a fault into its forward)."""
 
-    def __init__(self, engine, options=None) -> None:
+    def __init__(self, engine, options=None, tokenizer=None) -> None:
         import threading
 
         import uvicorn
@@ -81,7 +81,7 @@ class InProcessServer:
         from moe_rl.rollout.embedded.server import build_app
 
         self.engine = engine
-        self.app = build_app(engine, options)
+        self.app = build_app(engine, options, tokenizer=tokenizer)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",

@@ -69,6 +69,12 @@ def test_batch_and_n_are_prompt_major(two_servers, hf):
             assert it["output_ids"] == ref
             assert [x[1] for x in it["meta_info"]["output_token_logprobs"]] == ref
             assert it["meta_info"]["weight_version"] == "default"
+            assert it["meta_info"]["weight_versions"] == [{"version": "default", "start": 0, "end": 6}]
+            assert "text" not in it  # no tokenizer: SGLang's --skip-tokenizer-init replies
+    # no tokenizer: return_text_in_logprobs leaves the text element null, as SGLang does
+    r = post(url, "/generate", {"input_ids": ps[0], "sampling_params": GREEDY, "return_logprob": True,
+                                "return_text_in_logprobs": True}).json()
+    assert [x[2] for x in r["meta_info"]["output_token_logprobs"]] == [None] * 6
     # single prompt, n=1: one object; batch with a str rid: rid_i
     one = post(url, "/generate", {"input_ids": ps[0], "sampling_params": GREEDY, "rid": "abc"}).json()
     assert isinstance(one, dict) and one["meta_info"]["id"] == "abc"
@@ -123,6 +129,38 @@ BAD_GENERATE = [
     ({"input_ids": [5, 100000]}, "outside the vocabulary"),
     ({"text": "hello"}, "tokenizer"),
     ({"input_ids": [5], "sampling_params": {"regex": "a+"}}, "not supported"),
+    ({"input_ids": [5], "sampling_params": {"stop_regex": "a+"}}, "not supported"),
+    # stop strings need a tokenizer (SGLang: unavailable with skip_tokenizer_init)
+    ({"input_ids": [5, 6], "sampling_params": {"stop": "x"}}, "sampling_params.stop"),
+    ({"input_ids": [5, 6], "sampling_params": {"stop": ["x", "y"]}}, "needs a tokenizer"),
+]
+
+# Bodies SGLang's FastAPI/pydantic parse refuses: 400 with its ErrorResponse shape.
+SCHEMA_ERRORS = [
+    ("/generate", b'{"input_ids": [5, 6', "malformed JSON"),
+    ("/generate", b"[1, 2]", "JSON object"),
+    ("/generate", b"null", "JSON object"),
+    ("/generate", b"", "Field required"),
+    ("/generate", b'{"input_ids": ["a"]}', "input_ids"),
+    ("/generate", b'{"input_ids": [5, 1.5]}', "input_ids"),
+    ("/generate", b'{"input_ids": [5, true]}', "input_ids"),
+    ("/generate", b'{"input_ids": [[5], 6]}', "input_ids[1]"),
+    ("/generate", b'{"input_ids": 5}', "input_ids"),
+    ("/generate", b'{"text": 5}', "text"),
+    ("/generate", b'{"input_ids": [5], "rid": 7}', "rid"),
+    ("/generate", b'{"input_ids": [5], "sampling_params": 5}', "sampling_params"),
+    ("/generate", b'{"input_ids": [[5], [6]], "sampling_params": [{}, 3]}', "sampling_params[1]"),
+    ("/update_weights_from_disk", b"{}", "model_path: Field required"),
+    ("/update_weights_from_disk", b"", "Field required"),
+    ("/update_weights_from_disk", b'{"model_path": 3}', "model_path"),
+    ("/update_weights_from_tensor", b'{"load_format": "safetensors"}', "serialized_named_tensors: Field required"),
+    ("/update_weights_from_distributed", b'{"names": ["a"], "dtypes": ["float32"]}', "shapes: Field required"),
+    ("/init_weights_update_group", b'{"master_address": "127.0.0.1", "master_port": 1, "world_size": 2}',
+     "rank_offset: Field required"),
+    ("/update_weight_version", b"{}", "new_version: Field required"),
+    ("/pause_generation", b'{"mode": "sideways"}', "mode"),
+    ("/pause_generation", b"[]", "JSON object"),
+    ("/release_memory_occupation", b'{"tags": "kv_cache"}', "tags"),
 ]
 
 
@@ -134,8 +172,17 @@ def test_bad_input_is_400_and_changes_nothing(two_servers, hf, tiny_ckpts, tmp_p
         r = post(url, "/generate", body)
         assert r.status_code == 400 and msg in r.text, (body, r.status_code, r.text)
         assert r.headers["X-Weight-Version"] == "default"
-    r = httpx.post(url + "/generate", content=b'{"input_ids": [5, 6', timeout=10)
-    assert r.status_code == 400 and "malformed JSON" in r.text
+    for path, raw, msg in SCHEMA_ERRORS:
+        r = httpx.post(url + path, content=raw, headers={"content-type": "application/json"}, timeout=10)
+        body = r.json()
+        assert r.status_code == 400 and msg in body.get("message", ""), (path, raw, r.text)
+        assert {k: body[k] for k in ("object", "type", "param", "code")} == {
+            "object": "error", "type": "Bad Request", "param": None, "code": 400}, (path, raw, body)
+    # the other two gates keep their shapes: schema contract {"error": str}, request {"error": {"message"}}
+    r = post(url, "/generate", {"input_ids": [5], "sampling_params": {"bogus": 1}})
+    assert r.status_code == 400 and isinstance(r.json()["error"], str)
+    r = post(url, "/generate", {"input_ids": [5, 100000]})
+    assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
 
     sd = model_tensors(hf["v1"])
     good_name = "model.layers.0.self_attn.q_proj.weight"
@@ -179,8 +226,6 @@ def test_bad_input_is_400_and_changes_nothing(two_servers, hf, tiny_ckpts, tmp_p
     assert r.status_code == 400 and "shape" in r.json()["message"], r.text
     r = post(url, "/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]]})
     assert r.status_code == 400 and "init_weights_update_group" in r.text
-    r = post(url, "/pause_generation", {"mode": "sideways"})
-    assert r.status_code == 400
     # still serving, same weights, same version
     after = post(url, "/generate", {"input_ids": p, "sampling_params": GREEDY}).json()
     assert after["output_ids"] == before == greedy_ref(hf["v0"], p, 6)

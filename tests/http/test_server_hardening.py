@@ -144,6 +144,9 @@ def test_bad_values_are_400_and_never_touch_other_requests(two_servers):
     for raw, msg in BAD_VALUES:
         r = httpx.post(url + "/generate", content=raw, headers={"content-type": "application/json"}, timeout=30)
         assert r.status_code == 400 and msg in r.text, (raw, r.status_code, r.text)
+    # a body that is not UTF-8: FastAPI's HTTPException, which SGLang answers with ErrorResponse type "400"
+    r = httpx.post(url + "/generate", content=BAD_VALUES[0][0], timeout=30)
+    assert {k: r.json()[k] for k in ("object", "type", "code")} == {"object": "error", "type": "400", "code": 400}
     # top_k beyond any vocabulary means "all tokens" (no overflow inside the engine)
     r = httpx.post(url + "/generate", json={"input_ids": [5, 6], "sampling_params": {
         "max_new_tokens": 4, "top_k": 2 ** 70, "sampling_seed": 3}}, timeout=30)

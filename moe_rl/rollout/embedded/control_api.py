@@ -1,6 +1,9 @@
 """Information and scheduling control endpoints of the embedded server (SGLang 0.5.23 names):
 model/server info and loads, flush, pause/continue, abort, memory release/resume, weight
 version. Every change runs on the engine thread between two steps (``ServerContext.on_engine``).
+
+A body that SGLang's pydantic models refuse (a required field missing, a value of the wrong
+type or outside a ``Literal``) is a ``SchemaError``: SGLang's ``ErrorResponse``, HTTP 400.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from moe_rl.rollout.embedded.http_context import ServerContext
-from moe_rl.rollout.embedded.protocol import RequestError, flag
+from moe_rl.rollout.embedded.protocol import RequestError, SchemaError, flag
 
 VERSION = "moe_rl-embedded-0.1 (sglang 0.5.23 protocol)"
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
@@ -76,7 +79,7 @@ def control_router(ctx: ServerContext) -> APIRouter:
         body = await ctx.read_json(request, required=False)
         mode = body.get("mode", "abort")
         if mode not in ("abort", "retract", "in_place"):
-            raise RequestError(f"mode ({mode!r:.80}) must be 'abort', 'retract' or 'in_place'")
+            raise SchemaError(f"mode ({mode!r:.80}) must be 'abort', 'retract' or 'in_place'")
         await ctx.on_engine(request, lambda: engine.pause(mode), what="pause_generation")
         return ctx.ok({"message": "Generation paused successfully.", "status": "ok"})
 
@@ -91,7 +94,7 @@ def control_router(ctx: ServerContext) -> APIRouter:
         body = await ctx.read_json(request, required=False)
         rid = body.get("rid", "") or ""
         if not isinstance(rid, str):
-            raise RequestError(f"rid must be a string, got {rid!r:.80}")
+            raise SchemaError(f"rid must be a string, got {rid!r:.80}")
         engine.abort(rid=rid, abort_all=flag(body, "abort_all"))
         return Response(status_code=200)
 
@@ -124,8 +127,10 @@ def control_router(ctx: ServerContext) -> APIRouter:
     async def update_weight_version(request: Request):
         body = await ctx.read_json(request)
         new = body.get("new_version")
+        if new is None:
+            raise SchemaError("new_version: Field required")
         if not isinstance(new, (str, int)) or isinstance(new, bool) or new == "":
-            raise RequestError("new_version (non-empty string) is required")
+            raise RequestError(f"new_version must be a non-empty string, got {new!r:.80}")
         if flag(body, "abort_all_requests", True):
             engine.abort(abort_all=True, message="Abort by weight version update")
 
@@ -142,6 +147,8 @@ def _tags(body: dict) -> set[str]:
     tags = body.get("tags")
     if tags is None:
         return set(MEMORY_TAGS)
-    if not isinstance(tags, list) or any(t not in MEMORY_TAGS for t in tags):
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise SchemaError(f"tags ({tags!r:.80}) must be null or a list of strings")
+    if any(t not in MEMORY_TAGS for t in tags):
         raise RequestError(f"tags ({tags!r:.80}) must be null or a subset of {list(MEMORY_TAGS)}")
     return set(tags)

@@ -31,6 +31,14 @@ caller gave up (its future cancelled) before it ran never runs.
 Seeds: a request with ``sampling_seed`` and ``n > 1`` draws sample ``i`` from
 :func:`~moe_rl.rollout.types.per_sample_seed` ``(seed, i)``, so the samples of a
 group differ (and sample 0 is what ``n = 1`` gives).
+
+Finishing, in SGLang's order after each token: a stop string (``stop_strings.py``, only for
+requests submitted with one), then a stop token (EOS unless ``ignore_eos``, or
+``stop_token_ids``), then the length budget. Every sampled token stays in the output.
+
+Weight versions: setting :attr:`weight_version` to a new value records, for every running
+sequence with output, how many tokens the old version produced, so a result carries SGLang's
+``weight_versions`` spans (``version_spans.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ from moe_rl.rollout.embedded.hf_contract import cache_kwarg, check_engine_contra
 from moe_rl.rollout.embedded.kv_cache import SlotKVCache
 from moe_rl.rollout.embedded.router_capture import RouterCapture
 from moe_rl.rollout.embedded.sampler import RowParams, sample_tokens
+from moe_rl.rollout.embedded.stop_strings import StopStrings
+from moe_rl.rollout.embedded.version_spans import version_spans
 from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample, SamplingParams, per_sample_seed
 
 
@@ -69,6 +79,7 @@ class SeqResult:
     routes_NLK: torch.Tensor | None  # [P+T-1, L, K]: routes of positions 0..P+T-2
     finish: dict[str, Any]  # SGLang finish_reason object
     weight_version: str
+    weight_versions: list[dict] = dataclasses.field(default_factory=list)  # [{version, start, end}] spans
 
 
 class _Group:
@@ -82,10 +93,12 @@ class _Group:
 
 class _Seq:
     def __init__(self, rid: str, group: _Group, params: SamplingParams, future: cf.Future | None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, stop: StopStrings | None = None) -> None:
         self.rid = rid
         self.group = group
         self.params = params
+        self.stop = stop
+        self.version_events: list[tuple[str, int]] = []  # (old version, tokens it produced)
         self.gen = None if seed is None else torch.Generator().manual_seed(seed)
         self.future = future
         self.slot = -1
@@ -128,7 +141,7 @@ class EmbeddedEngine:
         self.num_hidden_layers = int(self.hf_config.num_hidden_layers)
         self.top_k_experts = int(getattr(self.hf_config, "num_experts_per_tok", 0) or 0)
         self.cache = SlotKVCache(cfg.max_running, self.context_len, dtype)
-        self.weight_version = cfg.weight_version
+        self._weight_version = cfg.weight_version
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
         self._slots: list[_Seq | None] = [None] * cfg.max_running
@@ -156,17 +169,34 @@ class EmbeddedEngine:
     def moe_layer_ids(self) -> list[int]:
         return self.capture.layer_ids if self.capture else []
 
+    @property
+    def weight_version(self) -> str:
+        return self._weight_version
+
+    @weight_version.setter
+    def weight_version(self, new: str) -> None:
+        """Set on the engine thread (between steps); a change ends the old version's span of
+        every sequence that has output, as SGLang's ``record_weight_version_change``."""
+        if new == self._weight_version:
+            return
+        for s in self._slots:
+            if s is not None and s.out_ids:
+                s.version_events.append((self._weight_version, len(s.out_ids)))
+        self._weight_version = new
+
     def submit(self, prompt_ids: list[int], params: SamplingParams | list[SamplingParams],
-               rids: list[str] | None = None) -> list[cf.Future]:
+               rids: list[str] | None = None, *, stop: StopStrings | None = None) -> list[cf.Future]:
         """Queue one prompt with ``params.n`` samples (or one sample per entry of a list of
-        params, e.g. different budgets); they share one prefill. One future (-> SeqResult) each."""
+        params, e.g. different budgets); they share one prefill. One future (-> SeqResult) each.
+        ``stop``: stop strings of every sample (the server builds them with its tokenizer)."""
         per_sample = [params] * params.n if isinstance(params, SamplingParams) else list(params)
         n = len(per_sample)
         rids = rids or [uuid.uuid4().hex for _ in range(n)]
         assert len(rids) == n
         group = _Group(list(prompt_ids), n)
         futs = [cf.Future() for _ in range(n)]
-        seqs = [_Seq(rid, group, sp, f, None if sp.sampling_seed is None else per_sample_seed(sp.sampling_seed, i))
+        seqs = [_Seq(rid, group, sp, f, None if sp.sampling_seed is None else per_sample_seed(sp.sampling_seed, i),
+                     stop)
                 for i, (rid, sp, f) in enumerate(zip(rids, per_sample, futs))]
         with self._state_lock:
             if self.error is not None:
@@ -469,10 +499,17 @@ class EmbeddedEngine:
             s.out_lp.append(lp)
             if r is not None:
                 s.routes.append(r)
-            if (tok in self.eos_ids and not s.params.ignore_eos) or tok in s.params.stop_token_ids:
-                self._finish(s, {"type": "stop", "matched": tok})
-            elif len(s.out_ids) >= s.params.max_new_tokens or s.prompt_len + len(s.out_ids) >= self.context_len:
-                self._finish(s, {"type": "length", "length": len(s.out_ids)})
+            self._check_finished(s, tok)
+
+    def _check_finished(self, s: _Seq, tok: int) -> None:
+        """SGLang's order (``update_finish_state``): stop string, stop token, length."""
+        matched = s.stop.match(s.out_ids) if s.stop is not None else None
+        if matched is not None:
+            self._finish(s, {"type": "stop", "matched": matched})
+        elif (tok in self.eos_ids and not s.params.ignore_eos) or tok in s.params.stop_token_ids:
+            self._finish(s, {"type": "stop", "matched": tok})
+        elif len(s.out_ids) >= s.params.max_new_tokens or s.prompt_len + len(s.out_ids) >= self.context_len:
+            self._finish(s, {"type": "length", "length": len(s.out_ids)})
 
     def _finish(self, s: _Seq, finish: dict[str, Any]) -> None:
         if s.slot >= 0:
@@ -490,7 +527,8 @@ class EmbeddedEngine:
                 parts.append(torch.stack(s.routes))
             routes = torch.cat(parts)
         res = SeqResult(rid=s.rid, prompt_len=s.prompt_len, output_ids=s.out_ids, output_logprobs=s.out_lp,
-                        routes_NLK=routes, finish=finish, weight_version=self.weight_version)
+                        routes_NLK=routes, finish=finish, weight_version=self.weight_version,
+                        weight_versions=version_spans(s.version_events, self.weight_version, len(s.out_ids)))
         if s.future is not None and not s.future.done():
             s.future.set_result(res)
 

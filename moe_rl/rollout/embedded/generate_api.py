@@ -4,6 +4,10 @@ A request whose client hangs up is aborted in the engine (as SGLang does), so a 
 another server does not double the work. When the engine has failed, a request gets a 5xx
 naming the error at once, and ``/health`` answers 503 with the same text; ``/health_generate``
 runs a one-token generate through the engine, as SGLang's does.
+
+With a tokenizer, an item's ``text`` and the token texts of ``return_text_in_logprobs`` are
+SGLang's (``output_text.py``), and stop strings end samples on the engine thread
+(``stop_strings.py``). ``meta_info.weight_versions`` says which version produced which tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from moe_rl.rollout import routed_experts_codec
 from moe_rl.rollout.embedded.engine import EngineFailed, SeqResult
 from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable, wait_or_gone
+from moe_rl.rollout.embedded.output_text import response_text, token_texts
 from moe_rl.rollout.embedded.protocol import ParsedGenerate, parse_generate
+from moe_rl.rollout.embedded.stop_strings import StopStrings
 from moe_rl.rollout.types import SamplingParams
 
 
@@ -35,9 +41,10 @@ def generate_router(ctx: ServerContext) -> APIRouter:
                              tokenizer=ctx.tokenizer, max_samples=ctx.options.max_samples_per_request)
         futs, rids = [], []
         try:
-            for prompt, params, rid in zip(req.prompts, req.params, req.rids):
+            for prompt, params, opts, rid in zip(req.prompts, req.params, req.text_options, req.rids):
                 ids = [rid] if params.n == 1 and rid is not None else [engine.new_rid() for _ in range(params.n)]
-                futs += engine.submit(prompt, params, ids)
+                stop = StopStrings(list(opts.stop), ctx.tokenizer) if opts.stop else None
+                futs += engine.submit(prompt, params, ids, stop=stop)
                 rids += ids
         except EngineFailed as e:
             for rid in rids:
@@ -53,7 +60,8 @@ def generate_router(ctx: ServerContext) -> APIRouter:
             fin = failed[0].finish
             return JSONResponse({"error": {"message": fin["message"]}, "weight_version": ctx.version()},
                                 status_code=fin["status_code"])
-        items = [_item(ctx, req, i // req.params[0].n, x, time.monotonic() - t0) for i, x in enumerate(results)]
+        n = req.params[0].n
+        items = [_item(ctx, req, req.prompts[i // n], i // n, x, time.monotonic() - t0) for i, x in enumerate(results)]
         return JSONResponse(items[0] if req.single else items)
 
     @r.get("/health")
@@ -85,16 +93,23 @@ def generate_router(ctx: ServerContext) -> APIRouter:
     return r
 
 
-def _item(ctx: ServerContext, req: ParsedGenerate, prompt_idx: int, x: SeqResult, latency: float) -> dict:
+def _item(ctx: ServerContext, req: ParsedGenerate, prompt: list[int], prompt_idx: int, x: SeqResult,
+          latency: float) -> dict:
+    """One SGLang response item for sample ``x`` of prompt ``prompt_idx``."""
     engine = ctx.engine
+    tok = ctx.tokenizer
     meta: dict[str, Any] = {
         "id": x.rid, "finish_reason": x.finish, "prompt_tokens": x.prompt_len,
         "completion_tokens": len(x.output_ids), "cached_tokens": 0, "reasoning_tokens": 0,
-        "weight_version": x.weight_version, "num_retractions": 0, "e2e_latency": latency,
+        "weight_version": x.weight_version, "weight_versions": x.weight_versions, "num_retractions": 0,
+        "e2e_latency": latency,
     }
     if req.return_logprob[prompt_idx]:
+        # SGLang: [logprob, id, text]; text only with return_text_in_logprobs and a tokenizer
+        texts = token_texts(tok, x.output_ids) if req.return_text_in_logprobs and tok is not None else None
         meta["input_token_logprobs"] = []
-        meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(x.output_logprobs, x.output_ids)]
+        meta["output_token_logprobs"] = [[lp, t, None if texts is None else texts[i]]
+                                         for i, (lp, t) in enumerate(zip(x.output_logprobs, x.output_ids))]
         meta["output_token_logprobs_length"] = len(x.output_ids)
     if req.return_routed_experts and x.routes_NLK is not None:
         routes_NLK = x.routes_NLK[req.routed_experts_start_len:]
@@ -103,6 +118,9 @@ def _item(ctx: ServerContext, req: ParsedGenerate, prompt_idx: int, x: SeqResult
         full_NHK[:, engine.moe_layer_ids] = routes_NLK
         meta["routed_experts"] = routed_experts_codec.encode(full_NHK)
     item: dict[str, Any] = {"output_ids": x.output_ids, "meta_info": meta}
-    if ctx.tokenizer is not None:
-        item["text"] = ctx.tokenizer.decode(x.output_ids, skip_special_tokens=True)
+    if tok is not None:
+        o = req.text_options[prompt_idx]
+        item["text"] = response_text(tok, prompt, x.output_ids, x.finish, skip_special_tokens=o.skip_special_tokens,
+                                     spaces_between_special_tokens=o.spaces_between_special_tokens,
+                                     no_stop_trim=o.no_stop_trim)
     return item

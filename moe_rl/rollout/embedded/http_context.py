@@ -23,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from moe_rl.rollout.embedded.engine import EmbeddedEngine, EngineFailed
-from moe_rl.rollout.embedded.protocol import ContractError, RequestError
+from moe_rl.rollout.embedded.protocol import SchemaError
 
 
 @dataclasses.dataclass
@@ -55,6 +55,11 @@ class ServerContext:
         self.engine = engine
         self.options = options
         self.tokenizer = tokenizer
+        if tokenizer is not None:
+            # The first encode may reconfigure the Rust tokenizer (no_padding / no_truncation,
+            # a mutable borrow); do it now, so later encodes on the event loop only read it
+            # while the engine thread decodes stop-string tails with the same object.
+            tokenizer("warm-up")
         self.groups: dict[str, Any] = {}  # weight-update groups by name
         self.num_generate_requests = 0
         self.startup_time: float | None = None
@@ -77,19 +82,24 @@ class ServerContext:
     # ------------------------------------------------------------------ bodies
     @staticmethod
     async def read_json(request: Request, *, required: bool = True) -> dict:
+        """The JSON object of the body. An unparseable or non-object body is a
+        :class:`SchemaError` (SGLang's FastAPI ``ErrorResponse``), as is an empty one where the
+        body is ``required``; otherwise an empty body is ``{}`` (lenient: SGLang's FastAPI
+        wants a body, ``{}`` at least, on every control endpoint)."""
         raw = await request.body()
         if not raw.strip():
             if required:
-                raise RequestError("request body is empty; expected a JSON object")
+                raise SchemaError("request body: Field required (expected a JSON object)")
             return {}
         try:
             body = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ContractError(f"request body is not UTF-8 ({e.reason} at byte {e.start})") from e
+        except UnicodeDecodeError as e:  # FastAPI: HTTPException(400) -> ErrorResponse type "400"
+            raise SchemaError(f"There was an error parsing the body: request body is not UTF-8 "
+                              f"({e.reason} at byte {e.start})", "400") from e
         except json.JSONDecodeError as e:
-            raise ContractError(f"malformed JSON: {e}") from e
+            raise SchemaError(f"malformed JSON: JSON decode error: {e}") from e
         if not isinstance(body, dict):
-            raise ContractError("request body must be a JSON object")
+            raise SchemaError(f"request body: input should be a JSON object, got {type(body).__name__}")
         return body
 
     # ------------------------------------------------------------------ engine calls

@@ -1,12 +1,26 @@
 """SGLang 0.5.23's ``/generate`` request and response shapes, for the embedded engine.
 
-Parsing follows SGLang's two gates: ``sampling_params`` keys outside SGLang's schema are
-rejected (``{"error": "unknown field ..."}``, HTTP 400, as ``api_contract.py`` does);
-unknown top-level keys are ignored. On top, the embedded engine rejects (400) the SGLang
-features it does not implement when they are given non-default values, instead of silently
-ignoring them (grammar, penalties, stop strings without a tokenizer, prompt log-probs...).
+Parsing follows SGLang's gates, and each failure has SGLang's reply shape:
+1. FastAPI/pydantic parse of ``GenerateReqInput``: an unparseable body (malformed JSON, not
+   an object, empty) or a top-level field of the wrong type (``input_ids`` not integers,
+   ``text``/``rid``/``sampling_params`` of the wrong kind) is a :class:`SchemaError`, HTTP 400
+   ``{"object": "error", "message", "type": "Bad Request", "param": null, "code": 400}``;
+2. the API contract (``api_contract.py``): ``sampling_params`` keys outside SGLang's schema and
+   values of the wrong JSON type are a :class:`ContractError`, 400 ``{"error": "<text>"}``;
+   unknown top-level keys are ignored;
+3. the tokenizer manager and scheduler (limits, lengths): a :class:`RequestError`,
+   400 ``{"error": {"message": ...}}``.
+On top, the embedded engine rejects (400) the SGLang features it does not implement when they
+are given non-default values, instead of silently ignoring them (grammar, penalties,
+``stop_regex``, stop strings without a tokenizer, prompt log-probs...).
 Batch and ``n``: the response is a list ordered prompt-major (item ``i*n + j`` is sample
 ``j`` of prompt ``i``); a single prompt with ``n == 1`` gets a single object.
+
+Lengths are SGLang's: ``text`` is tokenized as ``tokenizer(text)`` (special tokens added, e.g.
+BOS); a prompt must be shorter than the context length minus 6 (the scheduler's
+``max_req_input_len``); an explicit ``max_new_tokens`` with the prompt must fit the context
+length; absent it is 128, ``null`` means no limit; and every budget is capped at
+``context_len - prompt - 2`` (the scheduler's ``max_req_len - input_len - 1``).
 
 Values are checked at the door, so one request's numbers can never fail inside the engine
 (where they would take every other request in flight down with them): booleans must be
@@ -19,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from moe_rl.rollout.embedded.stop_strings import MAX_STOP_COUNT
 from moe_rl.rollout.types import TOP_K_ALL, SamplingParams
 
 # SGLang api_types.py SamplingParams fields (the "unknown keys rejected" gate).
@@ -31,13 +46,24 @@ SGLANG_SAMPLING_KEYS = (
 )
 # Keys the embedded engine accepts only at their neutral value.
 _NEUTRAL = {
-    "stop_regex": (None, [], ""), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+    "stop_regex": (None, []), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0), "min_new_tokens": (None, 0), "json_schema": (None,),
     "regex": (None,), "ebnf": (None,), "structural_tag": (None,), "logit_bias": (None, {}),
     "custom_params": (None, {}), "beam_width": (None, 0, 1), "watermark": (None, False), "choice": (None,),
 }
-# Accepted and irrelevant without detokenisation on the engine side.
-_IGNORED = ("skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stream_interval")
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when the key is absent
+UNLIMITED_NEW_TOKENS = 1 << 30  # scheduler.py: "max_new_tokens": null
+# The scheduler's max_req_len is context_len - 1; prompts must be shorter than it minus this.
+_INPUT_MARGIN = 5
+
+
+class SchemaError(ValueError):
+    """Body fails SGLang's FastAPI/pydantic parse: reply 400 with SGLang's ``ErrorResponse``
+    (``type`` "Bad Request" for validation errors, "400" where FastAPI raises HTTPException)."""
+
+    def __init__(self, message: str, type_: str = "Bad Request") -> None:
+        super().__init__(message)
+        self.type = type_
 
 
 class ContractError(ValueError):
@@ -48,12 +74,25 @@ class RequestError(ValueError):
     """Body is well-formed but unusable: reply 400 ``{"error": {"message": ...}}``."""
 
 
+@dataclasses.dataclass(frozen=True)
+class TextOptions:
+    """How one prompt's ``text`` is built from its output ids (``output_text.py``) and when its
+    samples stop on a string (``stop_strings.py``)."""
+
+    stop: tuple[str, ...] = ()  # stop strings, request order
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False  # keep the matched stop token / string in the text
+
+
 @dataclasses.dataclass
 class ParsedGenerate:
     prompts: list[list[int]]  # [B] prompts
-    params: list[SamplingParams]  # [B], each with the shared n
+    params: list[SamplingParams]  # [B], each with the shared n and its prompt's budget
+    text_options: list[TextOptions]  # [B]
     rids: list[str | None]  # [B]
     return_logprob: list[bool]  # [B]
+    return_text_in_logprobs: bool
     return_routed_experts: bool
     routed_experts_start_len: int
     single: bool  # reply with one object instead of a list
@@ -73,12 +112,44 @@ def flag(body: dict, key: str, default: bool = False, *, where: str = "") -> boo
     return v
 
 
-def parse_sampling(sp: Any, *, has_tokenizer: bool) -> tuple[SamplingParams, list[str]]:
-    """-> (params, stop strings)."""
+def _parse_stop(sp: dict, *, has_tokenizer: bool) -> tuple[str, ...]:
+    """``sampling_params.stop`` (a string or a list of strings) -> the stop strings."""
+    stop = sp.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ContractError(f"invalid type: sampling_params.stop must be a string or a list of strings, "
+                            f"got {stop!r:.80}")
+    if stop and not has_tokenizer:
+        raise RequestError(f"sampling_params.stop={stop!r:.80} needs a tokenizer to match text; this model "
+                           "directory has none (SGLang: unavailable with skip_tokenizer_init), use stop_token_ids")
+    if len(stop) > MAX_STOP_COUNT:
+        raise RequestError(f"sampling_params.stop: at most {MAX_STOP_COUNT} stop strings are allowed, got {len(stop)}")
+    for i, s in enumerate(stop):
+        if s == "":
+            raise RequestError(f"sampling_params.stop[{i}] is the empty string, which every text contains "
+                               "(SGLang would end the request after one token); remove it")
+    return tuple(stop)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedSampling:
+    """One ``sampling_params`` object. ``params.max_new_tokens`` holds the default until
+    :func:`generation_budget` sets the prompt's budget from the two fields below."""
+
+    params: SamplingParams
+    max_new_tokens: int | None  # 128 when absent, None for null (no limit)
+    explicit_max_new_tokens: int | None  # the value given (not null): the one SGLang checks against the context
+    text: TextOptions
+
+
+def parse_sampling(sp: Any, *, has_tokenizer: bool) -> ParsedSampling:
     if sp is None:
         sp = {}
     if not isinstance(sp, dict):
-        raise ContractError(f"invalid type: sampling_params must be a map, got {type(sp).__name__}")
+        raise SchemaError(f"sampling_params: input should be a valid dictionary, got {type(sp).__name__}")
     for k in sp:
         if k not in SGLANG_SAMPLING_KEYS:
             raise ContractError(f"unknown field `{k}`, expected one of "
@@ -86,8 +157,6 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> tuple[SamplingParams, lis
     for k, ok in _NEUTRAL.items():
         if k in sp and sp[k] not in ok:
             raise RequestError(f"sampling_params.{k}={sp[k]!r:.80} is not supported by the embedded engine")
-    for k in ("ignore_eos",) + _IGNORED[:3]:
-        flag(sp, k, where="sampling_params.")
 
     def num(key, default, kind):
         v = sp.get(key, default)
@@ -99,11 +168,15 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> tuple[SamplingParams, lis
             raise ContractError(f"invalid type: sampling_params.{key} must be a number, got {v!r}")
         return kind(v)
 
-    stop = sp.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    if stop and not has_tokenizer:
-        raise RequestError("sampling_params.stop (strings) needs a tokenizer; this model directory has none, "
-                           "use stop_token_ids")
+    text = TextOptions(
+        stop=_parse_stop(sp, has_tokenizer=has_tokenizer),
+        skip_special_tokens=flag(sp, "skip_special_tokens", True, where="sampling_params."),
+        spaces_between_special_tokens=flag(sp, "spaces_between_special_tokens", True, where="sampling_params."),
+        no_stop_trim=flag(sp, "no_stop_trim", where="sampling_params."))
+    explicit = num("max_new_tokens", None, int)
+    if explicit is not None and explicit < 0:
+        raise RequestError(f"sampling_params: max_new_tokens ({explicit}) must be >= 0")
+    requested = explicit if "max_new_tokens" in sp else DEFAULT_MAX_NEW_TOKENS
     stop_ids = sp.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
         raise ContractError(f"invalid type: sampling_params.stop_token_ids must be a list of integers, got {stop_ids!r}")
@@ -112,23 +185,76 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> tuple[SamplingParams, lis
         raise ContractError(f"invalid type: sampling_params.sampling_seed must be an integer, got {seed!r}")
     try:
         params = SamplingParams(
-            max_new_tokens=num("max_new_tokens", 128, int), temperature=num("temperature", 1.0, float),
+            max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=num("temperature", 1.0, float),
             top_p=num("top_p", 1.0, float), top_k=num("top_k", TOP_K_ALL, int), min_p=num("min_p", 0.0, float),
             stop_token_ids=list(stop_ids), ignore_eos=flag(sp, "ignore_eos"), n=num("n", 1, int),
             sampling_seed=seed)
     except ValueError as e:
         raise RequestError(f"sampling_params: {e}") from e
-    return params, stop
+    return ParsedSampling(params, requested, explicit, text)
 
 
-def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=None,
-                   max_samples: int = 4096) -> ParsedGenerate:
+def generation_budget(s: ParsedSampling, prompt_len: int, context_len: int, where: str) -> int:
+    """The tokens a prompt may generate, as SGLang bounds them. The tokenizer manager refuses
+    a prompt that fills the context, and an explicit ``max_new_tokens`` that overflows it
+    (the default 128 and ``null`` are not checked there); the scheduler refuses prompts of
+    ``max_req_len - 5`` tokens or more and caps every budget (``null``: no limit) at
+    ``max_req_len - prompt - 1``, with ``max_req_len = context_len - 1``."""
+    if prompt_len >= context_len:
+        raise RequestError(f"{where}: the input ({prompt_len} tokens) is longer than the model's context length "
+                           f"({context_len} tokens)")
+    if s.explicit_max_new_tokens is not None and prompt_len + s.explicit_max_new_tokens > context_len:
+        raise RequestError(f"{where}: input tokens ({prompt_len}) + max_new_tokens ({s.explicit_max_new_tokens}) "
+                           f"exceeds the context length ({context_len})")
+    max_req_len = context_len - 1
+    if prompt_len >= max_req_len - _INPUT_MARGIN:
+        raise RequestError(f"{where}: input length ({prompt_len} tokens) exceeds the maximum allowed length "
+                           f"({max_req_len - _INPUT_MARGIN} tokens = context length {context_len} - 6)")
+    cap = max_req_len - prompt_len - 1
+    return max(0, min(UNLIMITED_NEW_TOKENS if s.max_new_tokens is None else s.max_new_tokens, cap))
+
+
+def _check_input_ids(ids: Any) -> None:
+    """SGLang's ``validate_optional_list_i64_1d_2d`` (gate 1): a list of integers or a list of
+    lists of integers."""
+    if not isinstance(ids, list):
+        raise SchemaError(f"input_ids: must be list or null; got {type(ids).__name__}")
+    if not ids:
+        return
+    if not (isinstance(ids[0], list) or _is_int(ids[0])):
+        raise SchemaError(f"input_ids: elements must be int or list; got {type(ids[0]).__name__}")
+    batch = isinstance(ids[0], list)
+    for i, row in enumerate(ids if batch else [ids]):
+        bad = [t for t in row if not _is_int(t)] if isinstance(row, list) else [row]
+        if bad:
+            where = f"input_ids[{i}]" if batch else "input_ids"
+            raise SchemaError(f"{where}: must be a list of integers; got {bad[0]!r:.40}")
+
+
+def _check_body_types(body: Any) -> None:
+    """Gate 1: what pydantic refuses before SGLang looks at the request."""
     if not isinstance(body, dict):
-        raise ContractError("invalid type: request body must be a JSON object")
-    if flag(body, "stream"):
-        raise RequestError("stream=true is not supported by the embedded engine")
-    if body.get("input_embeds") is not None:
-        raise RequestError("input_embeds is not supported by the embedded engine")
+        raise SchemaError(f"request body: input should be a JSON object, got {type(body).__name__}")
+    text, ids, rid, sps = body.get("text"), body.get("input_ids"), body.get("rid"), body.get("sampling_params")
+    if text is not None and not (isinstance(text, str) or
+                                 (isinstance(text, list) and all(isinstance(t, str) for t in text))):
+        raise SchemaError(f"text: must be a string or a list of strings, got {text!r:.80}")
+    if ids is not None:
+        _check_input_ids(ids)
+    if rid is not None and not (isinstance(rid, str) or
+                                (isinstance(rid, list) and all(isinstance(r, str) for r in rid))):
+        raise SchemaError(f"rid: must be a string or a list of strings, got {rid!r:.80}")
+    if isinstance(sps, list):
+        for i, sp in enumerate(sps):
+            if not isinstance(sp, dict):
+                raise SchemaError(f"sampling_params[{i}]: input should be a valid dictionary, got {sp!r:.80}")
+    elif sps is not None and not isinstance(sps, dict):
+        raise SchemaError(f"sampling_params: input should be a dictionary or a list of dictionaries, got {sps!r:.80}")
+
+
+def _prompts(body: dict, tokenizer) -> tuple[list[list[int]], bool]:
+    """-> (prompts, single): ``text`` tokenized as SGLang does (``tokenizer(text)``, special
+    tokens added), or ``input_ids`` as given."""
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         raise RequestError("exactly one of text / input_ids must be given")
@@ -137,17 +263,29 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
             raise RequestError("text input needs a tokenizer; this model directory has none, send input_ids")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
-        prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    else:
-        if not isinstance(ids, list):
-            raise ContractError("invalid type: input_ids must be a list")
-        single = not (len(ids) > 0 and isinstance(ids[0], list))
-        prompts = [ids] if single else ids
+        if not texts:
+            raise RequestError("text is an empty list")
+        prompts = [list(tokenizer(t)["input_ids"]) for t in texts]
+        for i, (t, p) in enumerate(zip(texts, prompts)):
+            if not p:
+                raise RequestError(f"text{'' if single else f'[{i}]'} ({t!r:.40}) tokenizes to no tokens: empty prompt")
+        return prompts, single
+    single = not (len(ids) > 0 and isinstance(ids[0], list))
+    return ([ids] if single else ids), single
+
+
+def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=None,
+                   max_samples: int = 4096) -> ParsedGenerate:
+    """A ``/generate`` body -> what the engine runs, or the first of SGLang's errors for it."""
+    _check_body_types(body)
+    if flag(body, "stream"):
+        raise RequestError("stream=true is not supported by the embedded engine")
+    if body.get("input_embeds") is not None:
+        raise RequestError("input_embeds is not supported by the embedded engine")
+    prompts, single = _prompts(body, tokenizer)
     if not prompts:
         raise RequestError("input_ids is empty")
     for i, p in enumerate(prompts):
-        if not isinstance(p, list) or not all(_is_int(t) for t in p):
-            raise ContractError(f"invalid type: input_ids[{i}] must be a list of integers")
         if len(p) == 0:
             raise RequestError(f"input_ids[{i}] is empty" if not single else "input_ids is empty")
         bad = [t for t in p if not 0 <= t < vocab_size]
@@ -161,28 +299,23 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
         parsed = [parse_sampling(sp, has_tokenizer=tokenizer is not None) for sp in sps]
     else:
         parsed = [parse_sampling(sps, has_tokenizer=tokenizer is not None)] * B
-    params = [p for p, _ in parsed]
-    if any(stop for _, stop in parsed):
-        raise RequestError("sampling_params.stop strings are not implemented by the embedded engine yet; "
-                           "use stop_token_ids")
-    if len({p.n for p in params}) != 1:
-        raise RequestError(f"n must be the same in every sampling_params entry, got {[p.n for p in params]}")
-    if B * params[0].n > max_samples:
-        raise RequestError(f"{B} prompts x n={params[0].n} asks {B * params[0].n} samples; this server takes at "
+    ns = [p.params.n for p in parsed]
+    if len(set(ns)) != 1:
+        raise RequestError(f"n must be the same in every sampling_params entry, got {ns}")
+    if B * ns[0] > max_samples:
+        raise RequestError(f"{B} prompts x n={ns[0]} asks {B * ns[0]} samples; this server takes at "
                            f"most {max_samples} per request (--max-samples-per-request)")
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        if len(p) + sp.max_new_tokens > context_len:
-            raise RequestError(f"prompt {i}: input tokens ({len(p)}) + max_new_tokens ({sp.max_new_tokens}) "
-                               f"exceeds the context length ({context_len})")
+    params = [dataclasses.replace(s.params, max_new_tokens=generation_budget(s, len(p), context_len, f"prompt {i}"))
+              for i, (p, s) in enumerate(zip(prompts, parsed))]
     rid = body.get("rid")
     if rid is None:
         rids: list[str | None] = [None] * B
     elif isinstance(rid, str):
         rids = [rid] if single else [f"{rid}_{i}" for i in range(B)]
-    elif isinstance(rid, list) and len(rid) == B and all(isinstance(r, str) for r in rid):
+    elif len(rid) == B:
         rids = list(rid)
     else:
-        raise RequestError(f"rid must be a string or a list of {B} strings")
+        raise RequestError(f"rid must be a string or a list of {B} strings, got {len(rid)}")
     rl = body.get("return_logprob", False)
     if isinstance(rl, list):
         if not all(isinstance(x, bool) for x in rl):
@@ -200,7 +333,7 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
     if not _is_int(start) or start < 0 or any(start > len(p) for p in prompts):
         raise RequestError(f"routed_experts_start_len ({start}) must be an integer in [0, prompt tokens "
                            f"({min(len(p) for p in prompts)})]")
-    n = params[0].n
-    return ParsedGenerate(prompts=prompts, params=params, rids=rids, return_logprob=rl_list,
+    return ParsedGenerate(prompts=prompts, params=params, text_options=[s.text for s in parsed], rids=rids,
+                          return_logprob=rl_list, return_text_in_logprobs=flag(body, "return_text_in_logprobs"),
                           return_routed_experts=flag(body, "return_routed_experts"),
-                          routed_experts_start_len=start, single=single and n == 1)
+                          routed_experts_start_len=start, single=single and ns[0] == 1)

@@ -34,16 +34,19 @@ from moe_rl.rollout.embedded.control_api import control_router
 from moe_rl.rollout.embedded.engine import EmbeddedEngine
 from moe_rl.rollout.embedded.generate_api import generate_router
 from moe_rl.rollout.embedded.http_context import ServerContext, ServerMiddleware, ServerOptions, Unavailable
-from moe_rl.rollout.embedded.protocol import ContractError, RequestError
+from moe_rl.rollout.embedded.protocol import ContractError, RequestError, SchemaError
 from moe_rl.rollout.embedded.weights_api import weights_router
 
 
-def _load_tokenizer(path: str):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, loaded as SGLang's ``get_tokenizer`` loads it (no clean-up of
+    spaces when decoding); None when the directory has none (then replies carry no ``text``,
+    as SGLang's with ``--skip-tokenizer-init``)."""
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, clean_up_tokenization_spaces=False, trust_remote_code=trust_remote_code)
 
 
 def build_app(engine: EmbeddedEngine, options: ServerOptions | None = None, *, tokenizer=None) -> FastAPI:
@@ -51,6 +54,12 @@ def build_app(engine: EmbeddedEngine, options: ServerOptions | None = None, *, t
     ctx = ServerContext(engine, options or ServerOptions(), tokenizer)
     app = FastAPI()
     app.state.ctx = ctx
+
+    @app.exception_handler(SchemaError)
+    async def _schema(_req, exc: SchemaError):
+        # SGLang's ErrorResponse (http_server.py validation / HTTPException handlers)
+        return JSONResponse({"object": "error", "message": str(exc), "type": exc.type, "param": None, "code": 400,
+                             "weight_version": ctx.version()}, status_code=400)
 
     @app.exception_handler(ContractError)
     async def _contract(_req, exc: ContractError):
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     roots = a.weight_roots if a.weight_roots is not None else [os.path.dirname(model_path)]
     options = ServerOptions(model_path=model_path, api_key=a.api_key, weight_roots=[os.path.abspath(r) for r in roots],
                             control_timeout_s=a.control_timeout, max_samples_per_request=a.max_samples_per_request)
-    app = build_app(engine, options, tokenizer=_load_tokenizer(a.model_path))
+    app = build_app(engine, options, tokenizer=load_tokenizer(a.model_path, trust_remote_code=a.trust_remote_code))
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                                            timeout_graceful_shutdown=5))
     handle_exit = server.handle_exit

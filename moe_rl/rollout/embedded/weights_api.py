@@ -10,6 +10,9 @@ the model's own shapes, before any buffer is allocated, and ``/update_weights_fr
 takes only safetensors bytes (``load_format: "safetensors"``): nothing that arrives over HTTP
 is unpickled. Rendezvous and broadcasts run on their own bounded executor with a deadline.
 
+A body SGLang's pydantic models refuse (a required field missing or of the wrong type) is a
+``SchemaError``: SGLang's ``ErrorResponse``, HTTP 400.
+
 ``/begin_weight_update`` and ``/end_weight_update`` open and close a weight-update session as
 SGLang 0.5.23's do (a second begin, or an end without a begin, is a 400), so a client that
 drives SGLang works here unchanged; this engine does not require the session around updates.
@@ -33,13 +36,14 @@ Beyond SGLang (``moe_rl.weights`` uses them when ``GET /weight_sync_info`` answe
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
 
 from moe_rl.rollout.broadcast_group import WeightBroadcastGroup
 from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable
-from moe_rl.rollout.embedded.protocol import RequestError, flag
+from moe_rl.rollout.embedded.protocol import RequestError, SchemaError, flag
 from moe_rl.rollout.embedded.weight_update import (
     StagedUpdate, WeightUpdateError, apply_update, check_announced, check_complete, load_checkpoint_state,
     plan_update)
@@ -62,6 +66,18 @@ def _str_field(body: dict, key: str) -> str | None:
     if v is not None and (not isinstance(v, (str, int)) or isinstance(v, bool) or v == ""):
         raise RequestError(f"{key} must be a non-empty string, got {v!r:.80}")
     return None if v is None else str(v)
+
+
+def _required(body: dict, key: str, kind: type, what: str) -> Any:
+    """``body[key]``, which SGLang's request model requires to be ``kind``; else a SchemaError."""
+    if key not in body or body[key] is None:
+        raise SchemaError(f"{key}: Field required")
+    v = body[key]
+    if kind is int and isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        v = int(v)  # pydantic's lax mode takes "29500" for an int
+    if not isinstance(v, kind) or isinstance(v, bool):
+        raise SchemaError(f"{key}: must be {what}, got {v!r:.80}")
+    return v
 
 
 def _checksums_field(body: dict) -> dict[str, str] | None:
@@ -127,9 +143,9 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     @r.post("/update_weights_from_disk")
     async def update_from_disk(request: Request):
         body = await ctx.read_json(request)
-        path = body.get("model_path")
-        if not isinstance(path, str) or not path:
-            raise RequestError("model_path (string) is required")
+        path = _required(body, "model_path", str, "a string")
+        if not path:
+            raise RequestError("model_path is the empty string")
         roots = ctx.options.weight_roots
         if not under_roots(path, roots):
             return reply(False, f"model_path {path!r} is outside the server's weight roots {roots} "
@@ -143,8 +159,10 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     @r.post("/update_weights_from_tensor")
     async def update_from_tensor(request: Request):
         body = await ctx.read_json(request)
-        blobs = body.get("serialized_named_tensors")
-        if not isinstance(blobs, list) or len(blobs) != 1 or not isinstance(blobs[0], str):
+        blobs = _required(body, "serialized_named_tensors", list, "a list of base64 strings")
+        if not all(isinstance(b, str) for b in blobs):
+            raise SchemaError(f"serialized_named_tensors: must be a list of base64 strings, got {blobs!r:.80}")
+        if len(blobs) != 1:
             raise RequestError("serialized_named_tensors must be a list of one base64 string "
                                "(one entry per TP rank; this engine is TP 1)")
         fmt = body.get("load_format")
@@ -214,11 +232,9 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     @r.post("/init_weights_update_group")
     async def init_group(request: Request):
         body = await ctx.read_json(request)
-        try:
-            addr, port = str(body["master_address"]), int(body["master_port"])
-            rank_offset, world = int(body["rank_offset"]), int(body["world_size"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RequestError(f"master_address, master_port, rank_offset, world_size are required: {e}") from e
+        addr = _required(body, "master_address", str, "a string")
+        port, rank_offset, world = (_required(body, k, int, "an integer")
+                                    for k in ("master_port", "rank_offset", "world_size"))
         if not 0 < port < 65536 or not 0 < rank_offset < world:
             raise RequestError(f"master_port ({port}) must be in (0, 65536) and rank_offset ({rank_offset}) "
                                f"in (0, world_size={world})")
@@ -259,9 +275,7 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     @r.post("/update_weights_from_distributed")
     async def update_from_distributed(request: Request):
         body = await ctx.read_json(request)
-        names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
-        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
-            raise RequestError("names, dtypes and shapes (lists) are required")
+        names, dtypes, shapes = (_required(body, k, list, "a list") for k in ("names", "dtypes", "shapes"))
         name = body.get("group_name", "weight_update_group")
         g = ctx.groups.get(name) if isinstance(name, str) else None
         if g is None:

@@ -1,0 +1,390 @@
+"""The embedded server's text side against SGLang 0.5.23's behaviour, written out here.
+
+One in-process server over the tiny qwen3_moe model with a byte-level BPE tokenizer that adds
+BOS (``<s>``) when it encodes text, and a context length of 64. Two kinds of output:
+- the real model's greedy tokens, for text prompts, a stop string found in real output, and
+  the budget rules;
+- scripted tokens: a wrapper on the model's forward puts all mass on a chosen token at each
+  output position, so adversarial outputs (special tokens, a character split over two byte
+  tokens, a stop string spelled in more tokens than its own encoding) are produced on demand.
+
+Expected values are SGLang's rules applied with a tokenizer loaded here, or literal strings:
+- text: the stop token dropped unless ``no_stop_trim``; the ids decoded behind the prompt's
+  last 5 tokens with ``skip_special_tokens`` (default true), the prompt part cut off; a
+  matched stop string cut off (kept with ``no_stop_trim``) at its first occurrence
+  (detokenizer_manager.py ``trim_matched_stop``);
+- stop strings: checked after every token in the decoded tail (special tokens shown), before
+  stop tokens; ``matched`` is the first listed one found; every token stays in output_ids
+  (schedule_batch.py ``_check_str_based_finish``);
+- logprob texts: each id decoded alone (tokenizer_manager.py ``detokenize_logprob_tokens``);
+- budgets: absent 128, null unlimited, capped at ``context - prompt - 2``; an explicit budget
+  over the context and a prompt of ``context - 6`` tokens or more are 400s;
+- ``weight_versions``: contiguous ``{version, start, end}`` spans over the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import httpx
+import pytest
+from moe_rl.rollout.config import EmbeddedEngineConfig
+from moe_rl.rollout.embedded.engine import EmbeddedEngine
+from moe_rl.rollout.embedded.server import load_tokenizer
+
+from embedded_servers import InProcessServer
+
+CONTEXT = 64
+EOS, BOS, IM_START = 2, 1, 3  # the tiny model's eos; the tokenizer's special ids
+PROMPT = [5, 6, 7, 8, 9, 10]  # scripted requests use this prompt length
+GREEDY = {"temperature": 0}
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE tokens are spelled in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, n = dict(zip(printable, map(chr, printable))), 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+BYTE_CHAR = _byte_chars()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny model with a tokenizer saved beside it; encoding adds BOS (like Llama's)."""
+    from tokenizers import processors
+
+    from moe_rl.data.tokenizer import build_tokenizer
+    from moe_rl.models.tiny import save_tiny_hf
+
+    path = save_tiny_hf("qwen3_moe", tmp_path_factory.mktemp("tok") / "m", seed=0)
+    tok = build_tokenizer(512)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    """The reference tokenizer, loaded here as SGLang loads it (no clean-up of spaces)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(model_dir, clean_up_tokenization_spaces=False)
+
+
+class Script:
+    """Wraps the model's forward: while ``tokens`` is set, the logits at output position ``j``
+    of a ``len(PROMPT)``-token prompt put all mass on ``tokens[j]``; ``delay_s`` slows every
+    forward (to act while a request runs)."""
+
+    def __init__(self, engine: EmbeddedEngine) -> None:
+        self.tokens: list[int] | None = None
+        self.delay_s = 0.0
+        forward = engine.model.forward
+
+        def scripted(*a, **kw):
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            out = forward(*a, **kw)
+            if self.tokens is not None:
+                for b, pos in enumerate(kw["position_ids"][:, -1].tolist()):
+                    j = pos - (len(PROMPT) - 1)
+                    if 0 <= j < len(self.tokens):
+                        out.logits[b, -1] = -1e4
+                        out.logits[b, -1, self.tokens[j]] = 1e4
+            return out
+
+        engine.model.forward = scripted
+
+    @contextlib.contextmanager
+    def run(self, tokens: list[int]):
+        self.tokens = tokens
+        try:
+            yield
+        finally:
+            self.tokens = None
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    engine = EmbeddedEngine(EmbeddedEngineConfig(model_path=model_dir, max_running=4, max_context_len=CONTEXT))
+    engine.start()
+    script = Script(engine)
+    srv = InProcessServer(engine, tokenizer=load_tokenizer(model_dir))
+    srv.script = script
+    yield srv
+    srv.close()
+
+
+def gen(srv, body: dict, status: int = 200):
+    r = httpx.post(srv.url + "/generate", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def sglang_text(tok, prompt, out, finish, *, skip=True, no_stop_trim=False) -> str:
+    """SGLang's response text (module docstring), written out."""
+    matched = finish.get("matched")
+    ids = out[:-1] if isinstance(matched, int) and not no_stop_trim else out
+    surr = prompt[-5:]
+    text = tok.decode(surr + ids, skip_special_tokens=skip)[len(tok.decode(surr, skip_special_tokens=skip)):]
+    if isinstance(matched, str) and matched in text:
+        pos = text.find(matched)
+        text = text[: pos + len(matched)] if no_stop_trim else text[:pos]
+    return text
+
+
+def first_stop(tok, out, stops, window=None):
+    """(tokens kept, matched) of the first token after which the decoded tail (all output, or
+    SGLang's last ``window`` tokens) holds a stop string; None if never."""
+    for k in range(1, len(out) + 1):
+        tail = tok.decode(out[max(0, k - window) if window else 0:k])
+        hit = next((s for s in stops if s in tail), None)
+        if hit is not None:
+            return k, hit
+    return None
+
+
+def sglang_window(tok, stops) -> int:
+    return max(len(tok.encode(s, add_special_tokens=False)) for s in stops) + 1
+
+
+# ----------------------------------------------------------------------------- real model
+def test_text_prompts_get_the_tokenizers_special_tokens(server, tok):
+    """SGLang tokenizes ``text`` with ``tokenizer(text)``: BOS added here."""
+    ids = tok("hello world")["input_ids"]
+    assert ids[0] == BOS and ids[1:] == tok("hello world", add_special_tokens=False)["input_ids"]
+    sp = {**GREEDY, "max_new_tokens": 8, "ignore_eos": True}
+    by_text = gen(server, {"text": "hello world", "sampling_params": sp})
+    by_ids = gen(server, {"input_ids": ids, "sampling_params": sp})
+    assert by_text["meta_info"]["prompt_tokens"] == len(ids)
+    assert by_text["output_ids"] == by_ids["output_ids"] and by_text["text"] == by_ids["text"]
+    assert by_text["text"] == sglang_text(tok, ids, by_ids["output_ids"], by_ids["meta_info"]["finish_reason"])
+    batch = gen(server, {"text": ["a b", "hello"], "sampling_params": sp})
+    assert [b["meta_info"]["prompt_tokens"] for b in batch] == [len(tok(t)["input_ids"]) for t in ("a b", "hello")]
+
+
+def test_stop_string_in_real_output(server, tok):
+    prompt = [40, 41, 42, 43]
+    sp = {**GREEDY, "max_new_tokens": 40, "ignore_eos": True}
+    out = gen(server, {"input_ids": prompt, "sampling_params": sp})["output_ids"]
+    # a two-character stop string across a token boundary, from the middle of the output
+    pieces = [tok.decode([t]) for t in out]
+    k = next(i for i in range(10, len(out) - 1)
+             if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i][-1] + pieces[i + 1][0])
+    stop = pieces[k][-1] + pieces[k + 1][0]
+    want = first_stop(tok, out, [stop])
+    assert want == first_stop(tok, out, [stop], sglang_window(tok, [stop]))  # SGLang finds it at that token too
+    r = gen(server, {"input_ids": prompt, "sampling_params": {**sp, "stop": stop}})
+    assert r["output_ids"] == out[: want[0]] and r["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert r["text"] == sglang_text(tok, prompt, out[: want[0]], {"matched": stop})
+    assert stop not in r["text"] and r["text"] + stop in tok.decode(out)
+    kept = gen(server, {"input_ids": prompt, "sampling_params": {**sp, "stop": [stop], "no_stop_trim": True}})
+    assert kept["text"] == r["text"] + stop
+
+
+def test_max_new_tokens_null_and_context_caps(server):
+    """SGLang: null = no limit; every budget capped at context - prompt - 2 (max_req_len =
+    context - 1); absent = 128; an explicit budget over the context and a prompt of
+    context - 6 tokens or more are refused."""
+    p = [11, 12, 13, 14, 15]
+    none = gen(server, {"input_ids": p, "sampling_params": {"max_new_tokens": None, "ignore_eos": True}})
+    assert len(none["output_ids"]) == CONTEXT - len(p) - 2 == 57
+    assert none["meta_info"]["finish_reason"] == {"type": "length", "length": 57}
+    absent = gen(server, {"input_ids": p, "sampling_params": {"ignore_eos": True}})  # 128, capped silently
+    assert len(absent["output_ids"]) == 57
+    exact = gen(server, {"input_ids": p, "sampling_params": {"max_new_tokens": CONTEXT - len(p), "ignore_eos": True}})
+    assert len(exact["output_ids"]) == 57
+    small = gen(server, {"input_ids": p, "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}})
+    assert len(small["output_ids"]) == 3
+    r = gen(server, {"input_ids": p, "sampling_params": {"max_new_tokens": CONTEXT - len(p) + 1}}, 400)
+    assert "exceeds the context length" in r["error"]["message"]
+    longest = list(range(5, 5 + CONTEXT - 7))  # 57 tokens: the longest prompt the scheduler takes
+    r = gen(server, {"input_ids": longest, "sampling_params": {"max_new_tokens": None, "ignore_eos": True}})
+    assert len(r["output_ids"]) == CONTEXT - len(longest) - 2 == 5
+    r = gen(server, {"input_ids": longest + [5], "sampling_params": {"max_new_tokens": 0}}, 400)
+    assert "maximum allowed length (58 tokens" in r["error"]["message"]
+    r = gen(server, {"input_ids": list(range(5, 5 + CONTEXT)), "sampling_params": {"max_new_tokens": None}}, 400)
+    assert "longer than the model's context length" in r["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- scripted output
+@pytest.fixture(scope="module")
+def script_ids(tok):
+    """Token ids of the scripted output, by name, and the whole script.
+
+    ``merged`` is a vocabulary token " Xy" (its own encoding is that one token); later the same
+    text is spelled one byte token at a time. "é" is two byte tokens (0xC3, 0xA9)."""
+    vocab = tok.get_vocab()
+    merged = sorted(k for k in vocab if k.startswith("Ġ") and len(k) == 3 and k[1:].isalpha())[0]
+    ids = {c: vocab[BYTE_CHAR[ord(c)]] for c in "abcdxyz!qwvu "}
+    ids["merged"], ids["e1"], ids["e2"] = vocab[merged], vocab[BYTE_CHAR[0xC3]], vocab[BYTE_CHAR[0xA9]]
+    m_text = tok.decode([ids["merged"]])
+    assert tok.encode(m_text, add_special_tokens=False) == [ids["merged"]]
+    assert tok.encode("é", add_special_tokens=False) == [ids["e1"], ids["e2"]]
+    spelled = [vocab[BYTE_CHAR[ord(c)]] for c in m_text]
+    seq = ([ids["a"], ids["b"], ids["merged"], ids["c"], ids["d"]] + spelled
+           + [ids["x"], ids["y"], ids["z"], IM_START, ids["!"], ids["e1"], ids["e2"], ids["q"], EOS,
+              ids["w"], ids["v"], ids["u"]])
+    return {"ids": ids, "m": m_text, "seq": seq}
+
+
+def _run(server, seq, sp, prompt=PROMPT, **body):
+    with server.script.run(seq):
+        return gen(server, {"input_ids": prompt, "sampling_params": {**GREEDY, "max_new_tokens": len(seq), **sp},
+                            **body})
+
+
+def test_special_tokens_and_stop_token_trim(server, tok, script_ids):
+    seq, m = script_ids["seq"], script_ids["m"]
+    i_eos = seq.index(EOS)
+    whole = _run(server, seq, {"ignore_eos": True})
+    assert whole["output_ids"] == seq and whole["text"] == f"ab{m}cd{m}xyz!éqwvu"
+    shown = _run(server, seq, {"ignore_eos": True, "skip_special_tokens": False})
+    assert shown["text"] == f"ab{m}cd{m}xyz<|im_start|>!éq</s>wvu"
+    nospace = _run(server, seq, {"ignore_eos": True, "skip_special_tokens": False,
+                                 "spaces_between_special_tokens": False})
+    assert nospace["text"] == tok.decode(seq, skip_special_tokens=False, spaces_between_special_tokens=False)
+    # EOS finishes; it stays in output_ids and leaves the text (even when special tokens are shown)
+    eos = _run(server, seq, {})
+    assert eos["output_ids"] == seq[: i_eos + 1]
+    assert eos["meta_info"]["finish_reason"] == {"type": "stop", "matched": EOS}
+    assert eos["text"] == f"ab{m}cd{m}xyz!éq"
+    assert _run(server, seq, {"skip_special_tokens": False})["text"] == f"ab{m}cd{m}xyz<|im_start|>!éq"
+    assert _run(server, seq, {"skip_special_tokens": False, "no_stop_trim": True})["text"] == \
+        f"ab{m}cd{m}xyz<|im_start|>!éq</s>"
+    # a stop_token_ids token is trimmed the same way
+    st = _run(server, seq, {"stop_token_ids": [IM_START], "skip_special_tokens": False})
+    assert st["meta_info"]["finish_reason"] == {"type": "stop", "matched": IM_START}
+    assert st["output_ids"] == seq[: seq.index(IM_START) + 1] and st["text"] == f"ab{m}cd{m}xyz"
+    assert _run(server, seq, {"stop_token_ids": [IM_START], "skip_special_tokens": False, "no_stop_trim": True})[
+        "text"] == f"ab{m}cd{m}xyz<|im_start|>"
+    for r, skip, nst in [(whole, True, False), (shown, False, False), (eos, True, False), (st, False, False)]:
+        assert r["text"] == sglang_text(tok, PROMPT, r["output_ids"], r["meta_info"]["finish_reason"], skip=skip,
+                                        no_stop_trim=nst)
+
+
+def test_character_split_between_prompt_and_output(server, tok, script_ids):
+    """SGLang decodes behind the prompt's last 5 tokens and cuts the prompt's text off: a
+    character whose first byte ends the prompt is left out of the text."""
+    ids = script_ids["ids"]
+    prompt = PROMPT[:-1] + [ids["e1"]]
+    r = _run(server, [ids["e2"], ids["q"], ids["w"]], {"ignore_eos": True}, prompt=prompt)
+    assert r["text"] == "qw" and tok.decode(r["output_ids"]) == "\ufffdqw"
+
+
+def test_logprob_entries_carry_token_text(server, tok, script_ids):
+    seq = script_ids["seq"]
+    r = _run(server, seq, {"ignore_eos": True}, return_logprob=True, return_text_in_logprobs=True)
+    entries = r["meta_info"]["output_token_logprobs"]
+    assert [e[1] for e in entries] == seq
+    assert [e[2] for e in entries] == [tok.decode([t]) for t in seq]
+    assert entries[seq.index(IM_START)][2] == "<|im_start|>" and entries[seq.index(EOS)][2] == "</s>"
+    assert entries[seq.index(script_ids["ids"]["e1"])][2] == "\ufffd"
+    plain = _run(server, seq, {"ignore_eos": True}, return_logprob=True)
+    assert all(e[2] is None for e in plain["meta_info"]["output_token_logprobs"])
+
+
+# (stop, extra sampling params, the token that completes it (kept through), matched, text);
+# "{m}" is the merged token's text (" Xy"), "{m2}" its first two characters (" X").
+STOP_CASES = [
+    ("b{m2}", {}, "merged", "b{m2}", "a"),  # across a token boundary
+    ("{m}x", {}, "x", "{m}x", "ab{m}cd"),  # spelled in more tokens than SGLang's window
+    (["xyz", "yz"], {}, "z", "xyz", "ab{m}cd{m}"),  # both complete at "z": the first listed wins
+    (["yz", "xyz"], {}, "z", "yz", "ab{m}cd{m}x"),
+    ("{m2}", {"no_stop_trim": True}, "merged", "{m2}", "ab{m2}"),  # ends inside a token: the rest is cut
+    ("{m2}", {}, "merged", "{m2}", "ab"),
+    ("im_start", {}, IM_START, "im_start", "ab{m}cd{m}xyz"),  # special token's text: not in the text
+    ("im_start", {"skip_special_tokens": False}, IM_START, "im_start", "ab{m}cd{m}xyz<|"),
+    ("é", {}, "e2", "é", "ab{m}cd{m}xyz!"),  # one character, two byte tokens
+    ("q</s>", {}, EOS, "q</s>", "ab{m}cd{m}xyz!éq"),  # a stop string beats EOS at the same token
+    ("a", {}, "a", "a", ""),  # the first token
+]
+NOT_IN_SGLANG_WINDOW = 1  # STOP_CASES[1]: the one deliberate difference (stop_strings.py)
+
+
+@pytest.mark.parametrize("case", range(len(STOP_CASES)))
+def test_stop_strings_on_scripted_output(server, tok, script_ids, case):
+    stop, extra, through, matched, text = STOP_CASES[case]
+    seq, m = script_ids["seq"], script_ids["m"]
+    fill = lambda x: x.format(m=m, m2=m[:2])  # noqa: E731
+    stops = [fill(stop)] if isinstance(stop, str) else stop
+    matched, text = fill(matched), fill(text)
+    k = seq.index(through if isinstance(through, int) else script_ids["ids"][through]) + 1
+    assert first_stop(tok, seq, stops) == (k, matched)  # the rule, on this script
+    r = _run(server, seq, {"stop": stops[0] if isinstance(stop, str) else stops, **extra})
+    assert r["meta_info"]["finish_reason"] == {"type": "stop", "matched": matched}, r
+    assert r["output_ids"] == seq[:k] and r["meta_info"]["completion_tokens"] == k
+    assert r["text"] == text
+    assert r["text"] == sglang_text(tok, PROMPT, seq[:k], {"matched": matched},
+                                    skip=extra.get("skip_special_tokens", True),
+                                    no_stop_trim=extra.get("no_stop_trim", False))
+    sglang = first_stop(tok, seq, stops, sglang_window(tok, stops))
+    assert sglang == (None if case == NOT_IN_SGLANG_WINDOW else (k, matched))
+
+
+def test_stop_strings_per_prompt_and_per_sample(server, tok, script_ids):
+    seq, m = script_ids["seq"], script_ids["m"]
+    with server.script.run(seq):
+        two = gen(server, {"input_ids": [PROMPT, PROMPT], "sampling_params": [
+            {**GREEDY, "max_new_tokens": len(seq), "stop": "xyz"},
+            {**GREEDY, "max_new_tokens": len(seq), "stop": ["never", "cd"], "no_stop_trim": True}]})
+        n2 = gen(server, {"input_ids": PROMPT, "sampling_params": {
+            **GREEDY, "max_new_tokens": len(seq), "stop": "xyz", "n": 2}})
+    assert [x["text"] for x in two] == [f"ab{m}cd{m}", f"ab{m}cd"]
+    assert [x["meta_info"]["finish_reason"]["matched"] for x in two] == ["xyz", "cd"]
+    assert [x["text"] for x in n2] == [f"ab{m}cd{m}"] * 2
+    never = _run(server, seq, {"stop": ["zzz", "ba"], "ignore_eos": True})
+    assert never["meta_info"]["finish_reason"] == {"type": "length", "length": len(seq)}
+    assert never["text"] == f"ab{m}cd{m}xyz!éqwvu"
+    most = _run(server, seq, {"stop": [f"s{i}" for i in range(31)] + ["cd"]})  # SGLang's limit: 32
+    assert most["meta_info"]["finish_reason"]["matched"] == "cd"
+
+
+@pytest.mark.parametrize("stop,status,where,msg", [
+    ("", 400, ("error", "message"), "stop[0] is the empty string"),
+    (["ok", ""], 400, ("error", "message"), "stop[1] is the empty string"),
+    ([f"s{i}" for i in range(33)], 400, ("error", "message"), "at most 32 stop strings"),
+    ([1], 400, ("error",), "sampling_params.stop must be a string or a list of strings"),
+    ({"a": 1}, 400, ("error",), "sampling_params.stop must be a string or a list of strings"),
+])
+def test_bad_stop_values(server, stop, status, where, msg):
+    r = gen(server, {"input_ids": PROMPT, "sampling_params": {"stop": stop}}, status)
+    for key in where:
+        r = r[key]
+    assert msg in r, r
+
+
+# ----------------------------------------------------------------------------- weight_versions
+def test_weight_versions_spans(server, script_ids):
+    v0 = httpx.get(server.url + "/model_info", timeout=10).json()["weight_version"]
+    one = gen(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
+    assert one["meta_info"]["weight_versions"] == [{"version": v0, "start": 0, "end": 4}]
+    zero = gen(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 0}})
+    assert zero["meta_info"]["weight_versions"] == [{"version": v0, "start": 0, "end": 0}]
+    # the version changes while the request decodes: two spans, the newer one last
+    out: list = []
+    server.script.delay_s = 0.05
+    try:
+        t = threading.Thread(target=lambda: out.append(gen(server, {"input_ids": PROMPT, "sampling_params": {
+            "max_new_tokens": 40, "ignore_eos": True}})))
+        t.start()
+        time.sleep(0.6)
+        r = httpx.post(server.url + "/update_weight_version", json={"new_version": "v-next",
+                                                                    "abort_all_requests": False}, timeout=30)
+        assert r.status_code == 200, r.text
+        t.join(timeout=60)
+    finally:
+        server.script.delay_s = 0.0
+    meta = out[0]["meta_info"]
+    spans = meta["weight_versions"]
+    assert [s["version"] for s in spans] == [v0, "v-next"] and meta["weight_version"] == "v-next"
+    assert spans[0]["start"] == 0 and 0 < spans[0]["end"] == spans[1]["start"] < spans[1]["end"] == 40
+    assert sum(s["end"] - s["start"] for s in spans) == meta["completion_tokens"]
