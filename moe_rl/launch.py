@@ -178,7 +178,7 @@ def build_parts(cfg):
     from moe_rl.rewards.scoring import Scorer
     from moe_rl.rollout.embedded.engine import EmbeddedEngine
     from moe_rl.rollout.http_rollout import ServerRollout
-    from moe_rl.rollout.in_process import InProcessRollout
+    from moe_rl.rollout.in_process import InProcessRollout, check_stop_tokenizer
     from moe_rl.train.model import build_model, build_reference, load_hf_weights
     from moe_rl.train.optimizer import wrap_for_training
     from moe_rl.train.trainer import Trainer, check_microbatching
@@ -190,6 +190,8 @@ def build_parts(cfg):
         ensure_model(cfg, hf_dir)
     dist.barrier()
     hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
+    if cfg.rollout.backend == "embedded" and not cfg.rollout.client.server_urls:  # before minutes of model building
+        check_stop_tokenizer(cfg, cfg.rollout.embedded.model_path or hf_dir)
     dims = ParallelDims.build(cfg.parallel, world, family_for(hf_config).shape(hf_config))
     check_microbatching(cfg, dims)  # before the model is built
     groups = G.setup(dims, seed=cfg.train.seed)

@@ -146,10 +146,17 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature (also divides the trainer's logits)
     top_p: float = 1.0  # nucleus sampling mass
     top_k: int = -1  # top-k sampling (-1 = off)
+    # slime's --rollout-stop / --rollout-stop-token-ids. A response ends at the token that completes
+    # a stop string, finish reason "stop", and every token it sampled stays in the trained response
+    # (SGLang's output_ids). Matching text needs the checkpoint's tokenizer: a run whose engine
+    # checkpoint has none refuses rollout.stop at start.
+    stop: list[str] = dataclasses.field(default_factory=list)  # stop strings (at most 32); need a tokenizer
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # stop token ids besides EOS
 
     def __post_init__(self) -> None:
         if self.backend not in ("embedded", "sglang"):
             raise ValueError(f"rollout.backend ({self.backend!r}) must be 'embedded' or 'sglang'")
+        self._check_stops()
         if self.n_samples_per_prompt < 1:
             raise ValueError(f"rollout.n_samples_per_prompt ({self.n_samples_per_prompt}) must be >= 1")
         if self.max_new_tokens < 1:
@@ -163,3 +170,19 @@ class RolloutConfig:
             raise ValueError(
                 "rollout.client.router_url is set but client.return_routed_experts is true: "
                 "sglang-router 0.3.2 drops return_routed_experts; use server_urls for routing replay")
+
+    def _check_stops(self) -> None:
+        # imported here: the embedded package imports this module (its engine's config)
+        from moe_rl.rollout.embedded.stop_strings import MAX_STOP_COUNT
+
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"rollout.stop ({self.stop!r:.200}) must be a list of strings")
+        if len(self.stop) > MAX_STOP_COUNT:
+            raise ValueError(f"rollout.stop has {len(self.stop)} strings; SGLang takes at most {MAX_STOP_COUNT}")
+        for i, s in enumerate(self.stop):
+            if s == "":
+                raise ValueError(f"rollout.stop[{i}] is the empty string, which every text contains (each "
+                                 "response would end after one token); remove it")
+        for i, t in enumerate(self.stop_token_ids):
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise ValueError(f"rollout.stop_token_ids[{i}] ({t!r}) must be a non-negative integer token id")

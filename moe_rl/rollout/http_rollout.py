@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from moe_rl.config.run import RunConfig
-from moe_rl.rollout.in_process import keeps_routes, without_routes
+from moe_rl.rollout.in_process import check_stop_tokenizer, keeps_routes, without_routes
 from moe_rl.rollout.requests import make_requests
 from moe_rl.rollout.types import Sample
 
@@ -198,6 +198,7 @@ def start_engine_server(cfg: RunConfig, hf_dir: str):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     e = cfg.rollout.embedded
+    check_stop_tokenizer(cfg, e.model_path or hf_dir)  # else every request would be refused
     cmd = [sys.executable, "-m", "moe_rl.rollout.embedded.server", "--model", e.model_path or hf_dir,
            "--host", "127.0.0.1", "--port", str(port), "--max-running", str(e.max_running),
            "--weight-version", "0", "--dtype", e.dtype, "--num-threads", str(e.num_threads or 1)]

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from moe_rl.config.run import RunConfig
 from moe_rl.observability.progress import progress_bar
 from moe_rl.parallel.work_split import gather_lists, my_share
+from moe_rl.rollout.embedded.tokenizer import TOKENIZER_FILES, has_tokenizer, load_tokenizer
 from moe_rl.rollout.requests import make_requests
 from moe_rl.rollout.types import Sample
 
@@ -32,11 +33,14 @@ class InProcessRollout:
     and applied to the engine once all have arrived (all or nothing). An adapter for
     in-process engines: it holds one HF-layout copy of the model per rank, fine for the
     small models an in-process engine serves; HTTP engines use ``moe_rl.weights.transport``.
+    Stop strings (``rollout.stop``) are matched with the engine checkpoint's tokenizer, loaded
+    once here as the engine's server loads it; a checkpoint without one fails here.
     """
 
     def __init__(self, cfg: RunConfig, engine, plan, trainer: Trainer, *, show_progress: bool) -> None:
         self.cfg, self.engine, self.plan, self.trainer = cfg, engine, plan, trainer
         self.show_progress = show_progress
+        self.tokenizer = stop_tokenizer(cfg, engine.cfg.model_path)
         self.keep_routes = keeps_routes(cfg, trainer.built.hf_config)
         self.last_sync: Dict[str, float] = {}
 
@@ -45,7 +49,7 @@ class InProcessRollout:
         mine = [reqs[i] for i in my_share(len(reqs), dist.get_rank(), dist.get_world_size())]
         bar = progress_bar(len(reqs) * self.cfg.rollout.n_samples_per_prompt, f"rollout {step}",
                            enabled=self.show_progress)
-        local = self.engine.generate(mine) if mine else []
+        local = self.engine.generate(mine, tokenizer=self.tokenizer) if mine else []
         if not self.keep_routes:
             local = without_routes(local)
         out = gather_lists(local)
@@ -86,6 +90,24 @@ class InProcessRollout:
 
     def close(self) -> None:
         pass
+
+
+def check_stop_tokenizer(cfg: RunConfig, model_dir: str) -> None:
+    """ValueError when ``rollout.stop`` is set and the engine checkpoint ``model_dir`` has no
+    tokenizer to match the strings with (the embedded engine would refuse every request)."""
+    if cfg.rollout.stop and not has_tokenizer(model_dir):
+        files = " or ".join(TOKENIZER_FILES)
+        raise ValueError(f"rollout.stop ({list(cfg.rollout.stop)!r:.120}) is matched on decoded text, but the "
+                         f"engine checkpoint {model_dir or '(none given)'!r} has no tokenizer ({files}); save the "
+                         "tokenizer there, or stop on token ids (rollout.stop_token_ids)")
+
+
+def stop_tokenizer(cfg: RunConfig, model_dir: str):
+    """The tokenizer of the engine checkpoint ``model_dir`` when ``rollout.stop`` needs one, else None."""
+    if not cfg.rollout.stop:
+        return None
+    check_stop_tokenizer(cfg, model_dir)
+    return load_tokenizer(model_dir, trust_remote_code=cfg.rollout.embedded.trust_remote_code)
 
 
 def keeps_routes(cfg: RunConfig, hf_config) -> bool:

@@ -21,7 +21,8 @@ def make_requests(cfg: RunConfig, step: int, rnd: int, prompts) -> List[RolloutR
     return [RolloutRequest(
         prompt_ids=list(p.input_ids),
         sampling=SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, n=r.n_samples_per_prompt,
+                                top_k=r.top_k, n=r.n_samples_per_prompt, stop=list(r.stop),
+                                stop_token_ids=list(r.stop_token_ids),
                                 sampling_seed=group_seed(cfg.train.seed, step, rnd, g)),
         group_id=g) for g, p in enumerate(prompts)]
 

@@ -22,7 +22,7 @@ SEED_LIMIT = 1 << 64
 class FinishReason(str, enum.Enum):
     """Why a sample stopped; values are SGLang's ``finish_reason.type`` strings."""
 
-    STOP = "stop"  # a stop token / EOS was sampled (it is part of the response)
+    STOP = "stop"  # a stop token / EOS was sampled, or a stop string completed (its tokens are in the response)
     LENGTH = "length"  # max_new_tokens reached
     ABORT = "abort"  # aborted (pause, abort_request, shutdown): the client retries it
 
@@ -52,8 +52,9 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus mass kept (1 = off)
     top_k: int = TOP_K_ALL  # keep the k most likely tokens (TOP_K_ALL = off)
     min_p: float = 0.0  # drop tokens below min_p * max prob (0 = off)
+    stop: list[str] = dataclasses.field(default_factory=list)  # stop strings (their tokens stay in the output)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # extra stop tokens
-    ignore_eos: bool = False  # do not stop at the model's EOS
+    ignore_eos: bool = False  # stop at no token: neither EOS nor stop_token_ids (SGLang)
     n: int = 1  # samples per prompt (a group)
     sampling_seed: int | None = None  # per-request RNG seed (None = engine RNG)
 
@@ -75,6 +76,8 @@ class SamplingParams:
             raise ValueError(f"min_p ({self.min_p}) must be in [0, 1]")
         if self.n < 1:
             raise ValueError(f"n ({self.n}) must be >= 1")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop ({self.stop!r:.80}) must be a list of non-empty strings")
         if self.top_k == -1 or self.top_k > TOP_K_ALL:  # more than any vocabulary: keep all
             self.top_k = TOP_K_ALL
 
@@ -88,6 +91,8 @@ class SamplingParams:
         }
         if self.min_p:
             out["min_p"] = self.min_p
+        if self.stop:
+            out["stop"] = list(self.stop)
         if self.stop_token_ids:
             out["stop_token_ids"] = list(self.stop_token_ids)
         if self.ignore_eos:
@@ -127,7 +132,7 @@ class Sample:
     group_id: int  # RolloutRequest.group_id
     sample_index: int  # 0..n-1 within the group
     prompt_ids: list[int]  # [P]
-    response_ids: list[int]  # [T], includes the stop token when finish_reason is STOP
+    response_ids: list[int]  # [T], with STOP: through the stop token or the token that completed the stop string
     rollout_logprobs_T: torch.Tensor  # [T] fp32, log_softmax(logits / temperature) at the token
     routed_experts_NLK: torch.Tensor | None  # [P + T - 1, L, K] int32 expert ids, or None if not captured
     finish_reason: FinishReason

@@ -32,7 +32,7 @@ import httpx
 import pytest
 from moe_rl.rollout.config import EmbeddedEngineConfig
 from moe_rl.rollout.embedded.engine import EmbeddedEngine
-from moe_rl.rollout.embedded.server import load_tokenizer
+from moe_rl.rollout.embedded.tokenizer import load_tokenizer
 
 from embedded_servers import InProcessServer
 
@@ -266,6 +266,11 @@ def test_special_tokens_and_stop_token_trim(server, tok, script_ids):
     assert st["output_ids"] == seq[: seq.index(IM_START) + 1] and st["text"] == f"ab{m}cd{m}xyz"
     assert _run(server, seq, {"stop_token_ids": [IM_START], "skip_special_tokens": False, "no_stop_trim": True})[
         "text"] == f"ab{m}cd{m}xyz<|im_start|>"
+    # ignore_eos turns every token-based finish off, stop_token_ids included (SGLang); stop strings stay
+    ign = _run(server, seq, {"ignore_eos": True, "stop_token_ids": [IM_START]})
+    assert ign["output_ids"] == seq and ign["meta_info"]["finish_reason"] == {"type": "length", "length": len(seq)}
+    ign_str = _run(server, seq, {"ignore_eos": True, "stop": ["xyz"]})
+    assert ign_str["meta_info"]["finish_reason"] == {"type": "stop", "matched": "xyz"}
     for r, skip, nst in [(whole, True, False), (shown, False, False), (eos, True, False), (st, False, False)]:
         assert r["text"] == sglang_text(tok, PROMPT, r["output_ids"], r["meta_info"]["finish_reason"], skip=skip,
                                         no_stop_trim=nst)

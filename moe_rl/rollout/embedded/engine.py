@@ -33,8 +33,8 @@ Seeds: a request with ``sampling_seed`` and ``n > 1`` draws sample ``i`` from
 group differ (and sample 0 is what ``n = 1`` gives).
 
 Finishing, in SGLang's order after each token: a stop string (``stop_strings.py``, only for
-requests submitted with one), then a stop token (EOS unless ``ignore_eos``, or
-``stop_token_ids``), then the length budget. Every sampled token stays in the output.
+requests submitted with one), then a stop token (EOS or ``stop_token_ids``; ``ignore_eos``
+turns both off, as SGLang's ``_check_token_based_finish``), then the length budget. Every sampled token stays in the output.
 
 Weight versions: setting :attr:`weight_version` to a new value records, for every running
 sequence with output, how many tokens the old version produced, so a result carries SGLang's
@@ -188,8 +188,11 @@ class EmbeddedEngine:
                rids: list[str] | None = None, *, stop: StopStrings | None = None) -> list[cf.Future]:
         """Queue one prompt with ``params.n`` samples (or one sample per entry of a list of
         params, e.g. different budgets); they share one prefill. One future (-> SeqResult) each.
-        ``stop``: stop strings of every sample (the server builds them with its tokenizer)."""
+        ``stop``: the matcher of ``params.stop``, the samples' stop strings (built by the caller,
+        who has the tokenizer: the server, or :meth:`generate`)."""
         per_sample = [params] * params.n if isinstance(params, SamplingParams) else list(params)
+        assert all(list(sp.stop) == (stop.strs if stop is not None else []) for sp in per_sample), (
+            "submit(stop=...) must match every sample's SamplingParams.stop")
         n = len(per_sample)
         rids = rids or [uuid.uuid4().hex for _ in range(n)]
         assert len(rids) == n
@@ -272,10 +275,27 @@ class EmbeddedEngine:
             self._thread.join(timeout=10)
 
     # ------------------------------------------------------------------- in-process API
-    def generate(self, requests: list[RolloutRequest]) -> list[Sample]:
-        """Sample every request to completion; returns group-major, sample-minor ``Sample``s."""
+    def generate(self, requests: list[RolloutRequest], *, tokenizer: Any = None) -> list[Sample]:
+        """Sample every request to completion; returns group-major, sample-minor ``Sample``s.
+        ``tokenizer``: the checkpoint's, to match stop strings (``SamplingParams.stop``) as the
+        server does; required when a request has them."""
         assert self._thread is None, "generate() drives the engine itself; use submit() with start()"
-        futs = [(r, i, f) for r in requests for i, f in enumerate(self.submit(r.prompt_ids, r.sampling))]
+        matchers: dict[tuple[str, ...], StopStrings] = {}
+
+        def stop_of(sp: SamplingParams) -> StopStrings | None:
+            if not sp.stop:
+                return None
+            if tokenizer is None:
+                raise ValueError(f"stop strings {sp.stop!r:.80} need the checkpoint's tokenizer: pass it to "
+                                 "EmbeddedEngine.generate(..., tokenizer=)")
+            key = tuple(sp.stop)
+            if key not in matchers:
+                matchers[key] = StopStrings(list(key), tokenizer)
+            return matchers[key]
+
+        stops = [stop_of(r.sampling) for r in requests]  # every request checked before any is queued
+        futs = [(r, i, f) for r, stop in zip(requests, stops)
+                for i, f in enumerate(self.submit(r.prompt_ids, r.sampling, stop=stop))]
         while any(not f.done() for _, _, f in futs):
             self.step()
         out = []
@@ -506,7 +526,7 @@ class EmbeddedEngine:
         matched = s.stop.match(s.out_ids) if s.stop is not None else None
         if matched is not None:
             self._finish(s, {"type": "stop", "matched": matched})
-        elif (tok in self.eos_ids and not s.params.ignore_eos) or tok in s.params.stop_token_ids:
+        elif not s.params.ignore_eos and (tok in self.eos_ids or tok in s.params.stop_token_ids):
             self._finish(s, {"type": "stop", "matched": tok})
         elif len(s.out_ids) >= s.params.max_new_tokens or s.prompt_len + len(s.out_ids) >= self.context_len:
             self._finish(s, {"type": "length", "length": len(s.out_ids)})

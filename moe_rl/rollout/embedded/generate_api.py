@@ -41,9 +41,9 @@ def generate_router(ctx: ServerContext) -> APIRouter:
                              tokenizer=ctx.tokenizer, max_samples=ctx.options.max_samples_per_request)
         futs, rids = [], []
         try:
-            for prompt, params, opts, rid in zip(req.prompts, req.params, req.text_options, req.rids):
+            for prompt, params, rid in zip(req.prompts, req.params, req.rids):
                 ids = [rid] if params.n == 1 and rid is not None else [engine.new_rid() for _ in range(params.n)]
-                stop = StopStrings(list(opts.stop), ctx.tokenizer) if opts.stop else None
+                stop = StopStrings(params.stop, ctx.tokenizer) if params.stop else None
                 futs += engine.submit(prompt, params, ids, stop=stop)
                 rids += ids
         except EngineFailed as e:

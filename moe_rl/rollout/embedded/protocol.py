@@ -76,10 +76,9 @@ class RequestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TextOptions:
-    """How one prompt's ``text`` is built from its output ids (``output_text.py``) and when its
-    samples stop on a string (``stop_strings.py``)."""
+    """How one prompt's ``text`` is built from its output ids (``output_text.py``). Its stop
+    strings are ``SamplingParams.stop`` (the engine ends samples on them, ``stop_strings.py``)."""
 
-    stop: tuple[str, ...] = ()  # stop strings, request order
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False  # keep the matched stop token / string in the text
@@ -112,11 +111,11 @@ def flag(body: dict, key: str, default: bool = False, *, where: str = "") -> boo
     return v
 
 
-def _parse_stop(sp: dict, *, has_tokenizer: bool) -> tuple[str, ...]:
+def _parse_stop(sp: dict, *, has_tokenizer: bool) -> list[str]:
     """``sampling_params.stop`` (a string or a list of strings) -> the stop strings."""
     stop = sp.get("stop")
     if stop is None:
-        return ()
+        return []
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -131,7 +130,7 @@ def _parse_stop(sp: dict, *, has_tokenizer: bool) -> tuple[str, ...]:
         if s == "":
             raise RequestError(f"sampling_params.stop[{i}] is the empty string, which every text contains "
                                "(SGLang would end the request after one token); remove it")
-    return tuple(stop)
+    return list(stop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +167,8 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> ParsedSampling:
             raise ContractError(f"invalid type: sampling_params.{key} must be a number, got {v!r}")
         return kind(v)
 
+    stop = _parse_stop(sp, has_tokenizer=has_tokenizer)
     text = TextOptions(
-        stop=_parse_stop(sp, has_tokenizer=has_tokenizer),
         skip_special_tokens=flag(sp, "skip_special_tokens", True, where="sampling_params."),
         spaces_between_special_tokens=flag(sp, "spaces_between_special_tokens", True, where="sampling_params."),
         no_stop_trim=flag(sp, "no_stop_trim", where="sampling_params."))
@@ -187,7 +186,7 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> ParsedSampling:
         params = SamplingParams(
             max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=num("temperature", 1.0, float),
             top_p=num("top_p", 1.0, float), top_k=num("top_k", TOP_K_ALL, int), min_p=num("min_p", 0.0, float),
-            stop_token_ids=list(stop_ids), ignore_eos=flag(sp, "ignore_eos"), n=num("n", 1, int),
+            stop=stop, stop_token_ids=list(stop_ids), ignore_eos=flag(sp, "ignore_eos"), n=num("n", 1, int),
             sampling_seed=seed)
     except ValueError as e:
         raise RequestError(f"sampling_params: {e}") from e

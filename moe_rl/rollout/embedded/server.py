@@ -35,18 +35,8 @@ from moe_rl.rollout.embedded.engine import EmbeddedEngine
 from moe_rl.rollout.embedded.generate_api import generate_router
 from moe_rl.rollout.embedded.http_context import ServerContext, ServerMiddleware, ServerOptions, Unavailable
 from moe_rl.rollout.embedded.protocol import ContractError, RequestError, SchemaError
+from moe_rl.rollout.embedded.tokenizer import load_tokenizer
 from moe_rl.rollout.embedded.weights_api import weights_router
-
-
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    """The checkpoint's tokenizer, loaded as SGLang's ``get_tokenizer`` loads it (no clean-up of
-    spaces when decoding); None when the directory has none (then replies carry no ``text``,
-    as SGLang's with ``--skip-tokenizer-init``)."""
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, clean_up_tokenization_spaces=False, trust_remote_code=trust_remote_code)
 
 
 def build_app(engine: EmbeddedEngine, options: ServerOptions | None = None, *, tokenizer=None) -> FastAPI:

@@ -29,8 +29,9 @@ MAX_STOP_COUNT = 32  # sampling_params.py MAX_STOP_COUNT
 class StopStrings:
     """The stop strings of one request and how many trailing tokens to decode to find them.
 
-    Built on the HTTP thread; :meth:`match` runs on the engine thread. The tokenizer is
-    shared: decoding and (already configured) encoding only read it.
+    Built by the caller (the server's HTTP thread, or ``EmbeddedEngine.generate`` in-process);
+    :meth:`match` runs on the engine thread. The tokenizer is shared: decoding and (already
+    configured) encoding only read it.
     """
 
     def __init__(self, strs: list[str], tokenizer: Any) -> None:
