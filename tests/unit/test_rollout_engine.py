@@ -206,3 +206,21 @@ def test_tail_compaction_moves_rows_and_keeps_tokens_exact(ckpts, hf_models, mon
         assert s.response_ids == ref
         torch.testing.assert_close(s.rollout_logprobs_T, lp.gather(-1, torch.tensor(ref)[:, None])[:, 0],
                                    atol=1e-5, rtol=0)
+
+
+def test_eos_ids_of_generation_config_also_stop(ckpts, tmp_path):
+    """SGLang stops on the config's EOS ids and on generation_config.json's (model_config.py
+    _get_hf_eos_token_id). A checkpoint whose generation_config.json adds the token the
+    model greedily emits first stops there; without that file the same request runs on."""
+    import shutil
+
+    src = tmp_path / "ck"
+    shutil.copytree(ckpts["qwen3_moe"], src)
+    (src / "generation_config.json").unlink(missing_ok=True)
+    p = _prompts(1)[0]
+    free = _engine(str(src)).generate([RolloutRequest(p, SamplingParams(max_new_tokens=6, temperature=0.0))])[0]
+    first = free.response_ids[0]
+    assert len(free.response_ids) == 6 and first != 2  # the tiny model's config EOS is 2
+    tf.GenerationConfig(eos_token_id=[2, first]).save_pretrained(str(src))
+    stopped = _engine(str(src)).generate([RolloutRequest(p, SamplingParams(max_new_tokens=6, temperature=0.0))])[0]
+    assert stopped.response_ids == [first] and stopped.finish_reason == FinishReason.STOP

@@ -82,6 +82,11 @@ class SeqResult:
     weight_versions: list[dict] = dataclasses.field(default_factory=list)  # [{version, start, end}] spans
 
 
+def _id_set(ids: int | list[int] | None) -> set[int]:
+    """An ``eos_token_id`` field (one id, a list, or None) as a set."""
+    return {ids} if isinstance(ids, int) else set(ids or [])
+
+
 class _Group:
     def __init__(self, prompt_ids: list[int], remaining: int) -> None:
         self.prompt_ids = prompt_ids
@@ -131,8 +136,11 @@ class EmbeddedEngine:
         self.model = model.eval()
         self._cache_kw = cache_kwarg(model)
         self.hf_config = model.config
-        eos = self.hf_config.eos_token_id
-        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        # SGLang's hf_eos_token_id: the config's EOS ids and those of generation_config.json
+        # (transformers loads it into model.generation_config; instruct checkpoints often list
+        # more ids there, e.g. a chat end token next to the base EOS)
+        gen = getattr(model, "generation_config", None)
+        self.eos_ids = _id_set(self.hf_config.eos_token_id) | _id_set(getattr(gen, "eos_token_id", None))
         self.vocab_size = self.hf_config.vocab_size
         self.context_len = cfg.max_context_len or int(self.hf_config.max_position_embeddings)
         self.capture = RouterCapture(model) if cfg.capture_routed_experts else None
