@@ -393,3 +393,32 @@ def test_weight_versions_spans(server, script_ids):
     assert [s["version"] for s in spans] == [v0, "v-next"] and meta["weight_version"] == "v-next"
     assert spans[0]["start"] == 0 and 0 < spans[0]["end"] == spans[1]["start"] < spans[1]["end"] == 40
     assert sum(s["end"] - s["start"] for s in spans) == meta["completion_tokens"]
+
+
+def test_word_level_tokenizer_without_unknown_token(tmp_path):
+    """The toy tasks' character tokenizer cannot spell arbitrary text (no unknown token): the
+    server still starts, a text it cannot spell is a 400 naming it, and stop strings work."""
+    from moe_rl.data.tokenizer import build_char_tokenizer, char_vocab_size
+    from moe_rl.models.tiny import save_tiny_hf
+
+    alphabet = "0123456789,"
+    d = tmp_path / "char"
+    save_tiny_hf("qwen3_moe", d, seed=1, vocab_size=char_vocab_size(alphabet))
+    tok = build_char_tokenizer(alphabet)
+    tok.save_pretrained(str(d))
+    engine = EmbeddedEngine(EmbeddedEngineConfig(model_path=str(d), max_running=2, max_context_len=CONTEXT))
+    engine.start()
+    srv = InProcessServer(engine, tokenizer=load_tokenizer(str(d)))  # builds the server context: no warm-up failure
+    try:
+        bad = gen(srv, {"text": "12x4", "sampling_params": GREEDY}, status=400)
+        assert "text ('12x4') cannot be tokenized" in bad["error"]["message"]
+        sp = {**GREEDY, "max_new_tokens": 12, "ignore_eos": True}
+        free = gen(srv, {"text": "3,1,4", "sampling_params": sp})
+        assert free["meta_info"]["prompt_tokens"] == len(tok("3,1,4")["input_ids"])
+        out = free["output_ids"]
+        want = first_stop(tok, out, [tok.decode(out[1:3])])  # a stop string the model spells at tokens 2-3
+        got = gen(srv, {"text": "3,1,4", "sampling_params": {**sp, "stop": [tok.decode(out[1:3]), "xyz"]}})
+        assert got["output_ids"] == out[: want[0]] and got["meta_info"]["finish_reason"] == \
+            {"type": "stop", "matched": want[1]}
+    finally:
+        srv.close()

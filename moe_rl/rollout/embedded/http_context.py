@@ -58,8 +58,12 @@ class ServerContext:
         if tokenizer is not None:
             # The first encode may reconfigure the Rust tokenizer (no_padding / no_truncation,
             # a mutable borrow); do it now, so later encodes on the event loop only read it
-            # while the engine thread decodes stop-string tails with the same object.
-            tokenizer("warm-up")
+            # while the engine thread decodes stop-string tails with the same object. The empty
+            # text: a vocabulary without an unknown token cannot spell arbitrary words.
+            try:
+                tokenizer("")
+            except Exception:  # noqa: BLE001 - then a text request gets its own 400
+                pass
         self.groups: dict[str, Any] = {}  # weight-update groups by name
         self.num_generate_requests = 0
         self.startup_time: float | None = None

@@ -264,7 +264,12 @@ def _prompts(body: dict, tokenizer) -> tuple[list[list[int]], bool]:
         texts = [text] if single else list(text)
         if not texts:
             raise RequestError("text is an empty list")
-        prompts = [list(tokenizer(t)["input_ids"]) for t in texts]
+        prompts = []
+        for i, t in enumerate(texts):
+            try:
+                prompts.append(list(tokenizer(t)["input_ids"]))
+            except Exception as e:  # noqa: BLE001 - e.g. a word-level vocabulary without an unknown token
+                raise RequestError(f"text{'' if single else f'[{i}]'} ({t!r:.40}) cannot be tokenized: {e}") from e
         for i, (t, p) in enumerate(zip(texts, prompts)):
             if not p:
                 raise RequestError(f"text{'' if single else f'[{i}]'} ({t!r:.40}) tokenizes to no tokens: empty prompt")

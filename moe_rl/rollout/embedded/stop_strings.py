@@ -38,8 +38,11 @@ class StopStrings:
         assert strs and all(strs), "stop strings must be non-empty (checked by the protocol parser)"
         self.strs = list(strs)
         self._tokenizer = tokenizer
-        own_tokens = max(len(tokenizer.encode(s, add_special_tokens=False)) for s in strs)
         utf8_bytes = max(len(s.encode("utf-8")) for s in strs)
+        try:
+            own_tokens = max(len(tokenizer.encode(s, add_special_tokens=False)) for s in strs)
+        except Exception:  # noqa: BLE001 - a vocabulary that cannot spell it (word-level, no unknown token)
+            own_tokens = 0  # then it can only appear spelled in output tokens, at most one per byte
         self.window = max(own_tokens, utf8_bytes) + 1  # trailing tokens decoded per check
 
     def match(self, output_ids: list[int]) -> str | None:
