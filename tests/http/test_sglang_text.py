@@ -213,6 +213,12 @@ def test_max_new_tokens_null_and_context_caps(server):
     assert "maximum allowed length (58 tokens" in r["error"]["message"]
     r = gen(server, {"input_ids": list(range(5, 5 + CONTEXT)), "sampling_params": {"max_new_tokens": None}}, 400)
     assert "longer than the model's context length" in r["error"]["message"]
+    # /server_info reports the scheduler's limits as SGLang does (prompts shorter than
+    # max_req_input_len = context - 1 - 5; KV capacity: 4 slots of one context each)
+    info = httpx.get(server.url + "/server_info", timeout=10).json()
+    assert info["max_req_input_len"] == len(longest) + 1 == CONTEXT - 6
+    assert info["max_total_num_tokens"] == 4 * CONTEXT and info["context_length"] == CONTEXT
+    assert info["skip_tokenizer_init"] is False and info["page_size"] == 1
 
 
 # ----------------------------------------------------------------------------- scripted output

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from moe_rl.rollout.embedded.http_context import ServerContext
-from moe_rl.rollout.embedded.protocol import RequestError, SchemaError, flag
+from moe_rl.rollout.embedded.protocol import RequestError, SchemaError, flag, max_req_input_len
 
 VERSION = "moe_rl-embedded-0.1 (sglang 0.5.23 protocol)"
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
@@ -48,7 +48,13 @@ def control_router(ctx: ServerContext) -> APIRouter:
         c = engine.cfg
         return JSONResponse({
             "model_path": ctx.options.model_path, "tp_size": 1, "dp_size": 1, "ep_size": 1,
+            "served_model_name": ctx.options.model_path,
+            "tokenizer_path": ctx.options.model_path if ctx.tokenizer is not None else None,
+            "skip_tokenizer_init": ctx.tokenizer is None, "page_size": 1,
             "max_running_requests": c.max_running, "context_length": engine.context_len,
+            # the scheduler's: KV capacity in tokens (one context per slot), the longest prompt
+            "max_total_num_tokens": c.max_running * engine.context_len,
+            "max_req_input_len": max_req_input_len(engine.context_len),
             "enable_return_routed_experts": c.capture_routed_experts, "weight_version": ctx.version(),
             "internal_states": [{"num_running_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting,
                                  "paused": engine.paused, "released": sorted(engine.released),

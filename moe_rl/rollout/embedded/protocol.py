@@ -193,6 +193,11 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> ParsedSampling:
     return ParsedSampling(params, requested, explicit, text)
 
 
+def max_req_input_len(context_len: int) -> int:
+    """Prompts must be shorter than this (SGLang's ``max_req_input_len``: ``context_len - 1 - 5``)."""
+    return context_len - 1 - _INPUT_MARGIN
+
+
 def generation_budget(s: ParsedSampling, prompt_len: int, context_len: int, where: str) -> int:
     """The tokens a prompt may generate, as SGLang bounds them. The tokenizer manager refuses
     a prompt that fills the context, and an explicit ``max_new_tokens`` that overflows it
@@ -206,9 +211,9 @@ def generation_budget(s: ParsedSampling, prompt_len: int, context_len: int, wher
         raise RequestError(f"{where}: input tokens ({prompt_len}) + max_new_tokens ({s.explicit_max_new_tokens}) "
                            f"exceeds the context length ({context_len})")
     max_req_len = context_len - 1
-    if prompt_len >= max_req_len - _INPUT_MARGIN:
+    if prompt_len >= max_req_input_len(context_len):
         raise RequestError(f"{where}: input length ({prompt_len} tokens) exceeds the maximum allowed length "
-                           f"({max_req_len - _INPUT_MARGIN} tokens = context length {context_len} - 6)")
+                           f"({max_req_input_len(context_len)} tokens = context length {context_len} - 6)")
     cap = max_req_len - prompt_len - 1
     return max(0, min(UNLIMITED_NEW_TOKENS if s.max_new_tokens is None else s.max_new_tokens, cap))
 
