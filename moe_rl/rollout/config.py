@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from moe_rl.rollout.types import check_stop_strings
+
 
 @dataclasses.dataclass
 class EmbeddedEngineConfig:
@@ -172,17 +174,7 @@ class RolloutConfig:
                 "sglang-router 0.3.2 drops return_routed_experts; use server_urls for routing replay")
 
     def _check_stops(self) -> None:
-        # imported here: the embedded package imports this module (its engine's config)
-        from moe_rl.rollout.embedded.stop_strings import MAX_STOP_COUNT
-
-        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"rollout.stop ({self.stop!r:.200}) must be a list of strings")
-        if len(self.stop) > MAX_STOP_COUNT:
-            raise ValueError(f"rollout.stop has {len(self.stop)} strings; SGLang takes at most {MAX_STOP_COUNT}")
-        for i, s in enumerate(self.stop):
-            if s == "":
-                raise ValueError(f"rollout.stop[{i}] is the empty string, which every text contains (each "
-                                 "response would end after one token); remove it")
+        check_stop_strings(self.stop, "rollout.stop")
         for i, t in enumerate(self.stop_token_ids):
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"rollout.stop_token_ids[{i}] ({t!r}) must be a non-negative integer token id")

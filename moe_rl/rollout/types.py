@@ -19,6 +19,24 @@ TOP_K_ALL = 1 << 30
 SEED_LIMIT = 1 << 64
 
 
+MAX_STOP_COUNT = 32  # stop strings one request may carry (SGLang's sampling_params.py MAX_STOP_COUNT)
+
+
+def check_stop_strings(stop: Any, field: str) -> None:
+    """The one rule for a list of stop strings, wherever it comes from (the run config, an HTTP
+    request, ``SamplingParams``): at most :data:`MAX_STOP_COUNT` strings, none empty (every
+    text contains the empty string: each response would end after one token). ValueError
+    naming ``field`` and the value otherwise."""
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"{field} ({stop!r:.200}) must be a list of strings")
+    if len(stop) > MAX_STOP_COUNT:
+        raise ValueError(f"{field} has {len(stop)} strings; SGLang takes at most {MAX_STOP_COUNT} stop strings")
+    for i, s in enumerate(stop):
+        if s == "":
+            raise ValueError(f"{field}[{i}] is the empty string, which every text contains (each response "
+                             "would end after one token); remove it")
+
+
 class FinishReason(str, enum.Enum):
     """Why a sample stopped; values are SGLang's ``finish_reason.type`` strings."""
 
@@ -76,8 +94,7 @@ class SamplingParams:
             raise ValueError(f"min_p ({self.min_p}) must be in [0, 1]")
         if self.n < 1:
             raise ValueError(f"n ({self.n}) must be >= 1")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop ({self.stop!r:.80}) must be a list of non-empty strings")
+        check_stop_strings(self.stop, "stop")
         if self.top_k == -1 or self.top_k > TOP_K_ALL:  # more than any vocabulary: keep all
             self.top_k = TOP_K_ALL
 

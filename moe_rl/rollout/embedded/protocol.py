@@ -33,8 +33,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from moe_rl.rollout.embedded.stop_strings import MAX_STOP_COUNT
-from moe_rl.rollout.types import TOP_K_ALL, SamplingParams
+from moe_rl.rollout.types import TOP_K_ALL, SamplingParams, check_stop_strings
 
 # SGLang api_types.py SamplingParams fields (the "unknown keys rejected" gate).
 SGLANG_SAMPLING_KEYS = (
@@ -124,12 +123,10 @@ def _parse_stop(sp: dict, *, has_tokenizer: bool) -> list[str]:
     if stop and not has_tokenizer:
         raise RequestError(f"sampling_params.stop={stop!r:.80} needs a tokenizer to match text; this model "
                            "directory has none (SGLang: unavailable with skip_tokenizer_init), use stop_token_ids")
-    if len(stop) > MAX_STOP_COUNT:
-        raise RequestError(f"sampling_params.stop: at most {MAX_STOP_COUNT} stop strings are allowed, got {len(stop)}")
-    for i, s in enumerate(stop):
-        if s == "":
-            raise RequestError(f"sampling_params.stop[{i}] is the empty string, which every text contains "
-                               "(SGLang would end the request after one token); remove it")
+    try:
+        check_stop_strings(stop, "sampling_params.stop")
+    except ValueError as e:
+        raise RequestError(str(e)) from e
     return list(stop)
 
 

@@ -15,15 +15,15 @@ spans three). A token carries at least one byte, so this tail holds every occurr
 in the newest token; wherever SGLang finds a stop string, the same token finishes here, with
 the same ``matched``.
 
-Limits are SGLang's: at most :data:`MAX_STOP_COUNT` strings. The empty string, which SGLang
-finds in every tail (ending every request after one token), is refused at the door instead.
+Limits are SGLang's (``moe_rl.rollout.types.check_stop_strings``, one rule for the run config
+and requests): at most 32 strings. The empty string, which SGLang finds in every tail (ending
+every request after one token), is refused at the door instead.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-MAX_STOP_COUNT = 32  # sampling_params.py MAX_STOP_COUNT
 
 
 class StopStrings:
