@@ -49,6 +49,9 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {r.output}: {r.family}, {r.tensors} tensors, {r.bytes / 2**20:.1f} MiB in {r.seconds:.1f} s "
           f"({r.bytes / 2**20 / max(r.seconds, 1e-9):.0f} MiB/s); layout checked: {r.layout}")
+    if r.skipped:
+        print(f"left out {len(r.skipped)} input tensors that transformers skips too (tied lm_head, rotary "
+              f"inv_freq, multi-token-prediction layers), e.g. {r.skipped[0]}")
     return 0
 
 

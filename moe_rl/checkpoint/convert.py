@@ -56,6 +56,7 @@ class Result:
     seconds: float
     family: str
     layout: str
+    skipped: list[str] = dataclasses.field(default_factory=list)  # input tensors transformers skips too
 
 
 def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: str,
@@ -101,6 +102,7 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
         raise CheckpointError(f"layout does not fit {family.name} ({cfg_dir}): {e}") from e
 
     t0 = time.perf_counter()
+    skipped: list[str] = []
     counted = _Progress(progress)
     ckpt = None if from_mcore else hf_format.open_checked(src)  # every file readable, before any work
     tmp = _sibling(dst)
@@ -110,11 +112,16 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
                 ckdir = mf.iteration_dir(src)
                 want = _dtype(dtype) or mf.stored_dtype(ckdir)
                 shards = mf.model_shards(hf_config, groups, want)
+                if dtype == "auto":  # each tensor as stored (a float32 router beside bf16 weights)
+                    stored = mf.stored_dtypes(ckdir)
+                    for name, sts in shards.per_param.items():
+                        if stored.get(sts[0].key, sts[0].dtype) != sts[0].dtype:
+                            mf.store_as(shards, name, stored[sts[0].key])
                 counted.start(sum(math.prod(s) for s in shards.shape.values()) * _itemsize(want))
                 reader = mf.DistCheckpointReader(ckdir, shards)
                 try:
                     if to == "hf":
-                        n = _mcore_to_hf(reader, shards, hf_config, tmp, file_bytes, counted)
+                        n = _mcore_to_hf(reader, shards, hf_config, tmp, file_bytes, want, counted)
                         hf_format.copy_side_files(cfg_dir, tmp)
                     else:
                         n = _to_mcore(tmp, shards, lambda name: reader.read([name])[name],
@@ -125,7 +132,10 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
                 want = _dtype(dtype) or _hf_dtype(ckpt)
                 shards = mf.model_shards(hf_config, groups, want)
                 pmap = shards.built.param_map
-                hf_format.check_tensors(ckpt, hf_format.expected_hf_shapes(pmap, shards.shape))
+                skipped = hf_format.check_tensors(ckpt, hf_format.expected_hf_shapes(pmap, shards.shape), hf_config)
+                if dtype == "auto":
+                    for name in _kept_fp32(ckpt, pmap, shards, want):
+                        mf.store_as(shards, name, torch.float32)
                 counted.start(sum(math.prod(s) for s in shards.shape.values()) * _itemsize(want))
                 if to == "mcore":
                     n = _to_mcore(tmp, shards, lambda name: pmap[name].to_mcore_parts(ckpt.get), cfg_dir,
@@ -145,7 +155,7 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
         counted.close()
         if ckpt is not None:
             ckpt.close()
-    return Result(str(dst), n, counted.done, time.perf_counter() - t0, family.name, dims.describe())
+    return Result(str(dst), n, counted.done, time.perf_counter() - t0, family.name, dims.describe(), skipped)
 
 
 # ------------------------------------------------------------------ directions
@@ -162,17 +172,19 @@ def _to_mcore(tmp: Path, shards, read_tensor, cfg_dir: Path, info: dict, counted
 
 
 def _one_rank_plan(hf_config, shards, file_bytes: int, dtype: torch.dtype):
+    """The HF tensors to write, each in ``dtype`` or, where it differs, its parameter's
+    (``mf.store_as``; DeepSeek's expert bias is always float32)."""
     from moe_rl.weights.plan import plan_export
 
     expected = hf_format.expected_hf_shapes(shards.built.param_map, shards.shape)
+    own = {n: sts[0].dtype for n, sts in shards.per_param.items() if sts[0].dtype != dtype}
     return plan_export(hf_config, expected, ParallelDims.build(ParallelConfig(), 1), bucket_bytes=file_bytes,
-                       dtype=dtype)
+                       dtype=dtype, dtypes=own)
 
 
-def _mcore_to_hf(reader, shards, hf_config, tmp: Path, file_bytes: int, counted) -> int:
+def _mcore_to_hf(reader, shards, hf_config, tmp: Path, file_bytes: int, dtype, counted) -> int:
     from moe_rl.weights.export import assemble
 
-    dtype = shards.per_param[next(iter(shards.per_param))][0].dtype
     plan = _one_rank_plan(hf_config, shards, file_bytes, dtype)
 
     def as_stored(it):
@@ -213,7 +225,7 @@ def _hf_to_hf(ckpt, shards, hf_config, tmp: Path, file_bytes: int, dtype, counte
 
     def buckets():
         for b in plan.buckets:
-            yield [(t.name, ckpt.get(t.name).to(dtype)) for t in b.tensors]
+            yield [(t.name, ckpt.get(t.name).to(getattr(torch, t.dtype))) for t in b.tensors]
             ckpt.release()  # written: its pages may go
 
     hf_format.write_shards(tmp, buckets(), len(plan.buckets), on_tensor=counted.add)
@@ -248,6 +260,17 @@ def _hf_dtype(ckpt) -> torch.dtype:
     if not counts:
         raise CheckpointError(f"{ckpt.path}: no floating-point tensors")
     return max(counts, key=counts.get)
+
+
+def _kept_fp32(ckpt, pmap, shards, want: torch.dtype) -> list[str]:
+    """Parameters whose HF tensors are all float32 in a checkpoint of lower precision
+    (transformers saves DeepSeek-V3's router weight and score bias in float32 in a bf16
+    model): they stay float32, so a round trip gives back the same bytes."""
+    if want == torch.float32:
+        return []
+    return [name for name, sts in shards.per_param.items()
+            if sts[0].dtype != torch.float32 and name in pmap.entries
+            and all(ckpt.stored[n].dtype == torch.float32 for n in pmap[name].hf)]
 
 
 def _itemsize(dt: torch.dtype) -> int:

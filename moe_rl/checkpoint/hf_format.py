@@ -223,11 +223,15 @@ def open_checked(path: Path) -> HFFiles:
     return HFFiles(path, files)
 
 
-def check_tensors(ckpt, expected: dict[str, tuple[int, ...]]) -> None:
-    """Every expected tensor present with its shape, nothing else (headers only)."""
+def check_tensors(ckpt, expected: dict[str, tuple[int, ...]], hf_config) -> list[str]:
+    """Every expected tensor present with its shape, nothing else (headers only) but what
+    ``transformers`` itself skips (a tied ``lm_head.weight``, rotary ``inv_freq``, DeepSeek's
+    multi-token-prediction layers): those are returned, to be left out."""
+    from moe_rl.models.hf_checkpoint import unmapped_tensors
+
     have = set(ckpt.keys())
     missing = sorted(set(expected) - have)
-    extra = sorted(have - set(expected))
+    extra = unmapped_tensors(have, set(expected), hf_config)
     if missing:
         raise CheckpointError(f"{ckpt.path}: {len(missing)} tensors of the model are missing, e.g. {missing[0]}")
     if extra:
@@ -238,6 +242,7 @@ def check_tensors(ckpt, expected: dict[str, tuple[int, ...]]) -> None:
         if got != expected[name]:
             raise CheckpointError(f"{ckpt.path}: {name} has shape {list(got)}, the config implies "
                                   f"{list(expected[name])}")
+    return sorted(have - set(expected))
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

@@ -521,19 +521,32 @@ def is_megatron_checkpoint(path: Path) -> bool:
             or (path / run_state.RUN_STATE).is_file() or run_state.scan(str(path)).newest is not None)
 
 
-def stored_dtype(path: Path) -> torch.dtype:
-    """The dtype of the checkpoint's tensors (from its metadata; the most common one)."""
+def stored_dtypes(path: Path) -> dict[str, torch.dtype]:
+    """The dtype of each tensor (by checkpoint key) in the checkpoint at ``path``, from its metadata."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     md = FileSystemReader(str(path)).read_metadata()
+    return {k: v.properties.dtype for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The dtype of the checkpoint's tensors (from its metadata; the most common one)."""
     counts: dict = {}
-    for v in md.state_dict_metadata.values():
-        if isinstance(v, TensorStorageMetadata):
-            counts[v.properties.dtype] = counts.get(v.properties.dtype, 0) + 1
+    for dt in stored_dtypes(path).values():
+        counts[dt] = counts.get(dt, 0) + 1
     if not counts:
         raise CheckpointError(f"{path}: holds no tensors")
     return max(counts, key=counts.get)
+
+
+def store_as(shards: Shards, name: str, dtype: torch.dtype) -> None:
+    """Write (or read) parameter ``name`` in ``dtype`` rather than the model's: a float32
+    tensor of a bf16 checkpoint (DeepSeek's router) keeps its precision on disk; Megatron
+    casts it to the parameter's dtype when it loads."""
+    for st in shards.per_param[name]:
+        st.dtype = dtype
+        st.data = torch.empty(st.data.shape, dtype=dtype, device=st.data.device)
 
 
 # The model's TransformerConfig fields stored as Megatron-LM arguments of the same names

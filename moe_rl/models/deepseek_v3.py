@@ -8,7 +8,8 @@
   group's score is the sum of its top ``topk // topk_group`` scores, equal to HF's fixed
   top-2 when ``topk / topk_group == 2`` — validated below), top-k renormalised, then x
   ``routed_scaling_factor``.
-* The first ``first_k_dense_replace`` layers are dense. MTP layers are not built.
+* The first ``first_k_dense_replace`` layers are dense. MTP layers are not built (their
+  tensors are skipped on load and conversion, as ``transformers`` skips them).
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ class DeepseekV3(Family):
         s = super().shape(hf)
         # MLA has no key/value head groups to split: every head has its own up-projection.
         return type(s)(**{**s.__dict__, "num_query_groups": hf.num_attention_heads})
+
+    def check_rope(self, hf):
+        kind = (getattr(hf, "rope_parameters", None) or {}).get("rope_type") or "default"
+        if kind not in ("default", "yarn"):
+            raise ValueError(f"deepseek_v3 rope_type {kind!r} is not supported (default or yarn)")
+        if not getattr(hf, "rope_interleave", True):
+            raise ValueError("deepseek_v3: rope_interleave=false is not supported: Megatron's MLA always "
+                             "de-interleaves the rotary dimensions, as HF does with rope_interleave=true")
+
+    def check_routing(self, hf):
+        self.refuse_renormalised_top1(self.name, hf)
 
     def attention_kwargs(self, hf):
         rp = dict(getattr(hf, "rope_parameters", None) or {})
@@ -124,7 +136,7 @@ class DeepseekV3(Family):
             return super().mlp_entries(hf, l)
         p, m = f"model.layers.{l}.mlp.", f"decoder.layers.{l}."
         out = [Entry(m + "mlp.router.weight", (p + "gate.weight",)),
-               Entry(m + "mlp.router.expert_bias", (p + "gate.e_score_correction_bias",))]
+               Entry(m + "mlp.router.expert_bias", (p + "gate.e_score_correction_bias",), fp32=True)]
         out += self.expert_entries(m, p + "experts.", hf.n_routed_experts)
         if hf.n_shared_experts:
             out += [Entry(m + "mlp.shared_experts.linear_fc1.weight",

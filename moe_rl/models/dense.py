@@ -41,9 +41,8 @@ class Llama(Family):
                                  f"(rope_parameters: {dict(rp)})")
         return float(rp["factor"])
 
-    def transformer_config(self, hf, dims, **kw):
-        self.rope_scaling(hf)  # refuse an unsupported RoPE before anything is built
-        return super().transformer_config(hf, dims, **kw)
+    def check_rope(self, hf) -> None:
+        self.rope_scaling(hf)
 
     def gpt_kwargs(self, hf) -> dict:
         kw = super().gpt_kwargs(hf)

@@ -40,6 +40,15 @@ class Family:
         """TransformerConfig fields for the MoE layers (router, experts)."""
         return {}
 
+    @staticmethod
+    def refuse_renormalised_top1(name: str, hf) -> None:
+        """Top-1 routing whose one weight HF renormalises to 1: Megatron takes top-1 only with
+        its pre-softmax (or unnormalised sigmoid) score, the expert's probability, not 1."""
+        if hf.num_experts_per_tok == 1:
+            raise ValueError(f"{name}: num_experts_per_tok=1 with a renormalised top-k weight (HF gives the "
+                             "one expert weight 1) is not supported: Megatron weights a top-1 expert by "
+                             "its routing probability")
+
     def attention_kwargs(self, hf) -> dict[str, Any]:
         return dict(
             num_query_groups=hf.num_key_value_heads,
@@ -75,6 +84,39 @@ class Family:
             Entry(m + "mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",)),
         ]
 
+    def check_rope(self, hf) -> None:
+        """ValueError unless the checkpoint's RoPE is one this family maps (plain RoPE here)."""
+        kind = (getattr(hf, "rope_parameters", None) or {}).get("rope_type") or "default"
+        if kind != "default":
+            raise ValueError(f"{self.name}: rope_parameters.rope_type {kind!r} is not supported (plain RoPE "
+                             "only); Megatron would run plain RoPE and every position after the first would "
+                             "differ from the checkpoint's model")
+
+    def check_routing(self, hf) -> None:
+        """ValueError for routing Megatron computes differently (see the MoE families)."""
+
+    def check_supported(self, hf) -> None:
+        """ValueError naming the config field when ``hf`` asks for something the Megatron model
+        would silently compute differently (so conversion and training refuse it, rather than
+        produce a model that disagrees with ``transformers`` on long inputs or every token)."""
+        act = getattr(hf, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"{self.name}: hidden_act {act!r} is not supported (only 'silu', the SwiGLU "
+                             "every supported family uses)")
+        if getattr(hf, "mlp_bias", False):
+            raise ValueError(f"{self.name}: mlp_bias=true is not supported (MLP biases are not mapped)")
+        window = getattr(hf, "sliding_window", None)
+        types = getattr(hf, "layer_types", None)
+        sliding = ("sliding_attention" in types) if types is not None else window is not None
+        if sliding and window is not None and window < hf.max_position_embeddings:
+            raise ValueError(f"{self.name}: sliding-window attention (sliding_window={window} < "
+                             f"max_position_embeddings={hf.max_position_embeddings}"
+                             + (", use_sliding_window=true" if getattr(hf, "use_sliding_window", False) else "")
+                             + ") is not supported: Megatron would attend to the whole context")
+        self.check_rope(hf)
+        if any(self.moe_layers(hf)):
+            self.check_routing(hf)
+
     # ------------------------------------------------------------------ shared
     def rope_theta(self, hf) -> float:
         rp = getattr(hf, "rope_parameters", None) or {}
@@ -100,6 +142,7 @@ class Family:
 
         ``moe_aux_loss_coeff`` is the trainer's choice (``TrainConfig.moe_aux_loss_coeff``),
         never the checkpoint's ``router_aux_loss_coef``: that is a pre-training value."""
+        self.check_supported(hf)
         if on_cpu is None:
             on_cpu = not torch.cuda.is_available()
         moe = any(self.moe_layers(hf))

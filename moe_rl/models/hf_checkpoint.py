@@ -103,7 +103,8 @@ def unmapped_tensors(names, mapped: set[str], hf_config) -> list[str]:
     """Checkpoint tensors the family's map does not carry and that ``transformers`` would not
     skip either: loading would silently drop them (a model that differs from the checkpoint),
     so the loader refuses them. Skipped, as ``transformers`` skips them: the class's
-    ``_keys_to_ignore_on_load_unexpected`` (DeepSeek-V3's multi-token-prediction layer), a
+    ``_keys_to_ignore_on_load_unexpected`` (DeepSeek-V3's multi-token-prediction layer 61; any
+    layer past the decoder's when the config has ``num_nextn_predict_layers``), a
     tied ``lm_head.weight`` and rotary ``inv_freq`` buffers of old exports."""
     import re
 
@@ -115,4 +116,10 @@ def unmapped_tensors(names, mapped: set[str], hf_config) -> list[str]:
     ignore += list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])
     if getattr(hf_config, "tie_word_embeddings", False):
         ignore.append(r"^lm_head\.weight$")
-    return sorted(n for n in names if n not in mapped and not any(re.search(p, n) for p in ignore))
+
+    def mtp(n: str) -> bool:  # DeepSeek's multi-token-prediction layers follow the decoder's
+        m = re.match(r"model\.layers\.(\d+)\.", n)
+        return bool(getattr(hf_config, "num_nextn_predict_layers", 0)) and m is not None and (
+            int(m[1]) >= hf_config.num_hidden_layers)
+
+    return sorted(n for n in names if n not in mapped and not mtp(n) and not any(re.search(p, n) for p in ignore))

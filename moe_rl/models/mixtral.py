@@ -24,6 +24,9 @@ class Mixtral(Family):
     def moe_ffn_hidden_size(self, hf):
         return hf.intermediate_size
 
+    def check_routing(self, hf):
+        self.refuse_renormalised_top1(self.name, hf)  # Mixtral always renormalises
+
     def moe_kwargs(self, hf):
         return dict(moe_router_topk=hf.num_experts_per_tok, moe_router_pre_softmax=False,
                     moe_router_score_function="softmax")

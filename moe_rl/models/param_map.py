@@ -39,6 +39,8 @@ class Entry:
     kind: str = "copy"  # copy | qkv | glu
     qkv_shape: tuple[int, int, int] | None = None  # (Q, G, D) for qkv entries
     vocab: bool = False  # vocabulary-indexed rows (embedding, output layer): padded to the Megatron vocab
+    fp32: bool = False  # held in float32 whatever params_dtype (Megatron's expert_bias, HF's fp32-kept
+    #                     e_score_correction_bias): exported and converted in float32, never rounded
 
     def to_mcore(self, get: Callable[[str], torch.Tensor], padded_vocab: int | None = None) -> torch.Tensor:
         ts = [get(n) for n in self.hf]

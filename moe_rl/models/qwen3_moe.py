@@ -29,6 +29,10 @@ class Qwen3Moe(Family):
     def qk_layernorm(self, hf):
         return True
 
+    def check_routing(self, hf):
+        if hf.norm_topk_prob:
+            self.refuse_renormalised_top1(self.name, hf)
+
     def moe_kwargs(self, hf):
         return dict(moe_router_topk=hf.num_experts_per_tok,
                     moe_router_pre_softmax=not hf.norm_topk_prob,

@@ -33,14 +33,16 @@ class InProcessRollout:
     and applied to the engine once all have arrived (all or nothing). An adapter for
     in-process engines: it holds one HF-layout copy of the model per rank, fine for the
     small models an in-process engine serves; HTTP engines use ``moe_rl.weights.transport``.
-    Stop strings (``rollout.stop``) are matched with the engine checkpoint's tokenizer, loaded
-    once here as the engine's server loads it; a checkpoint without one fails here.
+    Stop strings (``rollout.stop``) are matched with the engine checkpoint's tokenizer: the
+    engine's own (:func:`engine_tokenizer`, given to it so it stops on the tokenizer's EOS as
+    the server's engine does), else loaded here as the server loads it; a checkpoint without
+    one fails here.
     """
 
     def __init__(self, cfg: RunConfig, engine, plan, trainer: Trainer, *, show_progress: bool) -> None:
         self.cfg, self.engine, self.plan, self.trainer = cfg, engine, plan, trainer
         self.show_progress = show_progress
-        self.tokenizer = stop_tokenizer(cfg, engine.cfg.model_path)
+        self.tokenizer = stop_tokenizer(cfg, engine.cfg.model_path, loaded=getattr(engine, "tokenizer", None))
         self.keep_routes = keeps_routes(cfg, trainer.built.hf_config)
         self.last_sync: Dict[str, float] = {}
 
@@ -68,16 +70,18 @@ class InProcessRollout:
         named: List[tuple] = []
         rank = dist.get_rank()
         for b in self.plan.buckets:
-            specs = b.tensors
-            dtype = getattr(torch, specs[0].dtype)
-            if b.sender == rank:
-                eb = next(mine)
-                flat = torch.cat([t.reshape(-1).to(dtype) for t in eb.tensors])
-            else:
-                flat = torch.empty(sum(math.prod(s.shape) for s in specs), dtype=dtype)
-            dist.broadcast(flat, src=b.sender)
-            for s, part in zip(specs, torch.split(flat, [math.prod(s.shape) for s in specs])):
-                named.append((s.name, part.view(s.shape)))
+            sent = next(mine).tensors if b.sender == rank else None
+            # one flat message per dtype in the bucket (an fp32 expert bias beside bf16 weights)
+            for dt in dict.fromkeys(s.dtype for s in b.tensors):
+                idx = [i for i, s in enumerate(b.tensors) if s.dtype == dt]
+                specs = [b.tensors[i] for i in idx]
+                if sent is not None:
+                    flat = torch.cat([sent[i].reshape(-1).to(getattr(torch, dt)) for i in idx])
+                else:
+                    flat = torch.empty(sum(math.prod(s.shape) for s in specs), dtype=getattr(torch, dt))
+                dist.broadcast(flat, src=b.sender)
+                for s, part in zip(specs, torch.split(flat, [math.prod(s.shape) for s in specs])):
+                    named.append((s.name, part.view(s.shape)))
         apply_update(self.engine.model, plan_update(self.engine.model, named))
         self.engine.weight_version = str(version)
         self.last_sync = {"weights/bytes": float(self.plan.nbytes), "weights/sync_s": time.perf_counter() - t0}
@@ -102,11 +106,22 @@ def check_stop_tokenizer(cfg: RunConfig, model_dir: str) -> None:
                          "tokenizer there, or stop on token ids (rollout.stop_token_ids)")
 
 
-def stop_tokenizer(cfg: RunConfig, model_dir: str):
-    """The tokenizer of the engine checkpoint ``model_dir`` when ``rollout.stop`` needs one, else None."""
+def stop_tokenizer(cfg: RunConfig, model_dir: str, loaded=None):
+    """The tokenizer of the engine checkpoint ``model_dir`` when ``rollout.stop`` needs one, else
+    None; ``loaded``: that tokenizer if already loaded."""
     if not cfg.rollout.stop:
         return None
     check_stop_tokenizer(cfg, model_dir)
+    return loaded if loaded is not None else load_tokenizer(
+        model_dir, trust_remote_code=cfg.rollout.embedded.trust_remote_code)
+
+
+def engine_tokenizer(cfg: RunConfig, model_dir: str):
+    """The tokenizer to build the in-process engine with (``EmbeddedEngine(..., tokenizer=)``):
+    the engine checkpoint's when it has one, as the server loads it (so both paths stop on the
+    same EOS ids), else None."""
+    if not has_tokenizer(model_dir):
+        return None
     return load_tokenizer(model_dir, trust_remote_code=cfg.rollout.embedded.trust_remote_code)
 
 

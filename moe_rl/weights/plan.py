@@ -229,8 +229,13 @@ def _mcore_shape(entry: Entry, hf_shapes: Mapping[str, Sequence[int]], padded_vo
 
 
 def plan_export(hf_config, hf_shapes: Mapping[str, Sequence[int]], dims: ParallelDims, *,
-                bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype = torch.float32) -> ExportPlan:
+                bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype = torch.float32,
+                dtypes: Mapping[str, torch.dtype] | None = None) -> ExportPlan:
     """The plan for a model of ``hf_config`` trained at ``dims``, exporting ``dtype`` tensors.
+
+    Entries held in float32 whatever the model's dtype (``Entry.fp32``: DeepSeek's expert
+    bias) are exported in float32; ``dtypes`` (canonical Megatron name -> dtype) overrides
+    the dtype of single parameters (the converter's "as stored").
 
     ``hf_shapes`` has the HF tensor shapes (:func:`checkpoint_shapes`); each HF tensor
     appears in exactly one item (for tied embeddings, the first stage's embedding is sent and
@@ -255,7 +260,9 @@ def plan_export(hf_config, hf_shapes: Mapping[str, Sequence[int]], dims: Paralle
             continue  # tied output layer: the embedding already carries it
         assert not any(n in claimed for n in entry.hf), entry.mcore
         claimed.update(entry.hf)
-        items.append(_item(entry, hf_shapes, dims, L, n_exp, padded, dt, hf_config.vocab_size))
+        own = (dtypes or {}).get(entry.mcore, torch.float32 if entry.fp32 else None)
+        items.append(_item(entry, hf_shapes, dims, L, n_exp, padded,
+                           dt if own is None else str(own).removeprefix("torch."), hf_config.vocab_size))
     return ExportPlan(dims, bucket_bytes, tuple(_buckets(items, bucket_bytes)))
 
 

@@ -232,3 +232,120 @@ def test_common_state_holds_the_args_megatron_lm_reads(tiny_hf_dirs, tmp_path, f
     assert a.multi_latent_attention == (family == "deepseek_v3")
     if family == "deepseek_v3":
         assert (a.q_lora_rank, a.kv_lora_rank, a.v_head_dim) == (hf.q_lora_rank, hf.kv_lora_rank, hf.v_head_dim)
+
+
+def _tensors(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _patched(src, dst: Path, **fields) -> Path:
+    """A copy of the HF directory ``src`` whose config.json has ``fields`` set."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **fields}))
+    return dst
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("family,fields,msg", [
+    ("qwen3", {"rope_parameters": YARN}, r"qwen3: rope_parameters.rope_type 'yarn' is not supported"),
+    ("mixtral", {"rope_parameters": YARN}, r"mixtral: rope_parameters.rope_type 'yarn' is not supported"),
+    ("mixtral", {"sliding_window": 8}, r"sliding-window attention \(sliding_window=8 < max_position_embeddings=512"),
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0,
+                   "layer_types": ["sliding_attention"] * 4}, r"qwen3_moe: sliding-window attention"),
+    ("llama", {"hidden_act": "gelu"}, r"llama: hidden_act 'gelu' is not supported"),
+    ("llama", {"mlp_bias": True}, r"llama: mlp_bias=true is not supported"),
+    ("deepseek_v3", {"rope_interleave": False}, r"deepseek_v3: rope_interleave=false is not supported"),
+    ("mixtral", {"num_experts_per_tok": 1}, r"mixtral: num_experts_per_tok=1 with a renormalised"),
+    ("qwen3_moe", {"num_experts_per_tok": 1}, r"qwen3_moe: num_experts_per_tok=1 with a renormalised"),
+])
+def test_configs_megatron_would_compute_differently_are_refused_by_field(cli, capsys, tiny_hf_dirs, tmp_path,
+                                                                         family, fields, msg):
+    """Each of these converts into a model whose logits differ from transformers' (measured:
+    diffs of 1 to 7 on the tiny models: plain RoPE for yarn, full attention past the window,
+    SiLU for GELU, weight p for a renormalised top-1 expert, interleaved RoPE read as
+    contiguous): refused before anything is written, naming the field."""
+    src = _patched(tiny_hf_dirs[family], tmp_path / "src", **fields)
+    rc, err = run(cli, capsys, "--input", src, "--output", tmp_path / "o", "--to", "mcore")
+    assert rc == 2 and re.search(msg, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_top1_without_renormalisation_still_converts(cli, capsys, tiny_hf_dirs, tmp_path):
+    """Qwen3-MoE top-1 with norm_topk_prob=false weights the expert by its probability, which
+    is Megatron's pre-softmax top-1: allowed."""
+    src = _patched(tiny_hf_dirs["qwen3_moe"], tmp_path / "src", num_experts_per_tok=1, norm_topk_prob=False)
+    rc, err = run(cli, capsys, "--input", src, "--output", tmp_path / "o", "--to", "mcore")
+    assert rc == 0, err
+
+
+def test_bf16_deepseek_keeps_its_float32_router_both_ways(tiny_hf_dirs, tmp_path):
+    """transformers saves DeepSeek-V3's router weight and score-correction bias in float32
+    inside a bf16 model. HF -> mcore keeps them float32 in the checkpoint (Megatron casts on
+    load) and mcore -> HF writes them back float32: the round trip is bitwise, dtypes
+    included (casting them to bf16 flipped routing: logits off by 3.6 in the audit)."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    from moe_rl.checkpoint import megatron_format as mf
+    from moe_rl.checkpoint.convert import convert
+
+    src = tmp_path / "bf16"
+    tf.AutoModelForCausalLM.from_pretrained(tiny_hf_dirs["deepseek_v3"], dtype=torch.bfloat16).save_pretrained(src)
+    orig = load_file(str(src / "model.safetensors"))
+    fp32 = sorted(k for k, v in orig.items() if v.dtype == torch.float32)
+    assert fp32 and all(k.endswith(("mlp.gate.weight", "gate.e_score_correction_bias")) for k in fp32), fp32
+    convert(src, tmp_path / "mcore", to="mcore")
+    stored = mf.stored_dtypes(mf.iteration_dir(tmp_path / "mcore"))
+    routers = {k: v for k, v in stored.items() if "router" in k}
+    assert routers and all(v == torch.float32 for v in routers.values()), routers
+    assert mf.stored_dtype(mf.iteration_dir(tmp_path / "mcore")) == torch.bfloat16
+    convert(tmp_path / "mcore", tmp_path / "back", to="hf")
+    back = _tensors(tmp_path / "back")
+    assert set(back) == set(orig)
+    bad = [k for k in orig if back[k].dtype != orig[k].dtype or not torch.equal(back[k], orig[k])]
+    assert not bad, bad[:5]
+    # an explicit --dtype casts every tensor but the expert bias, which Megatron holds in float32
+    convert(src, tmp_path / "mcore16", to="mcore", dtype="bfloat16")
+    convert(tmp_path / "mcore16", tmp_path / "back16", to="hf")
+    b16 = _tensors(tmp_path / "back16")
+    assert {k for k, v in b16.items() if v.dtype == torch.float32} == {
+        k for k in orig if k.endswith("e_score_correction_bias")}
+
+
+def test_tensors_transformers_skips_are_left_out_and_said(cli, capsys, tiny_hf_dirs, tmp_path):
+    """A tied checkpoint that still stores lm_head.weight, a rotary inv_freq buffer and a
+    DeepSeek multi-token-prediction layer load in transformers (which skips them); the
+    converter leaves them out too and says so, rather than refusing the checkpoint."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = _patched(tiny_hf_dirs["deepseek_v3"], tmp_path / "src", tie_word_embeddings=True, num_nextn_predict_layers=1)
+    t = load_file(str(src / "model.safetensors"))
+    del t["lm_head.weight"]
+    extra = {"lm_head.weight": t["model.embed_tokens.weight"].clone(),
+             "model.layers.0.self_attn.rotary_emb.inv_freq": torch.rand(4),
+             "model.layers.4.eh_proj.weight": torch.rand(64, 128),
+             "model.layers.4.mlp.experts.0.up_proj.weight": torch.rand(32, 64)}
+    save_file({**t, **extra}, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert cli(["--no-progress", "--input", str(src), "--output", str(tmp_path / "m"), "--to", "mcore"]) == 0
+    out = capsys.readouterr().out
+    assert "left out 4 input tensors that transformers skips too" in out, out
+    assert cli(["--no-progress", "--input", str(tmp_path / "m"), "--output", str(tmp_path / "b"), "--to", "hf"]) == 0
+    back = _tensors(tmp_path / "b")
+    assert set(back) == set(t) and all(torch.equal(back[k], t[k]) for k in t)
+    # a layer index past the decoder without num_nextn_predict_layers is still an error
+    plain = _patched(tiny_hf_dirs["qwen3"], tmp_path / "plain")
+    t = load_file(str(plain / "model.safetensors"))
+    save_file({**t, "model.layers.4.mlp.up_proj.weight": torch.rand(128, 64)}, str(plain / "model.safetensors"),
+              metadata={"format": "pt"})
+    rc, err = run(cli, capsys, "--input", plain, "--output", tmp_path / "o", "--to", "mcore")
+    assert rc == 2 and "1 tensors are not part of the model, e.g. model.layers.4.mlp.up_proj.weight" in err, err

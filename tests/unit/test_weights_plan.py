@@ -226,3 +226,17 @@ def test_context_parallel_ranks_follow_megatrons_rank_generator(ckpts):
             else:
                 assert (c.cp, c.dp, c.tp) == (0, 0, 0), it.mcore
 
+
+
+def test_float32_parameters_keep_float32_in_a_bf16_plan(ckpts):
+    """DeepSeek's expert bias is float32 in Megatron (and in transformers) whatever the model's
+    dtype: a bf16 plan sends it in float32, never rounded; ``dtypes`` sets single parameters'."""
+    cfg, shapes, _ = ckpts["deepseek_v3"]
+    dims = ParallelDims.build(ParallelConfig(), 1)
+    plan = plan_export(cfg, shapes, dims, bucket_bytes=BUCKET, dtype=torch.bfloat16)
+    fp32 = {t.name for t in plan.tensors() if t.dtype == "float32"}
+    assert fp32 == {n for n in shapes if n.endswith("gate.e_score_correction_bias")} and fp32
+    assert {t.dtype for t in plan.tensors() if t.name not in fp32} == {"bfloat16"}
+    router = "decoder.layers.1.mlp.router.weight"
+    plan = plan_export(cfg, shapes, dims, bucket_bytes=BUCKET, dtype=torch.bfloat16, dtypes={router: torch.float32})
+    assert {t.name for t in plan.tensors() if t.dtype == "float32"} == fp32 | {"model.layers.1.mlp.gate.weight"}
