@@ -224,10 +224,10 @@ class AlgorithmConfig:
                     f"algorithm.dual_clip_c ({self.dual_clip_c}) applies only to policy_loss=ppo, "
                     f"got policy_loss={self.policy_loss}"
                 )
-            if self.dual_clip_c <= 1 + self.clip_high:
+            if self.dual_clip_c <= 1:  # verl's bound; below 1 + clip_high it also caps ratios inside the band
                 raise ValueError(
-                    f"algorithm.dual_clip_c ({self.dual_clip_c}) must exceed 1 + clip_high "
-                    f"({1 + self.clip_high}), or be 0 to turn dual clip off"
+                    f"algorithm.dual_clip_c ({self.dual_clip_c}) must be > 1 (usually 3), or 0 to turn dual "
+                    "clip off"
                 )
         if self.loss_agg == "seq-mean-token-sum-norm" and self.max_response_len <= 0:
             raise ValueError(
