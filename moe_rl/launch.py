@@ -178,7 +178,7 @@ def build_parts(cfg):
     from moe_rl.rewards.scoring import Scorer
     from moe_rl.rollout.embedded.engine import EmbeddedEngine
     from moe_rl.rollout.http_rollout import ServerRollout
-    from moe_rl.rollout.in_process import InProcessRollout, check_stop_tokenizer
+    from moe_rl.rollout.in_process import InProcessRollout, check_stop_tokenizer, engine_tokenizer
     from moe_rl.train.model import build_model, build_reference, load_hf_weights
     from moe_rl.train.optimizer import wrap_for_training
     from moe_rl.train.trainer import Trainer, check_microbatching
@@ -217,7 +217,8 @@ def build_parts(cfg):
     else:
         engine_cfg = dataclasses.replace(cfg.rollout.embedded, model_path=cfg.rollout.embedded.model_path or hf_dir,
                                          weight_version="0")
-        rollout = InProcessRollout(cfg, EmbeddedEngine(engine_cfg), plan, trainer, show_progress=show)
+        engine = EmbeddedEngine(engine_cfg, tokenizer=engine_tokenizer(cfg, engine_cfg.model_path))
+        rollout = InProcessRollout(cfg, engine, plan, trainer, show_progress=show)
     evaluator = RewardEvaluator(dataclasses.replace(cfg.rewards, progress=cfg.rewards.progress and show))
     evaluator.start()
 

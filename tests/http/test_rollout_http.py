@@ -153,10 +153,14 @@ SCHEMA_ERRORS = [
     ("/update_weights_from_disk", b"{}", "model_path: Field required"),
     ("/update_weights_from_disk", b"", "Field required"),
     ("/update_weights_from_disk", b'{"model_path": 3}', "model_path"),
+    ("/update_weights_from_disk", b'{"model_path": "/m", "weight_version": 5}', "weight_version"),
+    ("/update_weights_from_disk", b'{"model_path": "/m", "flush_cache": "no"}', "flush_cache"),
     ("/update_weights_from_tensor", b'{"load_format": "safetensors"}', "serialized_named_tensors: Field required"),
     ("/update_weights_from_distributed", b'{"names": ["a"], "dtypes": ["float32"]}', "shapes: Field required"),
     ("/init_weights_update_group", b'{"master_address": "127.0.0.1", "master_port": 1, "world_size": 2}',
      "rank_offset: Field required"),
+    ("/init_weights_update_group", b'{"master_address": "a", "master_port": 1, "rank_offset": 1, "world_size": 2, '
+                                   b'"group_name": 7}', "group_name"),
     ("/update_weight_version", b"{}", "new_version: Field required"),
     ("/pause_generation", b'{"mode": "sideways"}', "mode"),
     ("/pause_generation", b"[]", "JSON object"),
@@ -197,7 +201,32 @@ def test_bad_input_is_400_and_changes_nothing(two_servers, hf, tiny_ckpts, tmp_p
     for named, msg in bad_updates:
         r = post(url, "/update_weights_from_tensor", {"serialized_named_tensors": [_serialize(named)],
                                                       "load_format": "safetensors", "weight_version": "bad"})
-        assert r.status_code == 400 and msg in r.json()["message"], r.text
+        assert r.status_code == 400 and r.json()["success"] is False and msg in r.json()["message"], r.text
+    # every refused update is SGLang's failed update, {"success": false, "message"} (the disk
+    # call adds num_paused_requests), naming the problem
+    blob = _serialize([(good_name, sd[good_name])])
+    group = {"master_address": "127.0.0.1", "master_port": 29500, "rank_offset": 1, "world_size": 2}
+    refused = [
+        ("/update_weights_from_disk", {"model_path": ""}, "model_path is the empty string"),
+        ("/update_weights_from_disk", {"model_path": tiny_ckpts["v1"], "weight_version": ""},
+         "weight_version must be a non-empty string"),
+        ("/update_weights_from_tensor", {"serialized_named_tensors": [blob, blob], "load_format": "safetensors"},
+         "a list of one base64 string"),
+        ("/update_weights_from_tensor", {"serialized_named_tensors": [blob], "load_format": "safetensors",
+                                         "weight_version": ""}, "weight_version must be a non-empty string"),
+        ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]],
+                                              "group_name": "nope"}, "no weight update group 'nope'"),
+        ("/init_weights_update_group", {**group, "master_port": 70000}, "master_port (70000) must be in (0, 65536)"),
+        ("/init_weights_update_group", {**group, "rank_offset": 0}, "rank_offset (0) in (0, world_size=2)"),
+        ("/init_weights_update_group", {**group, "rank_offset": 2}, "rank_offset (2) in (0, world_size=2)"),
+        ("/init_weights_update_group", {**group, "group_name": ""}, "group_name is the empty string"),
+        ("/destroy_weights_update_group", {"group_name": "nope"}, "no group 'nope'"),
+    ]
+    for path, body, msg in refused:
+        r = post(url, path, body)
+        keys = {"success", "message", "weight_version"} | ({"num_paused_requests"} if path.endswith("disk") else set())
+        assert r.status_code == 400 and set(r.json()) == keys, (path, r.text)
+        assert r.json()["success"] is False and msg in r.json()["message"], (path, r.text)
     r = post(url, "/update_weights_from_tensor", {"serialized_named_tensors": ["!!notbase64"],
                                                   "load_format": "safetensors"})
     assert r.status_code == 400 and "not base64" in r.json()["message"]
@@ -225,7 +254,12 @@ def test_bad_input_is_400_and_changes_nothing(two_servers, hf, tiny_ckpts, tmp_p
     r = post(url, "/update_weights_from_disk", {"model_path": other, "weight_version": "bad"})
     assert r.status_code == 400 and "shape" in r.json()["message"], r.text
     r = post(url, "/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]]})
-    assert r.status_code == 400 and "init_weights_update_group" in r.text
+    assert r.status_code == 400 and r.json()["success"] is False and "init_weights_update_group" in r.text
+    # no update took: the served model is still the startup one; its tokenizer path is that too
+    # (SGLang's default, even without a tokenizer)
+    info = httpx.get(url + "/model_info", timeout=10).json()
+    assert info["model_path"] == info["served_model_name"] == info["tokenizer_path"] == tiny_ckpts["v0"]
+    assert httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"] == tiny_ckpts["v0"]
     # still serving, same weights, same version
     after = post(url, "/generate", {"input_ids": p, "sampling_params": GREEDY}).json()
     assert after["output_ids"] == before == greedy_ref(hf["v0"], p, 6)

@@ -68,9 +68,11 @@ def prompts():
 
 def in_process(cfg: RunConfig, model_dir: str):
     from moe_rl.rollout.embedded.engine import EmbeddedEngine
-    from moe_rl.rollout.in_process import InProcessRollout
+    from moe_rl.rollout.in_process import InProcessRollout, engine_tokenizer
 
-    engine = EmbeddedEngine(EmbeddedEngineConfig(model_path=model_dir, max_running=4))
+    # as launch.py builds it: with the checkpoint's tokenizer, which the rollout reuses for stop strings
+    engine = EmbeddedEngine(EmbeddedEngineConfig(model_path=model_dir, max_running=4),
+                            tokenizer=engine_tokenizer(cfg, model_dir))
     trainer = types.SimpleNamespace(built=types.SimpleNamespace(hf_config=engine.hf_config))
     return InProcessRollout(cfg, engine, None, trainer, show_progress=False).generate(0, 0, prompts())
 
@@ -81,9 +83,10 @@ def over_http(cfg: RunConfig, model_dir: str):
     from moe_rl.rollout.embedded.tokenizer import load_tokenizer
     from moe_rl.rollout.requests import make_requests
 
-    engine = EmbeddedEngine(EmbeddedEngineConfig(model_path=model_dir, max_running=4))
+    tokenizer = load_tokenizer(model_dir)  # as server.py's main: one tokenizer for the engine and the app
+    engine = EmbeddedEngine(EmbeddedEngineConfig(model_path=model_dir, max_running=4), tokenizer=tokenizer)
     engine.start()
-    srv = InProcessServer(engine, tokenizer=load_tokenizer(model_dir))
+    srv = InProcessServer(engine, tokenizer=tokenizer)
     try:
         client = RolloutClient(ClientConfig(server_urls=[srv.url], return_routed_experts=False))
         return client.generate(make_requests(cfg, 0, 0, prompts()))

@@ -323,6 +323,49 @@ def test_api_key_and_bind_policy(tiny_ckpts, tmp_path):
         srv.close()
 
 
+def test_server_main_stops_on_the_tokenizers_eos(tiny_ckpts, tmp_path, monkeypatch):
+    """``server.main`` gives the engine the checkpoint's tokenizer, so a sample also stops on
+    the tokenizer's EOS (SGLang: ``token_id == tokenizer.eos_token_id``) where the config's EOS
+    (2) differs; ``ignore_eos`` turns it off. The expected tokens are transformers' greedy ones.
+    uvicorn's serving loop is replaced by requests through the app main built."""
+    import shutil
+
+    import transformers as tf
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from moe_rl.data.tokenizer import build_tokenizer
+    from moe_rl.rollout.embedded import server as server_mod
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_ckpts["v0"], d)
+    prompt = [9, 41, 7, 88]
+    with torch.no_grad():
+        free = tf.AutoModelForCausalLM.from_pretrained(str(d)).generate(
+            torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+            pad_token_id=0)[0, len(prompt):].tolist()
+    eos = next(t for t in free if t > 3)  # a plain token the model emits
+    tok = build_tokenizer(512)
+    tok.eos_token = tok.convert_ids_to_tokens(eos)
+    tok.save_pretrained(str(d))
+    replies = {}
+
+    def serve(self):
+        with TestClient(self.config.app) as client:
+            for key, extra in (("stop", {}), ("ignore", {"ignore_eos": True})):
+                replies[key] = client.post("/generate", json={"input_ids": prompt, "sampling_params": {
+                    "max_new_tokens": 8, "temperature": 0, **extra}}).json()
+
+    monkeypatch.setattr(uvicorn.Server, "run", serve)
+    with pytest.raises(SystemExit) as ex:
+        server_mod.main(["--model-path", str(d), "--port", str(free_port()), "--num-threads", "1"])
+    assert ex.value.code == 0
+    stop, ignore = replies["stop"], replies["ignore"]
+    assert stop["output_ids"] == free[: free.index(eos) + 1]
+    assert stop["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
+    assert ignore["output_ids"] == free and ignore["meta_info"]["finish_reason"]["type"] == "length"
+
+
 def test_sglang_command_line_is_accepted():
     from moe_rl.rollout.config import SGLangConfig
     from moe_rl.rollout.sglang_backend import launch_command

@@ -20,11 +20,18 @@ Expected values are SGLang's rules applied with a tokenizer loaded here, or lite
 - budgets: absent 128, null unlimited, capped at ``context - prompt - 2``; an explicit budget
   over the context and a prompt of ``context - 6`` tokens or more are 400s;
 - ``weight_versions``: contiguous ``{version, start, end}`` spans over the output.
+
+The protocol details SGLang's ``io_struct.py``, ``tokenizer_manager.py``, ``scheduler.py`` and
+``http_server.py`` decide are written out as literals (its messages, shapes and status codes):
+log-prob fields it ignores or refuses, features it refuses when not enabled, duplicate request
+ids, ``return_prompt_token_ids``, pause modes against ``/flush_cache`` and weight updates, the
+model identity after ``/update_weights_from_disk``, ``/v1/models``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
@@ -32,6 +39,7 @@ import httpx
 import pytest
 from moe_rl.rollout.config import EmbeddedEngineConfig
 from moe_rl.rollout.embedded.engine import EmbeddedEngine
+from moe_rl.rollout.embedded.http_context import ServerOptions
 from moe_rl.rollout.embedded.tokenizer import load_tokenizer
 
 from embedded_servers import InProcessServer
@@ -117,7 +125,8 @@ def server(model_dir):
     engine = EmbeddedEngine(EmbeddedEngineConfig(model_path=model_dir, max_running=4, max_context_len=CONTEXT))
     engine.start()
     script = Script(engine)
-    srv = InProcessServer(engine, tokenizer=load_tokenizer(model_dir))
+    options = ServerOptions(model_path=model_dir, weight_roots=[os.path.dirname(model_dir)])
+    srv = InProcessServer(engine, options, tokenizer=load_tokenizer(model_dir))
     srv.script = script
     yield srv
     srv.close()
@@ -428,3 +437,260 @@ def test_word_level_tokenizer_without_unknown_token(tmp_path):
             {"type": "stop", "matched": want[1]}
     finally:
         srv.close()
+
+
+# ----------------------------------------------------------------------------- SGLang's request rules
+def test_logprob_fields_sglang_ignores_and_those_refused(server):
+    """scheduler.py: ``logprob_start_len`` is ignored without ``return_logprob``, and -1 (the
+    default) means the prompt's length: output log-probs only; past the prompt it is a 400.
+    tokenizer_manager.py: top log-probs only with ``return_logprob``. io_struct.py: a list-valued
+    logprob field with ``n > 1`` is a 400. Prompt and top log-probs are not implemented here."""
+    p = [11, 12, 13, 14, 15]
+    sp = {**GREEDY, "max_new_tokens": 4, "ignore_eos": True}
+    plain = gen(server, {"input_ids": p, "sampling_params": sp})
+    want = gen(server, {"input_ids": p, "sampling_params": sp, "return_logprob": True})["meta_info"]
+    for extra in ({"logprob_start_len": 0}, {"top_logprobs_num": 3}, {"token_ids_logprob": [5, 6]},
+                  {"logprob_start_len": 0, "top_logprobs_num": 5, "return_logprob": False}):
+        r = gen(server, {"input_ids": p, "sampling_params": sp, **extra})
+        assert r["output_ids"] == plain["output_ids"] and "output_token_logprobs" not in r["meta_info"], extra
+    for extra in ({"logprob_start_len": -1}, {"logprob_start_len": len(p)}, {"top_logprobs_num": 0},
+                  {"logprob_start_len": None}):
+        meta = gen(server, {"input_ids": p, "sampling_params": sp, "return_logprob": True, **extra})["meta_info"]
+        assert meta["output_token_logprobs"] == want["output_token_logprobs"], extra
+        assert meta["input_token_logprobs"] == [] and meta["output_token_logprobs_length"] == 4
+    # a batch takes one value per prompt; only a prompt that asks for log-probs has its fields read
+    two = gen(server, {"input_ids": [p, p], "sampling_params": sp, "return_logprob": True,
+                       "logprob_start_len": [-1, len(p)], "top_logprobs_num": [0, 0]})
+    for x in two:  # batched rows: the same tokens, log-probs up to float rounding
+        got = x["meta_info"]["output_token_logprobs"]
+        assert [e[1] for e in got] == [e[1] for e in want["output_token_logprobs"]]
+        assert [e[0] for e in got] == pytest.approx([e[0] for e in want["output_token_logprobs"]], abs=1e-5)
+    two = gen(server, {"input_ids": [p, p[:3]], "sampling_params": sp, "return_logprob": [False, True],
+                       "logprob_start_len": [0, 3], "top_logprobs_num": [4, 0]})
+    assert "output_token_logprobs" not in two[0]["meta_info"]
+    assert two[1]["meta_info"]["output_token_logprobs_length"] == 4
+    refused = [
+        ({"logprob_start_len": 0}, "logprob_start_len=0 asks for prompt log-probs"),
+        ({"logprob_start_len": -2}, "logprob_start_len=-2 asks for prompt log-probs"),
+        ({"logprob_start_len": len(p) + 1}, "req.logprob_start_len=6 is higher than the number of input tokens "
+                                            "len(req.origin_input_ids)=5. Please use a smaller logprob_start_len."),
+        ({"top_logprobs_num": 2}, "top_logprobs_num=2: top log-probs are not supported"),
+        ({"token_ids_logprob": [5, 6]}, "token_ids_logprob is not supported"),
+    ]
+    for extra, msg in refused:
+        r = gen(server, {"input_ids": p, "sampling_params": sp, "return_logprob": True, **extra}, 400)
+        assert msg in r["error"]["message"], (extra, r)
+    n2 = {**sp, "n": 2}
+    for key, value in (("return_logprob", [True]), ("logprob_start_len", [-1]), ("top_logprobs_num", [0])):
+        r = gen(server, {"input_ids": p, "sampling_params": n2, key: value}, 400)
+        assert r["error"]["message"] == f"Cannot use list {key} with parallel_sample_num > 1"
+    assert len(gen(server, {"input_ids": p, "sampling_params": n2, "return_logprob": True,
+                            "logprob_start_len": -1})) == 2
+    r = gen(server, {"input_ids": p, "token_ids_logprob": [7, 512]}, 400)  # checked with or without return_logprob
+    assert r["error"]["message"] == ("token_ids_logprob contains out-of-vocabulary token id 512; valid range is "
+                                     "[0, 512).")
+    r = gen(server, {"input_ids": p, "sampling_params": n2, "token_ids_logprob": [[5]]}, 400)
+    assert r["error"]["message"] == "Cannot use list token_ids_logprob with parallel_sample_num > 1"
+    r = gen(server, {"input_ids": p, "logprob_start_len": "0"}, 400)  # pydantic: not an integer
+    assert r["object"] == "error" and "logprob_start_len" in r["message"]
+
+
+SGLANG_REFUSES = [  # tokenizer_manager.py, on a server launched without the feature
+    ({"lora_path": "adapter-1"}, "LoRA adapter 'adapter-1' was requested, but LoRA is not enabled. Please launch "
+                                 "the server with --enable-lora flag"),
+    ({"input_ids": [PROMPT, PROMPT], "lora_path": ""}, "LoRA adapter 'None' was requested"),  # a batch repeats it
+    ({"lora_path": [None, "a2"], "input_ids": [PROMPT, PROMPT]}, "LoRA adapter 'a2' was requested"),
+    ({"custom_logit_processor": "{\"callable\": \"x\"}"}, "The server is not configured to enable custom logit "
+                                                          "processor. Please set `--enable-custom-logit-processor`"),
+    ({"return_hidden_states": True}, "The server is not configured to return hidden states."),
+    ({"return_hidden_states": "last"}, "The server is not configured to return hidden states."),
+    ({"max_thinking_tokens": 16}, "max_thinking_tokens requires the server to be launched with "
+                                  "--enable-strict-thinking"),
+    ({"routed_dp_rank": 1}, "routed_dp_rank=1 out of range [0, 1)"),
+    ({"data_parallel_rank": -1}, "routed_dp_rank=-1 out of range [0, 1)"),  # the deprecated alias
+]
+SGLANG_ACCEPTS = [{"lora_path": None}, {"lora_path": ""}, {"input_ids": [PROMPT, PROMPT], "lora_path": []},
+                  {"custom_logit_processor": None}, {"input_ids": [PROMPT], "custom_logit_processor": [None]},
+                  {"return_hidden_states": False}, {"routed_dp_rank": 0}, {"data_parallel_rank": 0},
+                  {"max_thinking_tokens": None}]
+
+
+def test_features_sglang_refuses_when_not_enabled(server):
+    for extra, msg in SGLANG_REFUSES:
+        r = gen(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 1}, **extra}, 400)
+        assert r["error"]["message"].startswith(msg), (extra, r)
+    for extra in SGLANG_ACCEPTS:
+        gen(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 1}, **extra})
+    r = gen(server, {"input_ids": PROMPT, "return_hidden_states": "full"}, 400)  # neither a boolean nor "last"
+    assert r["object"] == "error" and "return_hidden_states" in r["message"]
+
+
+def test_empty_grammars_are_unset_and_prompt_token_ids_come_back(server, tok):
+    """sampling_params.py normalizes ``""`` grammars to None; ``return_prompt_token_ids`` puts
+    the tokenized prompt at the top level of each item (tokenizer_manager.py)."""
+    sp = {**GREEDY, "max_new_tokens": 3, "ignore_eos": True}
+    plain = gen(server, {"text": "hello world", "sampling_params": sp})
+    assert "prompt_token_ids" not in plain
+    r = gen(server, {"text": "hello world", "return_prompt_token_ids": True, "sampling_params": {
+        **sp, "json_schema": "", "regex": "", "ebnf": "", "structural_tag": ""}})
+    assert r["output_ids"] == plain["output_ids"] and r["prompt_token_ids"] == tok("hello world")["input_ids"]
+    assert "prompt_token_ids" not in r["meta_info"]
+    n2 = gen(server, {"text": ["a b", "hello"], "return_prompt_token_ids": True, "sampling_params": {**sp, "n": 2}})
+    assert [x["prompt_token_ids"] for x in n2] == [tok(t)["input_ids"] for t in ("a b", "a b", "hello", "hello")]
+    for key in ("json_schema", "regex", "ebnf", "structural_tag"):
+        r = gen(server, {"input_ids": PROMPT, "sampling_params": {key: "a+"}}, 400)
+        assert f"sampling_params.{key}='a+' is not supported" in r["error"]["message"]
+
+
+def _states(server) -> dict:
+    return httpx.get(server.url + "/server_info", timeout=10).json()["internal_states"][0]
+
+
+def _until(server, cond, what: str, timeout: float = 30.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = _states(server)
+        if cond(st):
+            return st
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: {st}")
+
+
+@contextlib.contextmanager
+def _in_background(server, body: dict, out: list):
+    """``body`` posted in a thread while the model is slowed down; joined on exit."""
+    server.script.delay_s = 0.03
+    t = threading.Thread(target=lambda: out.append(httpx.post(server.url + "/generate", json=body, timeout=120)))
+    t.start()
+    try:
+        yield
+    finally:
+        server.script.delay_s = 0.0
+        t.join(timeout=120)
+
+
+def test_duplicate_request_ids(server):
+    """io_struct.py: ids repeated within a request; tokenizer_manager.py: an id still in flight."""
+    sp = {"max_new_tokens": 2}
+    r = gen(server, {"input_ids": [PROMPT, PROMPT, PROMPT], "rid": ["d", "e", "d"], "sampling_params": sp}, 400)
+    assert r["error"]["message"] == "Duplicate request IDs detected within the request: ['d']"
+    out: list = []
+    with _in_background(server, {"input_ids": PROMPT, "rid": "busy", "sampling_params": {
+            "max_new_tokens": 40, "ignore_eos": True}}, out):
+        _until(server, lambda st: st["num_running_reqs"] == 1, "the request never ran")
+        r = gen(server, {"input_ids": PROMPT, "rid": "busy", "sampling_params": sp}, 400)
+        assert r["error"]["message"] == "Duplicate request ID detected: busy"
+        r = gen(server, {"input_ids": [PROMPT, PROMPT], "rid": ["free", "busy"], "sampling_params": sp}, 400)
+        assert r["error"]["message"] == "Duplicate request ID detected: busy"
+        assert gen(server, {"input_ids": PROMPT, "rid": "free", "sampling_params": sp})["meta_info"]["id"] == "free"
+    assert out[0].status_code == 200 and out[0].json()["meta_info"]["id"] == "busy"
+    assert gen(server, {"input_ids": PROMPT, "rid": "busy", "sampling_params": sp})["meta_info"]["id"] == "busy"
+
+
+@pytest.fixture(scope="module")
+def other_ckpt(model_dir):
+    """A second checkpoint (other weights) under the server's weight root."""
+    from moe_rl.models.tiny import save_tiny_hf
+
+    return save_tiny_hf("qwen3_moe", os.path.join(os.path.dirname(model_dir), "m1"), seed=1)
+
+
+CACHE_NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or "
+                     "queued. Retract or finish them, then call /flush_cache.")  # weight_updater.py
+
+
+def _post(server, path, body=None):
+    return httpx.post(server.url + path, json=body if body is not None else {}, timeout=60)
+
+
+def _param(server, name="model.layers.0.self_attn.q_proj.weight"):
+    return server.engine.model.get_parameter(name).detach().clone()
+
+
+def _ckpt_tensor(path, name="model.layers.0.self_attn.q_proj.weight"):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))[name]
+
+
+def test_retract_frees_kv_so_flush_and_update_succeed(server, model_dir, other_ckpt):
+    """scheduler.py pause_generation(retract): running requests go back to the waiting queue
+    with their KV freed, so /flush_cache and an update's flush succeed while paused; on
+    /continue_generation they recompute it and go on (greedy: the uninterrupted output, here
+    with the weights put back before the recompute), counting ``num_retractions``."""
+    import torch
+
+    prompts = [[20, 21, 22], [30, 31, 32, 33], [40, 41]]
+    sp = {**GREEDY, "max_new_tokens": 40, "ignore_eos": True}
+    ref = gen(server, {"input_ids": prompts, "sampling_params": sp})
+    assert all(r["meta_info"]["num_retractions"] == 0 for r in ref)
+    v0 = httpx.get(server.url + "/model_info", timeout=10).json()["weight_version"]
+    out: list = []
+    with _in_background(server, {"input_ids": prompts, "sampling_params": sp}, out):
+        _until(server, lambda st: st["num_running_reqs"] == 3, "the requests never ran")
+        assert _post(server, "/pause_generation", {"mode": "retract"}).status_code == 200
+        st = _states(server)
+        assert (st["num_running_reqs"], st["num_waiting_reqs"], st["paused"]) == (0, 3, True)
+        r = _post(server, "/flush_cache")
+        assert r.status_code == 200 and r.text.startswith("Cache flushed.")
+        r = _post(server, "/update_weights_from_disk", {"model_path": other_ckpt, "weight_version": "other"})
+        assert r.status_code == 200 and r.json()["success"] is True, r.text
+        assert torch.equal(_param(server), _ckpt_tensor(other_ckpt))
+        r = _post(server, "/update_weights_from_disk", {"model_path": model_dir, "weight_version": v0})
+        assert r.status_code == 200 and r.json()["success"] is True, r.text
+        assert _post(server, "/continue_generation").status_code == 200
+    got = out[0].json()
+    assert [x["output_ids"] for x in got] == [x["output_ids"] for x in ref]
+    assert [x["meta_info"]["num_retractions"] for x in got] == [1, 1, 1]
+
+
+def test_in_place_pause_keeps_kv_so_the_update_flush_fails(server, model_dir, other_ckpt):
+    """SGLang's in_place pause leaves requests holding KV: /flush_cache is a 400, and so is a
+    weight update with ``flush_cache`` (its default): weight_updater.py loads the weights, then
+    the flush is refused and the call fails with CACHE_NOT_FLUSHED; tokenizer_manager.py then
+    keeps the model path and weight version. With ``flush_cache: false`` it succeeds, and
+    /model_info, /v1/models name the new path (model_path and served_model_name move, the
+    tokenizer path and /server_info keep the startup path)."""
+    import torch
+
+    info0 = httpx.get(server.url + "/model_info", timeout=10).json()
+    v0 = info0["weight_version"]
+    assert info0["model_path"] == info0["served_model_name"] == info0["tokenizer_path"] == model_dir
+    out: list = []
+    body = {"input_ids": [[50, 51, 52], [60, 61]], "sampling_params": {**GREEDY, "max_new_tokens": 40,
+                                                                        "ignore_eos": True}}
+    with _in_background(server, body, out):
+        _until(server, lambda st: st["num_running_reqs"] == 2, "the requests never ran")
+        assert _post(server, "/pause_generation", {"mode": "in_place"}).status_code == 200
+        assert _states(server)["num_running_reqs"] == 2
+        r = _post(server, "/flush_cache")
+        assert r.status_code == 400 and "not flushed" in r.text.lower()
+        r = _post(server, "/update_weights_from_disk", {"model_path": other_ckpt, "weight_version": "x"})
+        assert r.status_code == 400 and {k: r.json()[k] for k in ("success", "message", "num_paused_requests")} == {
+            "success": False, "message": CACHE_NOT_FLUSHED, "num_paused_requests": 0}
+        assert torch.equal(_param(server), _ckpt_tensor(other_ckpt))  # the weights did change
+        info = httpx.get(server.url + "/model_info", timeout=10).json()
+        assert (info["model_path"], info["weight_version"]) == (model_dir, v0)
+        r = _post(server, "/update_weights_from_disk", {"model_path": other_ckpt, "weight_version": "x",
+                                                        "flush_cache": False})
+        assert r.status_code == 200 and r.json()["success"] is True, r.text
+        info = httpx.get(server.url + "/model_info", timeout=10).json()
+        assert (info["model_path"], info["served_model_name"], info["tokenizer_path"], info["weight_version"]) == (
+            other_ckpt, other_ckpt, model_dir, "x")
+        sinfo = httpx.get(server.url + "/server_info", timeout=10).json()
+        assert sinfo["model_path"] == sinfo["tokenizer_path"] == model_dir
+        models = httpx.get(server.url + "/v1/models", timeout=10).json()
+        card = models["data"][0]
+        assert models["object"] == "list" and len(models["data"]) == 1
+        assert {k: card[k] for k in ("id", "object", "owned_by", "root", "parent", "max_model_len")} == {
+            "id": other_ckpt, "object": "model", "owned_by": "sglang", "root": other_ckpt, "parent": None,
+            "max_model_len": CONTEXT}
+        assert isinstance(card["created"], int) and abs(card["created"] - time.time()) < 60
+        assert httpx.get(server.url + "/v1/models/" + other_ckpt.lstrip("/"), timeout=10).status_code == 404
+        assert httpx.get(server.url + "/v1/models/" + other_ckpt, timeout=10).json()["id"] == other_ckpt
+        assert _post(server, "/continue_generation").status_code == 200
+    spans = [[s["version"] for s in x["meta_info"]["weight_versions"]] for x in out[0].json()]
+    assert spans == [[v0, "x"], [v0, "x"]]  # the version that loaded while they were paused
+    r = _post(server, "/update_weights_from_disk", {"model_path": model_dir, "weight_version": v0})
+    assert r.status_code == 200
+    assert httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"] == model_dir

@@ -224,3 +224,93 @@ def test_eos_ids_of_generation_config_also_stop(ckpts, tmp_path):
     tf.GenerationConfig(eos_token_id=[2, first]).save_pretrained(str(src))
     stopped = _engine(str(src)).generate([RolloutRequest(p, SamplingParams(max_new_tokens=6, temperature=0.0))])[0]
     assert stopped.response_ids == [first] and stopped.finish_reason == FinishReason.STOP
+
+
+def _tokenizer_with_eos(path: str, eos_id: int):
+    """The tiny models' tokenizer saved in ``path`` with ``eos_id`` as its EOS token (the
+    model's config keeps EOS 2), loaded back as a run loads it for its in-process engine
+    (``launch.py``: ``engine_tokenizer``; None before the tokenizer is saved)."""
+    from moe_rl.config.run import RunConfig
+    from moe_rl.data.tokenizer import build_tokenizer
+    from moe_rl.rollout.in_process import engine_tokenizer
+
+    assert engine_tokenizer(RunConfig(), path) is None
+    tok = build_tokenizer(512)
+    tok.eos_token = tok.convert_ids_to_tokens(eos_id)
+    tok.save_pretrained(path)
+    loaded = engine_tokenizer(RunConfig(), path)
+    assert loaded.eos_token_id == eos_id
+    return loaded
+
+
+def test_tokenizer_eos_also_stops(ckpts, tmp_path):
+    """SGLang's scheduler also stops on the tokenizer's EOS (``_check_token_based_finish``:
+    ``token_id == tokenizer.eos_token_id``). A checkpoint whose tokenizer names a token the model
+    greedily emits as its EOS (config EOS stays 2) stops there when the engine has the
+    tokenizer, runs on without it; ``ignore_eos`` turns it off."""
+    import shutil
+
+    src = tmp_path / "ck"
+    shutil.copytree(ckpts["qwen3_moe"], src)
+    p = _prompts(1, seed=7)[0]
+    req = RolloutRequest(p, SamplingParams(max_new_tokens=8, temperature=0.0))
+    free = _engine(str(src)).generate([req])[0].response_ids
+    k = next(i for i, t in enumerate(free) if t > 3)  # a plain token (not pad/bos/eos/<|im_start|>)
+    tok = _tokenizer_with_eos(str(src), free[k])
+    eng = EmbeddedEngine(EmbeddedEngineConfig(model_path=str(src), max_running=2), tokenizer=tok)
+    assert eng.hf_config.eos_token_id == 2 and free[k] in eng.eos_ids
+    stopped = eng.generate([req])[0]
+    assert stopped.response_ids == free[: free.index(free[k]) + 1] and stopped.finish_reason is FinishReason.STOP
+    ignored = eng.generate([RolloutRequest(p, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))])[0]
+    assert ignored.response_ids == free and ignored.finish_reason is FinishReason.LENGTH
+
+
+def test_tokenizer_stop_ids_are_sglangs():
+    """EOS plus the added-vocabulary tokens SGLang's ``attach_additional_stop_token_ids`` lists
+    ("<|eom_id|>", "<|content_model_end_sampling|>", "<|ifm|im_end|>"); other added tokens are not."""
+    from moe_rl.data.tokenizer import build_tokenizer
+    from moe_rl.rollout.embedded.tokenizer import tokenizer_stop_ids
+
+    tok = build_tokenizer(512)
+    assert tokenizer_stop_ids(tok) == {2} and tokenizer_stop_ids(None) == set()
+    tok.add_tokens(["<|eom_id|>", "<|im_end|>", "<|ifm|im_end|>"], special_tokens=True)
+    ids = tok.convert_tokens_to_ids(["<|eom_id|>", "<|im_end|>", "<|ifm|im_end|>"])
+    assert tokenizer_stop_ids(tok) == {2, ids[0], ids[2]}
+
+
+def test_retracted_sequences_recompute_and_continue_exactly(ckpts, hf_models):
+    """``pause("retract")`` (SGLang's retract mode) frees every running sequence's slot and puts
+    it back to wait; admitted again it re-prefills prompt + output and decodes on. Greedy tokens,
+    log-probs and routed experts then equal an uninterrupted run's and a full HF forward's."""
+    family = "qwen3_moe"
+    prompts = _prompts(3, seed=8)
+    budgets = [9, 5, 12]
+    eng = _engine(ckpts[family], max_running=2)  # 3 prompts, 2 slots: one waits unstarted
+    sps = [SamplingParams(max_new_tokens=b, temperature=0.0, ignore_eos=True) for b in budgets]
+    futs = [f for p, sp in zip(prompts, sps) for f in eng.submit(p, sp)]
+    for _ in range(3):
+        eng.step()
+    assert eng.num_running == 2
+    eng.pause("retract")
+    assert eng.num_running == 0 and eng.num_waiting == 3 and eng.paused
+    eng.cache.release()  # nothing holds KV now: it can go (SGLang: flush / release succeed)
+    eng.step()
+    assert not any(f.done() for f in futs)  # paused: nothing moves
+    eng.resume()
+    while not all(f.done() for f in futs):
+        eng.step()
+    hf = hf_models[family]
+    for p, b, f in zip(prompts, budgets, futs):
+        res = f.result()
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=b, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist()
+            out = hf(torch.tensor([p + ref]), output_router_logits=True)
+        assert res.output_ids == ref
+        lp = torch.log_softmax(out.logits[0].float(), -1)[len(p) - 1:-1].gather(-1, torch.tensor(ref)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(res.output_logprobs), lp, atol=1e-5, rtol=0)
+        N = len(p) + b - 1
+        ref_NLK = torch.stack([rl[:N].softmax(-1).topk(hf.config.num_experts_per_tok, -1).indices
+                               for rl in out.router_logits], 1)
+        assert torch.equal(res.routes_NLK.long().sort(-1).values, ref_NLK.sort(-1).values)
+    assert [f.result().num_retractions for f in futs] == [1, 1, 0]  # the third was never running

@@ -1,12 +1,23 @@
 """Information and scheduling control endpoints of the embedded server (SGLang 0.5.23 names):
-model/server info and loads, flush, pause/continue, abort, memory release/resume, weight
-version. Every change runs on the engine thread between two steps (``ServerContext.on_engine``).
+model/server info and loads, the OpenAI model list, flush, pause/continue, abort, memory
+release/resume, weight version. Every change runs on the engine thread between two steps
+(``ServerContext.on_engine``).
+
+As SGLang's: ``/model_info`` and ``/v1/models`` name the model by the path of the last
+successful ``/update_weights_from_disk`` (``model_path`` and ``served_model_name`` both move
+there), ``/server_info`` keeps the startup configuration, and ``tokenizer_path`` is the startup
+model path (SGLang's default, also with no tokenizer loaded). ``/pause_generation`` modes:
+``abort`` ends every request, ``in_place`` keeps the running ones in place (a ``/flush_cache``
+then fails while they hold KV), ``retract`` moves them back to waiting with their KV freed (a
+flush then succeeds; they recompute it on ``/continue_generation``).
 
 A body that SGLang's pydantic models refuse (a required field missing, a value of the wrong
 type or outside a ``Literal``) is a ``SchemaError``: SGLang's ``ErrorResponse``, HTTP 400.
 """
 
 from __future__ import annotations
+
+import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -24,10 +35,9 @@ def control_router(ctx: ServerContext) -> APIRouter:
 
     def model_info() -> dict:
         cfg = engine.hf_config
-        path = ctx.options.model_path
         return {
-            "model_path": path, "served_model_name": path,
-            "tokenizer_path": path if ctx.tokenizer is not None else None,
+            "model_path": ctx.model_path, "served_model_name": ctx.served_model_name,
+            "tokenizer_path": ctx.startup_model_path,
             "is_generation": True, "preferred_sampling_params": None, "weight_version": ctx.version(),
             "load_format": "auto", "reasoning_parser": None, "tool_call_parser": None,
             "disaggregation_mode": "null", "has_image_understanding": False, "has_audio_understanding": False,
@@ -47,9 +57,8 @@ def control_router(ctx: ServerContext) -> APIRouter:
     async def server_info():
         c = engine.cfg
         return JSONResponse({
-            "model_path": ctx.options.model_path, "tp_size": 1, "dp_size": 1, "ep_size": 1,
-            "served_model_name": ctx.options.model_path,
-            "tokenizer_path": ctx.options.model_path if ctx.tokenizer is not None else None,
+            "model_path": ctx.startup_model_path, "tp_size": 1, "dp_size": 1, "ep_size": 1,
+            "served_model_name": ctx.startup_model_path, "tokenizer_path": ctx.startup_model_path,
             "skip_tokenizer_init": ctx.tokenizer is None, "page_size": 1,
             "max_running_requests": c.max_running, "context_length": engine.context_len,
             # the scheduler's: KV capacity in tokens (one context per slot), the longest prompt
@@ -62,6 +71,22 @@ def control_router(ctx: ServerContext) -> APIRouter:
                                  "num_generate_requests": ctx.num_generate_requests}],
             "version": VERSION, "frontend": "python", "startup_time": ctx.startup_time,
         })
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "sglang", "root": name,
+                "parent": None, "max_model_len": engine.context_len}
+
+    @r.get("/v1/models")
+    async def models():
+        return JSONResponse({"object": "list", "data": [model_card(ctx.served_model_name)]})
+
+    @r.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model != ctx.served_model_name:
+            return JSONResponse({"error": {"message": f"The model '{model}' does not exist",
+                                           "type": "invalid_request_error", "param": "model",
+                                           "code": "model_not_found"}}, status_code=404)
+        return JSONResponse(model_card(model))
 
     @r.get("/v1/loads")
     async def loads():

@@ -33,11 +33,25 @@ Seeds: a request with ``sampling_seed`` and ``n > 1`` draws sample ``i`` from
 group differ (and sample 0 is what ``n = 1`` gives).
 
 Finishing, in SGLang's order after each token: a stop string (``stop_strings.py``, only for
-requests submitted with one), then a stop token (EOS or ``stop_token_ids``; ``ignore_eos``
-turns both off, as SGLang's ``_check_token_based_finish``), then the length budget. Every sampled token stays in the output.
+requests submitted with one), then a stop token, then the length budget. Every sampled token
+stays in the output. The stop tokens are SGLang's (``_check_token_based_finish``): the
+request's ``stop_token_ids``, the model's EOS ids (``config.json`` and
+``generation_config.json``) and, when the engine is given the checkpoint's tokenizer, the
+tokenizer's EOS and additional stop ids (``tokenizer.tokenizer_stop_ids``); ``ignore_eos``
+turns them all off.
 
-Weight versions: setting :attr:`weight_version` to a new value records, for every running
-sequence with output, how many tokens the old version produced, so a result carries SGLang's
+Pausing (SGLang's ``pause_generation`` modes): ``abort`` ends every request; ``in_place`` only
+stops stepping, running sequences keep their slots and KV; ``retract`` also moves every running
+sequence back to the front of the waiting list with its slot freed, as SGLang's scheduler
+retracts them (so nothing holds KV and a flush or a KV release can proceed). A retracted
+sequence keeps its output, log-probs and sampling state; when admitted again it re-prefills its
+prompt and output but the last token (with the weights then loaded, as SGLang recomputes the
+KV) and decodes on, so with unchanged weights it continues as if never paused. Its routed
+experts are those of that re-prefill (SGLang drops and recomputes them on retraction), and its
+result counts the retractions (``num_retractions``).
+
+Weight versions: setting :attr:`weight_version` to a new value records, for every running (or
+retracted) sequence with output, how many tokens the old version produced, so a result carries SGLang's
 ``weight_versions`` spans (``version_spans.py``).
 """
 
@@ -60,6 +74,7 @@ from moe_rl.rollout.embedded.kv_cache import SlotKVCache
 from moe_rl.rollout.embedded.router_capture import RouterCapture
 from moe_rl.rollout.embedded.sampler import RowParams, sample_tokens
 from moe_rl.rollout.embedded.stop_strings import StopStrings
+from moe_rl.rollout.embedded.tokenizer import tokenizer_stop_ids
 from moe_rl.rollout.embedded.version_spans import version_spans
 from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample, SamplingParams, per_sample_seed
 
@@ -80,6 +95,7 @@ class SeqResult:
     finish: dict[str, Any]  # SGLang finish_reason object
     weight_version: str
     weight_versions: list[dict] = dataclasses.field(default_factory=list)  # [{version, start, end}] spans
+    num_retractions: int = 0  # times a pause (mode "retract") moved it back to the waiting list
 
 
 def _id_set(ids: int | list[int] | None) -> set[int]:
@@ -110,6 +126,11 @@ class _Seq:
         self.out_ids: list[int] = []
         self.out_lp: list[float] = []
         self.routes: list[torch.Tensor] = []  # one [L, K] per response token
+        # routes of prompt positions 0..P-2 when the sequence re-prefilled after a retraction
+        # (else its group's); with ``routes`` they cover positions 0..P+T-2
+        self.prefix_routes: torch.Tensor | None = None
+        self.retracted = False  # waiting again after a retraction: re-prefills on admission
+        self.num_retractions = 0
         self.aborted: str | None = None
 
     @property
@@ -120,7 +141,10 @@ class _Seq:
 class EmbeddedEngine:
     """HF causal LM + slot KV cache + continuous-batching scheduler."""
 
-    def __init__(self, cfg: EmbeddedEngineConfig, model: torch.nn.Module | None = None) -> None:
+    def __init__(self, cfg: EmbeddedEngineConfig, model: torch.nn.Module | None = None, *,
+                 tokenizer: Any = None) -> None:
+        """``tokenizer``: the checkpoint's (``tokenizer.load_tokenizer``), whose EOS and
+        additional stop ids then also end samples, as in SGLang; None when there is none."""
         import transformers as tf
 
         self.cfg = cfg
@@ -141,6 +165,9 @@ class EmbeddedEngine:
         # more ids there, e.g. a chat end token next to the base EOS)
         gen = getattr(model, "generation_config", None)
         self.eos_ids = _id_set(self.hf_config.eos_token_id) | _id_set(getattr(gen, "eos_token_id", None))
+        # and the tokenizer's (SGLang's scheduler gives every request its tokenizer)
+        self.tokenizer = tokenizer
+        self.eos_ids |= tokenizer_stop_ids(tokenizer)
         self.vocab_size = self.hf_config.vocab_size
         self.context_len = cfg.max_context_len or int(self.hf_config.max_position_embeddings)
         self.capture = RouterCapture(model) if cfg.capture_routed_experts else None
@@ -187,8 +214,8 @@ class EmbeddedEngine:
         every sequence that has output, as SGLang's ``record_weight_version_change``."""
         if new == self._weight_version:
             return
-        for s in self._slots:
-            if s is not None and s.out_ids:
+        for s in [s for s in self._slots if s is not None] + self._waiting:  # retracted ones wait with output
+            if s.out_ids:
                 s.version_events.append((self._weight_version, len(s.out_ids)))
         self._weight_version = new
 
@@ -421,6 +448,10 @@ class EmbeddedEngine:
         free = [i for i, s in enumerate(self._slots) if s is None]
         while free and self._waiting:
             seq = self._waiting[0]  # stays waiting until admitted, so a failing prefill fails it too
+            if seq.retracted:  # has its first token already: rebuild its KV, decode on
+                self._readmit(seq, free.pop(0))
+                self._waiting.pop(0)
+                continue
             g = seq.group
             if g.prompt_kv is None and (seq.params.max_new_tokens > 0 or self.capture is not None):
                 self._prefill(g)
@@ -441,6 +472,21 @@ class EmbeddedEngine:
         routes = [s.group.prompt_routes_PLK[-1] if s.group.prompt_routes_PLK is not None else None
                   for s in admitted]
         self._take_tokens(admitted, logits_BV, routes)
+
+    def _readmit(self, seq: _Seq, slot: int) -> None:
+        """A retracted sequence re-prefills its prompt and output but the last token (whose KV
+        the next decode step writes) into ``slot``; the prefill's logits are not sampled."""
+        ids = seq.group.prompt_ids + seq.out_ids[:-1]
+        kv, _ = self.forward_prefill(ids, self.cache)
+        if self.capture is not None and self.capture.num_moe_layers:
+            rows_NLK = self.capture.stacked()  # [P+T-1, L, K]
+            P = seq.prompt_len
+            seq.prefix_routes = rows_NLK[: P - 1]
+            seq.routes = list(rows_NLK[P - 1:].unbind(0))
+        self.cache.load_prompt(slot, kv)
+        seq.slot = slot
+        seq.retracted = False
+        self._slots[slot] = seq
 
     @staticmethod
     def _release_prompt(g: _Group) -> None:
@@ -545,27 +591,45 @@ class EmbeddedEngine:
             s.slot = -1
         if s in self._waiting:
             self._waiting.remove(s)
-            self._release_prompt(s.group)
+            if not s.retracted:  # a retracted one left the group's count when first admitted
+                self._release_prompt(s.group)
         routes = None
         g = s.group
         if g.prompt_routes_PLK is not None:
             P = s.prompt_len
-            parts = [g.prompt_routes_PLK[: P - 1]]
+            parts = [g.prompt_routes_PLK[: P - 1] if s.prefix_routes is None else s.prefix_routes]
             if s.routes:
                 parts.append(torch.stack(s.routes))
             routes = torch.cat(parts)
         res = SeqResult(rid=s.rid, prompt_len=s.prompt_len, output_ids=s.out_ids, output_logprobs=s.out_lp,
                         routes_NLK=routes, finish=finish, weight_version=self.weight_version,
-                        weight_versions=version_spans(s.version_events, self.weight_version, len(s.out_ids)))
+                        weight_versions=version_spans(s.version_events, self.weight_version, len(s.out_ids)),
+                        num_retractions=s.num_retractions)
         if s.future is not None and not s.future.done():
             s.future.set_result(res)
 
     # ------------------------------------------------------------------- control (engine thread)
     def pause(self, mode: str = "abort") -> None:
+        """Stop stepping (on the engine thread). ``abort``: end every request first;
+        ``retract``: move the running sequences back to the waiting list, slots freed;
+        ``in_place``: leave them in their slots."""
         if mode == "abort":
             self.abort(abort_all=True, message="Generation paused (abort)")
             self._apply_aborts()
+        elif mode == "retract":
+            self._retract_running()
         self.paused = True
+
+    def _retract_running(self) -> None:
+        """SGLang's retraction: every running sequence frees its slot and waits, first in line
+        (in slot order), to re-prefill on admission."""
+        running = [s for s in self._slots if s is not None]
+        for s in running:
+            self._slots[s.slot] = None
+            s.slot = -1
+            s.retracted = True
+            s.num_retractions += 1
+        self._waiting[:0] = running
 
     def resume(self) -> None:
         self.paused = False

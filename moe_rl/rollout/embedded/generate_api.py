@@ -7,7 +7,14 @@ runs a one-token generate through the engine, as SGLang's does.
 
 With a tokenizer, an item's ``text`` and the token texts of ``return_text_in_logprobs`` are
 SGLang's (``output_text.py``), and stop strings end samples on the engine thread
-(``stop_strings.py``). ``meta_info.weight_versions`` says which version produced which tokens.
+(``stop_strings.py``). ``meta_info.weight_versions`` says which version produced which tokens,
+``meta_info.num_retractions`` how often a ``retract`` pause moved the sample back to waiting;
+``return_prompt_token_ids`` adds the prompt's ids to each item (top-level ``prompt_token_ids``).
+
+A request id must be unique among the requests in flight, as SGLang's tokenizer manager keeps
+them: a ``rid`` equal to one still running is a 400 "Duplicate request ID detected: <rid>".
+With ``n > 1`` the samples get fresh ids (SGLang regenerates them too), so only the check at
+submission applies to the given ones.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from moe_rl.rollout import routed_experts_codec
 from moe_rl.rollout.embedded.engine import EngineFailed, SeqResult
 from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable, wait_or_gone
 from moe_rl.rollout.embedded.output_text import response_text, token_texts
-from moe_rl.rollout.embedded.protocol import ParsedGenerate, parse_generate
+from moe_rl.rollout.embedded.protocol import ParsedGenerate, RequestError, parse_generate
 from moe_rl.rollout.embedded.stop_strings import StopStrings
 from moe_rl.rollout.types import SamplingParams
 
@@ -39,6 +46,18 @@ def generate_router(ctx: ServerContext) -> APIRouter:
         body = await ctx.read_json(request)
         req = parse_generate(body, context_len=engine.context_len, vocab_size=engine.vocab_size,
                              tokenizer=ctx.tokenizer, max_samples=ctx.options.max_samples_per_request)
+        given = [r for r in req.rids if r is not None]
+        busy = next((r for r in given if r in ctx.rids_in_flight), None)
+        if busy is not None:
+            raise RequestError(f"Duplicate request ID detected: {busy}")
+        held = given if req.params[0].n == 1 else []  # n > 1: the samples run under fresh ids
+        ctx.rids_in_flight.update(held)  # no await since the check: no other request in between
+        try:
+            return await _run(request, req, t0)
+        finally:
+            ctx.rids_in_flight.difference_update(held)
+
+    async def _run(request: Request, req: ParsedGenerate, t0: float):
         futs, rids = [], []
         try:
             for prompt, params, rid in zip(req.prompts, req.params, req.rids):
@@ -101,7 +120,8 @@ def _item(ctx: ServerContext, req: ParsedGenerate, prompt: list[int], prompt_idx
     meta: dict[str, Any] = {
         "id": x.rid, "finish_reason": x.finish, "prompt_tokens": x.prompt_len,
         "completion_tokens": len(x.output_ids), "cached_tokens": 0, "reasoning_tokens": 0,
-        "weight_version": x.weight_version, "weight_versions": x.weight_versions, "num_retractions": 0,
+        "weight_version": x.weight_version, "weight_versions": x.weight_versions,
+        "num_retractions": x.num_retractions,
         "e2e_latency": latency,
     }
     if req.return_logprob[prompt_idx]:
@@ -118,6 +138,8 @@ def _item(ctx: ServerContext, req: ParsedGenerate, prompt: list[int], prompt_idx
         full_NHK[:, engine.moe_layer_ids] = routes_NLK
         meta["routed_experts"] = routed_experts_codec.encode(full_NHK)
     item: dict[str, Any] = {"output_ids": x.output_ids, "meta_info": meta}
+    if req.return_prompt_token_ids:
+        item["prompt_token_ids"] = list(prompt)
     if tok is not None:
         o = req.text_options[prompt_idx]
         item["text"] = response_text(tok, prompt, x.output_ids, x.finish, skip_special_tokens=o.skip_special_tokens,

@@ -30,7 +30,7 @@ from moe_rl.rollout.embedded.protocol import SchemaError
 class ServerOptions:
     """Server-side limits and security settings (the CLI flags of ``server.py``)."""
 
-    model_path: str = ""  # served checkpoint directory (reported by /model_info)
+    model_path: str = ""  # served checkpoint directory (/model_info); "" = the engine's
     api_key: str = ""  # require "Authorization: Bearer <api_key>" (not on /health*, /ready*, /metrics*)
     weight_roots: list[str] = dataclasses.field(default_factory=list)  # /update_weights_from_disk reads only below these
     control_timeout_s: float = 300.0  # a control call not started by then is cancelled (504)
@@ -65,6 +65,13 @@ class ServerContext:
             except Exception:  # noqa: BLE001 - then a text request gets its own 400
                 pass
         self.groups: dict[str, Any] = {}  # weight-update groups by name
+        # The served model's identity. SGLang's tokenizer manager moves both to the path of the
+        # last successful /update_weights_from_disk (/model_info, /v1/models report them); the
+        # startup path stays in /server_info and is the tokenizer's path.
+        self.startup_model_path = options.model_path or engine.cfg.model_path
+        self.model_path = self.startup_model_path
+        self.served_model_name = self.startup_model_path
+        self.rids_in_flight: set[str] = set()  # request ids of /generate calls not answered yet
         self.num_generate_requests = 0
         self.startup_time: float | None = None
         self._joins = cf.ThreadPoolExecutor(options.max_joins, thread_name_prefix="weight-group")

@@ -12,7 +12,15 @@ Parsing follows SGLang's gates, and each failure has SGLang's reply shape:
    400 ``{"error": {"message": ...}}``.
 On top, the embedded engine rejects (400) the SGLang features it does not implement when they
 are given non-default values, instead of silently ignoring them (grammar, penalties,
-``stop_regex``, stop strings without a tokenizer, prompt log-probs...).
+``stop_regex``, stop strings without a tokenizer, prompt log-probs, top log-probs...). What
+SGLang ignores is ignored here too: ``logprob_start_len`` and ``top_logprobs_num`` of a prompt
+without ``return_logprob``; a ``logprob_start_len`` of -1 or of the prompt's length (both mean
+output log-probs only); an empty grammar string (SGLang treats ``""`` as unset). What SGLang
+refuses with a 400 is refused here with its message: duplicate ``rid`` values (within the
+request, or one still in flight: ``generate_api.py``), a list-valued logprob field with
+``n > 1``, and the features a server started without them refuses (``lora_path``,
+``custom_logit_processor``, ``return_hidden_states``, ``max_thinking_tokens``, a
+``routed_dp_rank`` other than 0).
 Batch and ``n``: the response is a list ordered prompt-major (item ``i*n + j`` is sample
 ``j`` of prompt ``i``); a single prompt with ``n == 1`` gets a single object.
 
@@ -46,8 +54,8 @@ SGLANG_SAMPLING_KEYS = (
 # Keys the embedded engine accepts only at their neutral value.
 _NEUTRAL = {
     "stop_regex": (None, []), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0), "min_new_tokens": (None, 0), "json_schema": (None,),
-    "regex": (None,), "ebnf": (None,), "structural_tag": (None,), "logit_bias": (None, {}),
+    "repetition_penalty": (None, 1, 1.0), "min_new_tokens": (None, 0), "json_schema": (None, ""),
+    "regex": (None, ""), "ebnf": (None, ""), "structural_tag": (None, ""), "logit_bias": (None, {}),
     "custom_params": (None, {}), "beam_width": (None, 0, 1), "watermark": (None, False), "choice": (None,),
 }
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when the key is absent
@@ -91,6 +99,7 @@ class ParsedGenerate:
     rids: list[str | None]  # [B]
     return_logprob: list[bool]  # [B]
     return_text_in_logprobs: bool
+    return_prompt_token_ids: bool  # each item carries its prompt's ids (SGLang: top-level "prompt_token_ids")
     return_routed_experts: bool
     routed_experts_start_len: int
     single: bool  # reply with one object instead of a list
@@ -322,24 +331,156 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
         rids = list(rid)
     else:
         raise RequestError(f"rid must be a string or a list of {B} strings, got {len(rid)}")
+    rids_given = [r for r in rids if r is not None]
+    if len(set(rids_given)) != len(rids_given):  # io_struct.py _validate_rid_uniqueness
+        dups = [r for r in dict.fromkeys(rids_given) if rids_given.count(r) > 1]
+        raise RequestError(f"Duplicate request IDs detected within the request: {dups}")
     rl = body.get("return_logprob", False)
     if isinstance(rl, list):
         if not all(isinstance(x, bool) for x in rl):
             raise ContractError(f"invalid type: return_logprob must be a boolean or a list of booleans, got {rl!r:.80}")
-        rl_list = list(rl)
     else:
-        rl_list = [flag(body, "return_logprob")] * B
-    if len(rl_list) != B:
-        raise RequestError(f"return_logprob has {len(rl_list)} entries for {B} prompts")
-    if body.get("logprob_start_len", -1) not in (-1, None):
-        raise RequestError("logprob_start_len >= 0 (prompt log-probs) is not supported by the embedded engine")
-    if body.get("top_logprobs_num", 0) or body.get("token_ids_logprob"):
-        raise RequestError("top_logprobs_num / token_ids_logprob are not supported by the embedded engine")
+        flag(body, "return_logprob")
+    n = ns[0]
+    rl_list = [bool(x) for x in _per_prompt(body, "return_logprob", False, B, n)]
+    _check_logprob_fields(body, prompts, rl_list, n, vocab_size)
+    _check_unserved_features(body, single and n == 1)
     start = body.get("routed_experts_start_len", 0)
     if not _is_int(start) or start < 0 or any(start > len(p) for p in prompts):
         raise RequestError(f"routed_experts_start_len ({start}) must be an integer in [0, prompt tokens "
                            f"({min(len(p) for p in prompts)})]")
     return ParsedGenerate(prompts=prompts, params=params, text_options=[s.text for s in parsed], rids=rids,
                           return_logprob=rl_list, return_text_in_logprobs=flag(body, "return_text_in_logprobs"),
+                          return_prompt_token_ids=flag(body, "return_prompt_token_ids"),
                           return_routed_experts=flag(body, "return_routed_experts"),
                           routed_experts_start_len=start, single=single and ns[0] == 1)
+
+
+def _per_prompt(body: dict, key: str, default: Any, B: int, n: int) -> list:
+    """``body[key]`` for each of the B prompts: one value for all, or a list of B (SGLang's
+    ``normalize_param``: a list with ``n > 1`` is a 400)."""
+    v = body.get(key)
+    if v is None:
+        return [default] * B
+    if not isinstance(v, list):
+        return [v] * B
+    if n > 1:
+        raise RequestError(f"Cannot use list {key} with parallel_sample_num > 1")
+    if len(v) != B:
+        raise RequestError(f"{key} has {len(v)} entries for {B} prompts")
+    return list(v)
+
+
+def _int_or_ints(body: dict, key: str) -> None:
+    v = body.get(key)
+    if v is None:
+        return
+    if not (_is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))):
+        raise SchemaError(f"{key}: must be an integer or a list of integers, got {v!r:.80}")
+
+
+def _check_token_ids_logprob(token_ids: Any, n: int, vocab_size: int) -> None:
+    """SGLang's checks of ``token_ids_logprob`` (made with or without ``return_logprob``): a
+    list of ids, or one list per prompt (not with ``n > 1``), each id in the vocabulary."""
+    if not token_ids:
+        return
+    rows = token_ids if isinstance(token_ids, list) and isinstance(token_ids[0], list) else [token_ids]
+    if not isinstance(token_ids, list) or not all(isinstance(r, list) and all(_is_int(t) for t in r) for r in rows):
+        raise SchemaError(f"token_ids_logprob: must be a list of integers or a list of lists of integers, "
+                          f"got {token_ids!r:.80}")
+    if isinstance(token_ids[0], list) and n > 1:
+        raise RequestError("Cannot use list token_ids_logprob with parallel_sample_num > 1")
+    for t in (t for r in rows for t in r):
+        if not 0 <= t < vocab_size:
+            raise RequestError(f"token_ids_logprob contains out-of-vocabulary token id {t}; valid range is "
+                               f"[0, {vocab_size}).")
+
+
+def _check_logprob_fields(body: dict, prompts: list[list[int]], return_logprob: list[bool], n: int,
+                          vocab_size: int) -> None:
+    """``logprob_start_len`` / ``top_logprobs_num`` / ``token_ids_logprob`` as SGLang's scheduler
+    reads them: ignored for a prompt without ``return_logprob``; a start of -1 or of the prompt's
+    length means output log-probs only (what this engine returns); a start past the prompt is
+    SGLang's 400. Prompt log-probs, top log-probs and chosen-token log-probs are not implemented:
+    a 400 naming them, for the prompts that ask for log-probs."""
+    for key in ("logprob_start_len", "top_logprobs_num"):
+        _int_or_ints(body, key)
+    B = len(prompts)
+    starts = _per_prompt(body, "logprob_start_len", -1, B, n)
+    tops = _per_prompt(body, "top_logprobs_num", 0, B, n)
+    token_ids = body.get("token_ids_logprob")
+    _check_token_ids_logprob(token_ids, n, vocab_size)
+    for i, (p, want, start, top) in enumerate(zip(prompts, return_logprob, starts, tops)):
+        if not want:
+            continue
+        where = "" if B == 1 else f" (prompt {i})"
+        if start > len(p):
+            raise RequestError(f"req.logprob_start_len={start} is higher than the number of input tokens "
+                               f"len(req.origin_input_ids)={len(p)}. Please use a smaller logprob_start_len.")
+        if start != -1 and start < len(p):
+            raise RequestError(f"logprob_start_len={start}{where} asks for prompt log-probs (input_token_logprobs), "
+                               f"which the embedded engine does not compute; use -1 or the prompt length "
+                               f"({len(p)}) for output log-probs")
+        if top > 0:
+            raise RequestError(f"top_logprobs_num={top}{where}: top log-probs are not supported by the embedded "
+                               "engine (only the sampled token's log-prob)")
+        if token_ids:
+            raise RequestError("token_ids_logprob is not supported by the embedded engine (only the sampled "
+                               "token's log-prob)")
+
+
+def _lora_asked(v: Any, single: bool) -> tuple[bool, str | None]:
+    """Whether SGLang sees an adapter requested (``_validate_and_resolve_lora``: ``lora_path``
+    truthy after normalization, where a batch repeats a string per prompt, so there even ``""``
+    counts), and the first one named."""
+    if v is None:
+        return False, None
+    if not (isinstance(v, str) or (isinstance(v, list) and all(x is None or isinstance(x, str) for x in v))):
+        raise SchemaError(f"lora_path: must be a string or a list of strings, got {v!r:.80}")
+    names = [v] if isinstance(v, str) else v
+    asked = bool(v) if single else bool(names)
+    return asked, next((a for a in names if a), None)
+
+
+def _hidden_states_asked(v: Any) -> bool:
+    """``return_hidden_states`` (a boolean, "last", or a list of them) asks for hidden states."""
+    items = v if isinstance(v, list) else [v]
+    for x in items:
+        if x is None or x is False:
+            continue
+        if x is True or x == "last":
+            return True
+        raise SchemaError(f"return_hidden_states: must be a boolean or the string literal 'last', got {x!r:.80}")
+    return False
+
+
+def _check_unserved_features(body: dict, single: bool) -> None:
+    """What SGLang refuses (400, its messages) on a server started without the feature; this
+    engine has none of them."""
+    for key in ("max_thinking_tokens", "routed_dp_rank", "data_parallel_rank"):
+        v = body.get(key)
+        if v is not None and not _is_int(v):
+            raise SchemaError(f"{key}: must be an integer, got {v!r:.80}")
+    if body.get("max_thinking_tokens") is not None:
+        raise RequestError("max_thinking_tokens requires the server to be launched with --enable-strict-thinking")
+    dp = body.get("routed_dp_rank")
+    if dp is None:
+        dp = body.get("data_parallel_rank")  # SGLang's deprecated alias
+    if dp is not None and dp != 0:  # one DP rank: 0 is ignored, anything else out of range
+        raise RequestError(f"routed_dp_rank={dp} out of range [0, 1)")
+    asked, lora = _lora_asked(body.get("lora_path"), single)
+    if asked:
+        raise RequestError(f"LoRA adapter '{lora}' was requested, but LoRA is not enabled. Please launch the server "
+                           "with --enable-lora flag and preload adapters using --lora-paths or /load_lora_adapter "
+                           "endpoint.")
+    if _hidden_states_asked(body.get("return_hidden_states")):
+        raise RequestError("The server is not configured to return hidden states. Please set "
+                           "`--return-hidden-states-mode last`, `--return-hidden-states-mode full`, or the legacy "
+                           "`--enable-return-hidden-states` flag.")
+    clp = body.get("custom_logit_processor")
+    if clp is not None and not (isinstance(clp, str) or
+                                (isinstance(clp, list) and all(x is None or isinstance(x, str) for x in clp))):
+        raise SchemaError(f"custom_logit_processor: must be a string or a list of strings, got {clp!r:.80}")
+    if any(clp if isinstance(clp, list) else [clp]):
+        raise RequestError("The server is not configured to enable custom logit processor. Please set "
+                           "`--enable-custom-logit-processor` to enable this feature.")

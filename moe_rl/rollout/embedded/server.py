@@ -135,13 +135,15 @@ def main(argv: list[str] | None = None) -> None:
                                weight_version=a.weight_version, seed=a.random_seed, num_threads=a.num_threads,
                                dtype="float32" if a.dtype == "auto" else a.dtype,
                                capture_routed_experts=not a.no_routed_experts, trust_remote_code=a.trust_remote_code)
-    engine = EmbeddedEngine(cfg)
+    # the tokenizer first: its EOS and additional stop ids end samples too, as in SGLang
+    tokenizer = load_tokenizer(a.model_path, trust_remote_code=a.trust_remote_code)
+    engine = EmbeddedEngine(cfg, tokenizer=tokenizer)
     engine.start()
     model_path = os.path.abspath(a.model_path)
     roots = a.weight_roots if a.weight_roots is not None else [os.path.dirname(model_path)]
     options = ServerOptions(model_path=model_path, api_key=a.api_key, weight_roots=[os.path.abspath(r) for r in roots],
                             control_timeout_s=a.control_timeout, max_samples_per_request=a.max_samples_per_request)
-    app = build_app(engine, options, tokenizer=load_tokenizer(a.model_path, trust_remote_code=a.trust_remote_code))
+    app = build_app(engine, options, tokenizer=tokenizer)
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                                            timeout_graceful_shutdown=5))
     handle_exit = server.handle_exit

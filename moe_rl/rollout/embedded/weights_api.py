@@ -10,8 +10,20 @@ the model's own shapes, before any buffer is allocated, and ``/update_weights_fr
 takes only safetensors bytes (``load_format: "safetensors"``): nothing that arrives over HTTP
 is unpickled. Rendezvous and broadcasts run on their own bounded executor with a deadline.
 
-A body SGLang's pydantic models refuse (a required field missing or of the wrong type) is a
-``SchemaError``: SGLang's ``ErrorResponse``, HTTP 400.
+Replies have SGLang's shapes. A body SGLang's pydantic models refuse (a required field missing
+or of the wrong type) is a ``SchemaError``: SGLang's ``ErrorResponse``, HTTP 400. Every other
+failure of an update call (a value that cannot be used: an empty ``model_path``, a path outside
+the weight roots, an unknown group, bad ports or ranks, an announcement that does not fit the
+model, tensors that do not) is SGLang's failed update: HTTP 400 ``{"success": false,
+"message": "<what is wrong>"}`` (``/update_weights_from_disk`` adds ``num_paused_requests``),
+which clients read from ``r.json()["success"]``.
+
+Cache flush after an update, as SGLang's scheduler does it (``flush_cache``, default true, on
+disk, tensor and distributed updates): on an engine paused ``in_place`` whose requests still
+hold KV the new weights are loaded, but the flush is refused and so is the call (400, "Weights
+were updated, but the cache was not flushed..."); as in SGLang's tokenizer manager, the weight
+version and the model path are then left as they were. Pause with ``retract`` (or ``abort``)
+first, or send ``flush_cache: false``.
 
 ``/begin_weight_update`` and ``/end_weight_update`` open and close a weight-update session as
 SGLang 0.5.23's do (a second begin, or an end without a begin, is a 400), so a client that
@@ -35,6 +47,7 @@ Beyond SGLang (``moe_rl.weights`` uses them when ``GET /weight_sync_info`` answe
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -43,7 +56,7 @@ from fastapi import APIRouter, Request
 
 from moe_rl.rollout.broadcast_group import WeightBroadcastGroup
 from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable
-from moe_rl.rollout.embedded.protocol import RequestError, SchemaError, flag
+from moe_rl.rollout.embedded.protocol import SchemaError
 from moe_rl.rollout.embedded.weight_update import (
     StagedUpdate, WeightUpdateError, apply_update, check_announced, check_complete, load_checkpoint_state,
     plan_update)
@@ -61,11 +74,32 @@ def under_roots(path: str, roots: list[str]) -> bool:
     return False
 
 
+CACHE_NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or "
+                     "queued. Retract or finish them, then call /flush_cache.")  # SGLang's message
+
+
+class Refused(ValueError):
+    """An update call that cannot be done: SGLang's ``{"success": false, "message"}``, HTTP 400."""
+
+
 def _str_field(body: dict, key: str) -> str | None:
+    """An optional string field (``weight_version``, ``stage_id``): of another type it is SGLang's
+    schema error; empty it is refused (a version or stage that cannot be told from none)."""
     v = body.get(key)
-    if v is not None and (not isinstance(v, (str, int)) or isinstance(v, bool) or v == ""):
-        raise RequestError(f"{key} must be a non-empty string, got {v!r:.80}")
-    return None if v is None else str(v)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise SchemaError(f"{key}: Input should be a valid string, got {v!r:.80}")
+    if v == "":
+        raise Refused(f"{key} must be a non-empty string, got ''")
+    return v
+
+
+def _bool_field(body: dict, key: str, default: bool) -> bool:
+    v = body.get(key, default)
+    if not isinstance(v, bool):
+        raise SchemaError(f"{key}: Input should be a valid boolean, got {v!r:.80}")
+    return v
 
 
 def _required(body: dict, key: str, kind: type, what: str) -> Any:
@@ -85,7 +119,7 @@ def _checksums_field(body: dict) -> dict[str, str] | None:
     if v is None:
         return None
     if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
-        raise RequestError("checksums must be an object of tensor name -> checksum string")
+        raise Refused("checksums must be an object of tensor name -> checksum string")
     return v
 
 
@@ -93,12 +127,19 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     r = APIRouter()
     engine = ctx.engine
     staged: dict[str, StagedUpdate] = {}  # at most one: a new stage_id replaces the old one
+    staged_from: dict[str, set] = {}  # stage_id -> the disk paths its buckets came from (None: not disk)
     session = {"open": False}  # SGLang's weight-update session (begin/end)
 
-    async def apply(request: Request, named, body: dict, *, complete: bool = False) -> tuple[bool, str, dict]:
-        """Verify checksums, validate all, then stage it or apply all on the engine thread."""
-        new_version = _str_field(body, "weight_version")
-        stage_id = _str_field(body, "stage_id")
+    def fields(body: dict) -> tuple[str | None, str | None, bool]:
+        """(weight_version, stage_id, flush_cache) of an update body, checked before anything is read."""
+        return _str_field(body, "weight_version"), _str_field(body, "stage_id"), _bool_field(body, "flush_cache", True)
+
+    async def apply(request: Request, named, body: dict, *, complete: bool = False,
+                    source: str | None = None) -> tuple[bool, str, dict]:
+        """Verify checksums, validate all, then stage it or apply all on the engine thread.
+        ``source``: the directory the tensors were read from (disk updates)."""
+        new_version, stage_id, flush = fields(body)
+        abort_all = _bool_field(body, "abort_all_requests", False)
         expected = _checksums_field(body)
         received = checksum.checksums(named)
         try:
@@ -112,28 +153,50 @@ def weights_router(ctx: ServerContext) -> APIRouter:
         if stage_id is not None:
             if stage_id not in staged:
                 staged.clear()
+                staged_from.clear()
                 staged[stage_id] = StagedUpdate(stage_id)
             try:
                 staged[stage_id].add(plan)
             except WeightUpdateError as e:
                 return False, f"Failed to stage weights: {e}", {}
+            staged_from.setdefault(stage_id, set()).add(source)
             return True, f"Staged {len(plan)} tensors ({len(staged[stage_id])} in {stage_id!r}).", received
-        if flag(body, "abort_all_requests"):
+        if abort_all:
             engine.abort(abort_all=True, message="Abort by weight update")
 
-        def do():
+        def do() -> bool:
             apply_update(engine.model, plan)
+            if flush and engine.num_running:  # SGLang's flush after the update is refused
+                return False
             if new_version is not None:
                 engine.weight_version = new_version
+            return True
 
-        await ctx.on_engine(request, do, when_idle=not engine.paused, what="weight update")
+        if not await ctx.on_engine(request, do, when_idle=not engine.paused, what="weight update"):
+            return False, CACHE_NOT_FLUSHED, {}
+        if source is not None:
+            ctx.model_path = ctx.served_model_name = source
         return True, f"Succeeded to update {len(plan)} tensors.", received
 
-    def reply(success: bool, message: str, received: dict | None = None):
-        body = {"success": success, "message": message, "num_paused_requests": 0}
+    def reply(success: bool, message: str, received: dict | None = None, *, disk: bool = False):
+        body: dict[str, Any] = {"success": success, "message": message}
+        if disk:
+            body["num_paused_requests"] = 0
         if success and received is not None:
             body["checksums"] = received
         return ctx.ok(body, status=200 if success else 400)
+
+    def refusals_replied(*, disk: bool = False):
+        """Route decorator: a :class:`Refused` raised by the route is SGLang's failure reply."""
+        def wrap(fn):
+            @functools.wraps(fn)
+            async def route(request: Request):
+                try:
+                    return await fn(request)
+                except Refused as e:
+                    return reply(False, str(e), disk=disk)
+            return route
+        return wrap
 
     @r.get("/weight_sync_info")
     async def weight_sync_info():
@@ -141,48 +204,52 @@ def weights_router(ctx: ServerContext) -> APIRouter:
                        "staged": {k: len(v) for k, v in staged.items()}})
 
     @r.post("/update_weights_from_disk")
+    @refusals_replied(disk=True)
     async def update_from_disk(request: Request):
         body = await ctx.read_json(request)
         path = _required(body, "model_path", str, "a string")
+        fields(body)
         if not path:
-            raise RequestError("model_path is the empty string")
+            raise Refused("Failed to update weights: model_path is the empty string")
         roots = ctx.options.weight_roots
         if not under_roots(path, roots):
-            return reply(False, f"model_path {path!r} is outside the server's weight roots {roots} "
-                                "(--weight-roots)")
+            raise Refused(f"model_path {path!r} is outside the server's weight roots {roots} (--weight-roots)")
         try:
             named = await ctx.blocking_join(lambda: load_checkpoint_state(path, engine.model), "load from disk")
         except WeightUpdateError as e:
-            return reply(False, f"Failed to update weights: {e}")
-        return reply(*await apply(request, named, body, complete=True))
+            raise Refused(f"Failed to update weights: {e}") from e
+        return reply(*await apply(request, named, body, complete=True, source=path), disk=True)
 
     @r.post("/update_weights_from_tensor")
+    @refusals_replied()
     async def update_from_tensor(request: Request):
         body = await ctx.read_json(request)
         blobs = _required(body, "serialized_named_tensors", list, "a list of base64 strings")
         if not all(isinstance(b, str) for b in blobs):
             raise SchemaError(f"serialized_named_tensors: must be a list of base64 strings, got {blobs!r:.80}")
+        fields(body)
         if len(blobs) != 1:
-            raise RequestError("serialized_named_tensors must be a list of one base64 string "
-                               "(one entry per TP rank; this engine is TP 1)")
+            raise Refused("serialized_named_tensors must be a list of one base64 string "
+                          "(one entry per TP rank; this engine is TP 1)")
         fmt = body.get("load_format")
         if fmt != SAFETENSORS:
-            return reply(False, f"load_format {fmt!r} is not accepted: this engine takes only safetensors "
-                                f"bytes (load_format {SAFETENSORS!r}) and never unpickles a payload")
+            raise Refused(f"load_format {fmt!r} is not accepted: this engine takes only safetensors "
+                          f"bytes (load_format {SAFETENSORS!r}) and never unpickles a payload")
         try:
             named = decode_safetensors(blobs[0])
         except ValueError as e:
-            return reply(False, f"Failed to decode serialized_named_tensors: {e}")
+            raise Refused(f"Failed to decode serialized_named_tensors: {e}") from e
         return reply(*await apply(request, named, body))
 
     @r.post("/commit_staged_weights")
+    @refusals_replied()
     async def commit_staged(request: Request):
         body = await ctx.read_json(request)
         stage_id = _str_field(body, "stage_id")
         new_version = _str_field(body, "weight_version")
         want = body.get("expected_tensors")
         if want is not None and (not isinstance(want, int) or isinstance(want, bool) or want < 0):
-            raise RequestError(f"expected_tensors must be a non-negative integer, got {want!r:.80}")
+            raise Refused(f"expected_tensors must be a non-negative integer, got {want!r:.80}")
         up = staged.get(stage_id) if stage_id is not None else None
         if up is None:
             return reply(False, f"nothing staged under stage_id {stage_id!r} (staged: {sorted(staged)})")
@@ -190,7 +257,7 @@ def weights_router(ctx: ServerContext) -> APIRouter:
             return reply(False, f"stage {stage_id!r} holds {len(up)} tensors, the commit expects {want}: "
                                 "a bucket is missing or repeated; nothing applied")
         try:
-            if flag(body, "complete"):
+            if _bool_field(body, "complete", False):
                 check_complete(engine.model, up.plan)
         except WeightUpdateError as e:
             return reply(False, f"stage {stage_id!r} is not a whole model: {e}; nothing applied")
@@ -202,15 +269,20 @@ def weights_router(ctx: ServerContext) -> APIRouter:
 
         await ctx.on_engine(request, do, when_idle=not engine.paused, what="commit of staged weights")
         staged.pop(stage_id, None)
+        sources = staged_from.pop(stage_id, set())
+        if len(sources) == 1 and None not in sources:  # all read from one checkpoint directory
+            ctx.model_path = ctx.served_model_name = next(iter(sources))
         return reply(True, f"Committed {len(up)} staged tensors.")
 
     @r.post("/discard_staged_weights")
+    @refusals_replied()
     async def discard_staged(request: Request):
         body = await ctx.read_json(request, required=False)
         stage_id = _str_field(body, "stage_id")
         dropped = {k: len(v) for k, v in staged.items() if stage_id is None or k == stage_id}
         for k in dropped:
             staged.pop(k)
+            staged_from.pop(k, None)
         return reply(True, f"Discarded {dropped or 'nothing'}.")
 
     @r.post("/begin_weight_update")
@@ -230,23 +302,27 @@ def weights_router(ctx: ServerContext) -> APIRouter:
         return reply(True, "Success")
 
     @r.post("/init_weights_update_group")
+    @refusals_replied()
     async def init_group(request: Request):
         body = await ctx.read_json(request)
         addr = _required(body, "master_address", str, "a string")
         port, rank_offset, world = (_required(body, k, int, "an integer")
                                     for k in ("master_port", "rank_offset", "world_size"))
-        if not 0 < port < 65536 or not 0 < rank_offset < world:
-            raise RequestError(f"master_port ({port}) must be in (0, 65536) and rank_offset ({rank_offset}) "
-                               f"in (0, world_size={world})")
         name = body.get("group_name", "weight_update_group")
-        if not isinstance(name, str) or not name:
-            raise RequestError(f"group_name must be a non-empty string, got {name!r:.80}")
         backend = body.get("backend", "gloo")  # (SGLang's default is "nccl"; this engine has only gloo)
+        for key, v in (("group_name", name), ("backend", backend)):
+            if not isinstance(v, str):
+                raise SchemaError(f"{key}: Input should be a valid string, got {v!r:.80}")
+        if not 0 < port < 65536 or not 0 < rank_offset < world:
+            raise Refused(f"Failed to init group: master_port ({port}) must be in (0, 65536) and rank_offset "
+                          f"({rank_offset}) in (0, world_size={world})")
+        if not name:
+            raise Refused("Failed to init group: group_name is the empty string")
         if backend != "gloo":
-            return reply(False, f"backend {backend!r}: this engine runs on CPU and joins weight-update groups "
-                                "over gloo only (send backend 'gloo')")
+            raise Refused(f"backend {backend!r}: this engine runs on CPU and joins weight-update groups "
+                          "over gloo only (send backend 'gloo')")
         if name in ctx.groups:
-            return reply(False, f"group {name!r} already exists")
+            raise Refused(f"group {name!r} already exists")
         timeout = ctx.options.join_timeout_s
         try:
             g = await ctx.blocking_join(
@@ -266,24 +342,31 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     async def destroy_group(request: Request):
         body = await ctx.read_json(request, required=False)
         name = body.get("group_name", "weight_update_group")
-        g = ctx.groups.pop(name, None) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            raise SchemaError(f"group_name: Input should be a valid string, got {name!r:.80}")
+        g = ctx.groups.pop(name, None)
         if g is None:
             return reply(False, f"no group {name!r:.80}")
         g.close()
         return ctx.ok({"success": True, "message": "Succeeded to destroy custom process group."})
 
     @r.post("/update_weights_from_distributed")
+    @refusals_replied()
     async def update_from_distributed(request: Request):
         body = await ctx.read_json(request)
         names, dtypes, shapes = (_required(body, k, list, "a list") for k in ("names", "dtypes", "shapes"))
         name = body.get("group_name", "weight_update_group")
-        g = ctx.groups.get(name) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            raise SchemaError(f"group_name: Input should be a valid string, got {name!r:.80}")
+        fields(body)
+        g = ctx.groups.get(name)
         if g is None:
-            raise RequestError(f"no weight update group {name!r:.80}; call /init_weights_update_group first")
+            raise Refused(f"Failed to receive weights: no weight update group {name!r:.80}; call "
+                          "/init_weights_update_group first")
         try:
             specs = check_announced(engine.model, names, dtypes, shapes)
         except WeightUpdateError as e:
-            raise RequestError(f"bad announcement: {e}") from e
+            raise Refused(f"Failed to receive weights: bad announcement: {e}") from e
         bufs = [torch.empty(shape, dtype=dt) for shape, dt in specs]
         # receive everything the trainer broadcasts (keeps the collective in step), then validate
         await ctx.blocking_join(lambda: g.broadcast(bufs), "update_weights_from_distributed")
