@@ -242,7 +242,7 @@ def build_parts(cfg):
         report(f"[moe_rl] {hf_config.model_type} at {dims.describe()}, {cfg.loop.mode} mode, "
                f"{cfg.train.steps} steps of {cfg.loop.rollout_batch_size} responses; output {cfg.output_dir}")
     return Parts(prompts=prompts, rollout=rollout, scorer=Scorer(cfg, tokenizer, evaluator), trainer=trainer,
-                 writer=writer, start_step=start, skipped=skipped, show_progress=show)
+                 writer=writer, start_step=start, skipped=skipped, show_progress=show, hf_dir=hf_dir)
 
 
 def ensure_model(cfg, hf_dir: str) -> None:

@@ -202,7 +202,7 @@ class RLLoop:
         tr = self.p.trainer
         return ckpt.save(ckpt.checkpoint_root(self.cfg.output_dir), next_step, train_state=tr.state,
                          built=tr.built, groups=tr.groups, keep=self.cfg.checkpoint.keep,
-                         config_text=to_yaml(self.cfg),
+                         config_text=to_yaml(self.cfg), hf_files=self.p.hf_dir or None,
                          run_state={"weight_version": self.version, "sampler": self.resume_sampler,
                                     "skipped": [self.skips.total, self.skips.run],
                                     "model": ckpt.model_identity(tr.built.hf_config),
@@ -242,6 +242,7 @@ class Parts:
     start_step: int = 0
     skipped: tuple = (0, 0)  # (total, consecutive) skipped optimizer steps at the resume point
     show_progress: bool = False
+    hf_dir: str = ""  # the policy's HF directory: its config and tokenizer go into every checkpoint
 
 
 def report(msg: str) -> None:

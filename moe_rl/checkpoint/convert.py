@@ -86,8 +86,9 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
         cfg_dir = src
     if not (cfg_dir / "config.json").is_file():
         raise CheckpointError(f"{cfg_dir}: no config.json" + (
-            " (a Megatron checkpoint without our hf/ folder, or a run trained from a tiny random model: "
-            "pass --hf-config DIR)" if from_mcore else ""))
+            " (a Megatron checkpoint without our hf/ folder: pass --hf-config DIR, the HF directory of the "
+            "model it holds; for a run that trained a generated tiny model, OUTPUT_DIR/hf_tiny_*)"
+            if from_mcore else ""))
     hf_config = transformers.AutoConfig.from_pretrained(str(cfg_dir))
     try:
         family = family_for(hf_config)

@@ -475,22 +475,35 @@ def load_into(built, path: str | os.PathLike) -> None:
 RL_MODEL_SUBDIR = "model_optim"  # where a run checkpoint (``run_state.py``) keeps model and optimizer
 
 
+def run_step_dir(path: Path) -> Path | None:
+    """The run checkpoint ``path`` names (``run_state.py``): a ``step_*`` directory itself, the
+    newest complete one under a ``checkpoints`` root, or under a run's output directory's
+    ``checkpoints``; None when ``path`` is none of these."""
+    from moe_rl.checkpoint import run_state
+
+    if (path / run_state.RUN_STATE).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = run_state.scan(str(root)).newest
+        if found is not None:
+            return Path(found[1])
+    return None
+
+
 def iteration_dir(path: Path) -> Path:
     """The ``torch_dist`` directory of a checkpoint: ``path`` itself; what its tracker names
-    (Megatron-LM's layout, ours); a run checkpoint's ``model_optim`` (``run_state.py``: a
-    ``step_*`` directory, or the ``checkpoints`` root, whose newest complete one is taken)."""
+    (Megatron-LM's layout, ours); a run checkpoint's ``model_optim`` (:func:`run_step_dir`)."""
     from moe_rl.checkpoint import run_state
 
     tracker = path / TRACKER
+    step = None if tracker.is_file() else run_step_dir(path)
     if tracker.is_file():
         it = tracker.read_text().strip()
         d = path / (RELEASE if it == RELEASE else f"iter_{int(it):07d}")
-    elif (path / run_state.RUN_STATE).is_file():
-        if not (path / run_state.MARKER).is_file():
-            raise CheckpointError(f"{path} is a run checkpoint that was never completed (no {run_state.MARKER})")
-        d = path / RL_MODEL_SUBDIR
-    elif run_state.scan(str(path)).newest is not None:
-        d = Path(run_state.scan(str(path)).newest[1]) / RL_MODEL_SUBDIR
+    elif step is not None:
+        if not (step / run_state.MARKER).is_file():
+            raise CheckpointError(f"{step} is a run checkpoint that was never completed (no {run_state.MARKER})")
+        d = step / RL_MODEL_SUBDIR
     else:
         d = path
     if not (d / "metadata.json").is_file():
@@ -500,13 +513,15 @@ def iteration_dir(path: Path) -> Path:
 
 
 def run_hf_dir(path: Path) -> Path | None:
-    """The HF directory a run checkpoint was trained from (its ``config.yaml``: ``model.hf_dir``)."""
+    """Where the config and tokenizer of a run checkpoint are: its own ``hf/`` (written with
+    every checkpoint), else the HF directory its ``config.yaml`` names (``model.hf_dir``)."""
     import yaml
 
-    from moe_rl.checkpoint import run_state
-
-    found = run_state.scan(str(path)).newest
-    step = Path(found[1]) if found and not (path / run_state.RUN_STATE).is_file() else path
+    step = run_step_dir(path)
+    if step is None:
+        return None
+    if (step / HF_SUBDIR / "config.json").is_file():
+        return step / HF_SUBDIR
     cfg = step / "config.yaml"
     if not cfg.is_file():
         return None
@@ -515,10 +530,7 @@ def run_hf_dir(path: Path) -> Path | None:
 
 
 def is_megatron_checkpoint(path: Path) -> bool:
-    from moe_rl.checkpoint import run_state
-
-    return ((path / TRACKER).is_file() or (path / "metadata.json").is_file()
-            or (path / run_state.RUN_STATE).is_file() or run_state.scan(str(path)).newest is not None)
+    return (path / TRACKER).is_file() or (path / "metadata.json").is_file() or run_step_dir(path) is not None
 
 
 def stored_dtypes(path: Path) -> dict[str, torch.dtype]:

@@ -9,6 +9,8 @@ Layout under ``<output_dir>/checkpoints``::
       run_state.json             step, optimizer step, weight version, data position, LR
                                  schedule, skipped-step counters, layout, model identity
       config.yaml                the resolved run config
+      hf/                        the policy's config, generation config and tokenizer files,
+                                 so the checkpoint converts to HF on its own
       COMPLETE                   written last: only a directory with it is a checkpoint
 
 Writes are atomic. Megatron's own save writes in place and, over an existing directory,
@@ -39,6 +41,7 @@ import random
 import re
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -163,8 +166,11 @@ def _sharded_state(train_state, built, *, is_loading: bool) -> Dict[str, Any]:
 
 
 def save(root: str, step: int, *, train_state, built, groups, run_state: Dict[str, Any], config_text: str,
-         keep: int = 0) -> str:
+         keep: int = 0, hf_files: str | None = None) -> str:
     """Write checkpoint ``step`` atomically (collective); returns its path.
+
+    ``hf_files``: the policy's HF directory, whose config and tokenizer files (not its
+    weights) are copied into the checkpoint's ``hf/``.
 
     ``run_state`` is the loop's own state (JSON-serialisable; rank 0's is written); the
     optimizer step and LR schedule are added here."""
@@ -188,6 +194,11 @@ def save(root: str, step: int, *, train_state, built, groups, run_state: Dict[st
                      scheduler=train_state.scheduler.state_dict(), world_size=dist.get_world_size())
         write_file(os.path.join(tmp, RUN_STATE), lambda f: f.write(json.dumps(state, indent=1).encode()))
         write_file(os.path.join(tmp, "config.yaml"), lambda f: f.write(config_text.encode()))
+        if hf_files:
+            from moe_rl.checkpoint.hf_format import copy_side_files
+
+            os.makedirs(os.path.join(tmp, "hf"))
+            copy_side_files(Path(hf_files), Path(tmp) / "hf")
         fsync_tree(tmp)
         if os.path.exists(final):  # an earlier write of this step that never got its marker
             _remove(final)

@@ -14,8 +14,9 @@ case, compared bitwise with the original; then bad inputs, each refused with a c
 "mcore_logits": [[family, layout], ...]: build at the layout, load the converted mcore
 checkpoint (Megatron reshards it), logits against ``transformers`` on the original HF weights;
 "rl_checkpoint": {"family", "layout", "dir", "back"}: a run checkpoint as the RL loop saves it
-(``run_state.save``, model + distributed optimizer at that layout) under the root "dir",
-converted to HF by rank 0 once the job's group is gone, compared bitwise with the original.
+(``run_state.save``, model + distributed optimizer at that layout, its config in its own hf/)
+under the root "dir", converted to HF from the run's directory (the parent of "dir") by rank 0
+once the job's group is gone, compared bitwise with the original.
 
 SPEC may also hold "sync": {"url", "disk_dir", "family", "cases": [{"layout": {...}, "transport": ...}]}:
 the trainer (built at the case's layout from the family's checkpoint, then changed so its
@@ -308,8 +309,9 @@ def save_rl_checkpoint(hf_dir, root, groups):
         load_hf_weights(built, ckpt, groups)
     st = wrap_for_training(built.module, OptimConfig(lr=0.0), groups)
     optimizer_step(st)
-    path = rs.save(root, 5, train_state=st, built=built, groups=groups,
-                   run_state={"model": rs.model_identity(cfg)}, config_text=f"model:\n  hf_dir: {hf_dir}\n")
+    # as a run on a generated tiny model: no model.hf_dir; the checkpoint's own hf/ has the config
+    path = rs.save(root, 5, train_state=st, built=built, groups=groups, hf_files=hf_dir,
+                   run_state={"model": rs.model_identity(cfg)}, config_text="model:\n  hf_dir: null\n")
     return {"saved": path}
 
 
@@ -428,7 +430,7 @@ def main():
             from moe_rl.checkpoint.convert import convert
             from moe_rl.models.hf_checkpoint import HFCheckpoint
 
-            convert(rl["dir"], rl["back"], to="hf")
+            convert(os.path.dirname(rl["dir"]), rl["back"], to="hf")  # the run's output directory
             with HFCheckpoint(spec["families"][rl["family"]]) as a, HFCheckpoint(rl["back"]) as b:
                 bad = [k for k in a.keys() if k not in b.weight_map or not torch.equal(a.get(k), b.get(k))]
                 rec = {"rl_convert": {"bad": bad[:5], "tensors": len(b.keys()), "expected": len(a.keys())}}
