@@ -30,7 +30,8 @@ class InProcessRollout:
     Generation: the step's groups are split over all ranks, each rank generates its share
     on its engine, samples are gathered in group order. Weight sync: the export stream of the
     training layout (``moe_rl.weights``), each bucket broadcast from its sender to every rank
-    and applied to the engine once all have arrived (all or nothing). An adapter for
+    and applied to the engine once all have arrived (all or nothing), then the log-prob probe
+    (``weights.probe``) on every rank's engine. An adapter for
     in-process engines: it holds one HF-layout copy of the model per rank, fine for the
     small models an in-process engine serves; HTTP engines use ``moe_rl.weights.transport``.
     Stop strings (``rollout.stop``) are matched with the engine checkpoint's tokenizer: the
@@ -85,6 +86,12 @@ class InProcessRollout:
         apply_update(self.engine.model, plan_update(self.engine.model, named))
         self.engine.weight_version = str(version)
         self.last_sync = {"weights/bytes": float(self.plan.nbytes), "weights/sync_s": time.perf_counter() - t0}
+        if self.cfg.weights.probe:  # every rank's engine against the trainer, as for servers
+            from moe_rl.weights.probe import probe_and_check
+
+            names = [f"rank {r}'s in-process engine" for r in range(dist.get_world_size())]
+            self.last_sync.update(probe_and_check(self.cfg.weights, version, None, tr.built, tr.groups, names,
+                                                  engine=self.engine))
 
     def prefetch(self, step: int, prompts) -> None:
         raise AssertionError("the in-process engines serve sync mode only")

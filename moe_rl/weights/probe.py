@@ -11,13 +11,17 @@ Wrong weights (an expert sent to the wrong slot, a fused tensor split the wrong 
 bucket) move log-probs by O(1); the same weights in another precision or kernel move them by
 1e-5 (fp32) to ~1e-2 (bf16), hence the default threshold of 0.1 (``WeightSyncConfig``).
 
-Parallel semantics: every rank calls :func:`probe`; rank 0 talks to the engines, every rank
-runs the forward, every rank returns the same metrics.
+Engines behind HTTP are asked by rank 0; in-process engines (one per rank, ``sync`` mode on
+one node) each answer for themselves, so a rank whose engine applied a bucket wrongly is named.
+
+Parallel semantics: every rank calls :func:`probe`; rank 0 talks to the engines (or every rank
+asks its own), every rank runs the forward, every rank returns the same metrics.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -89,27 +93,47 @@ def trainer_logprobs(built, groups, tokens_BS: torch.Tensor) -> torch.Tensor:
     return out[:, :S].cpu()
 
 
+def local_outputs(engine, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Per prompt: (greedy token ids, their log-probs) from an in-process embedded engine."""
+    from moe_rl.rollout.types import RolloutRequest, SamplingParams
+
+    sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    got = engine.generate([RolloutRequest(p, sp, group_id=i) for i, p in enumerate(prompts)])
+    return [(s.response_ids, s.rollout_logprobs_T.tolist()) for s in got]
+
+
 def probe(client: RolloutClient | None, built, groups, *, prompts: int, prompt_len: int, new_tokens: int,
-          seed: int) -> dict[str, float]:
-    """The probe's metrics (see the module docstring); ``client`` is used on rank 0 only."""
+          seed: int, engine=None) -> dict[str, float]:
+    """The probe's metrics (see the module docstring); ``client`` is used on rank 0 only;
+    ``engine``: this rank's in-process engine instead (every rank's answers)."""
     vocab = built.hf_config.vocab_size
     g = torch.Generator().manual_seed(seed)
     prompt_ids = torch.randint(3, vocab, (prompts, prompt_len), generator=g).tolist()  # 0-2: pad/bos/eos
     answers, error = None, None
-    if job.rank() == 0:
+    if engine is not None:
         try:
-            answers = engine_outputs(client, prompt_ids, new_tokens)
+            mine = local_outputs(engine, prompt_ids, new_tokens)
         except Exception as e:  # noqa: BLE001 - reported on every rank
-            error = f"probe: {e}"
-    answers, error = job.from_rank0((answers, error))
+            mine, error = None, f"probe: rank {job.rank()}'s engine: {e}"
+        both = job.gather_objects((mine, error))
+        answers, errors = [a for a, _ in both], [x for _, x in both if x]
+        error = errors[0] if errors else None
+        names = [f"rank {r}'s engine" for r in range(len(answers))]
+    else:
+        if job.rank() == 0:
+            try:
+                answers = engine_outputs(client, prompt_ids, new_tokens)
+            except Exception as e:  # noqa: BLE001 - reported on every rank
+                error = f"probe: {e}"
+        answers, error = job.from_rank0((answers, error))
+        names = [s.url for s in client.servers] if client is not None else [f"engine {e}" for e in range(len(answers or []))]
     if error:
         raise SyncError(error)
     rows, engine_lps, where = [], [], []
     for e, per in enumerate(answers):
         for p, (ids, lps) in enumerate(per):
             if len(ids) != new_tokens:
-                raise SyncError(f"{client.servers[e].url if client else f'engine {e}'}: probe prompt {p}: "
-                                f"{len(ids)} tokens generated, {new_tokens} asked")
+                raise SyncError(f"{names[e]}: probe prompt {p}: {len(ids)} tokens generated, {new_tokens} asked")
             rows.append(prompt_ids[p] + ids)
             engine_lps.append(lps)
             where.append(e)
@@ -120,3 +144,22 @@ def probe(client: RolloutClient | None, built, groups, *, prompts: int, prompt_l
     return {"weights/probe_logprob_diff": float(diff_BK.mean()),
             "weights/probe_logprob_max_diff": float(diff_BK.max()),
             "per_engine": per_engine}
+
+
+def probe_and_check(cfg, version: int, client: RolloutClient | None, built, groups, names: list[str],
+                    engine=None) -> dict[str, float]:
+    """Run the probe of ``cfg`` (``WeightSyncConfig``); its metrics (``weights/probe_*``), or a
+    SyncError naming the worst engine of ``names`` when the mean |diff| is above the threshold."""
+    t1 = time.perf_counter()
+    found = probe(client, built, groups, prompts=cfg.probe_prompts, prompt_len=cfg.probe_prompt_len,
+                  new_tokens=cfg.probe_new_tokens, seed=cfg.probe_seed, engine=engine)
+    per_engine = found.pop("per_engine")
+    found["weights/probe_s"] = time.perf_counter() - t1
+    if found["weights/probe_logprob_diff"] > cfg.probe_max_logprob_diff:
+        worst = max(range(len(per_engine)), key=per_engine.__getitem__)
+        raise SyncError(
+            f"weight version {version}: the engines' log-probs differ from the trainer's by "
+            f"{found['weights/probe_logprob_diff']:.4g} on average (max {found['weights/probe_logprob_max_diff']:.4g}"
+            f"; weights.probe_max_logprob_diff is {cfg.probe_max_logprob_diff:g}); worst engine "
+            f"{names[worst]} ({per_engine[worst]:.4g})")
+    return found

@@ -43,7 +43,7 @@ from moe_rl.weights.config import WeightSyncConfig
 from moe_rl.weights.export import ExportedBucket, export_buckets
 from moe_rl.weights.payload import SAFETENSORS
 from moe_rl.weights.plan import ExportPlan
-from moe_rl.weights.probe import probe
+from moe_rl.weights.probe import probe_and_check
 from moe_rl.weights.transport import SyncRound, Transport
 from moe_rl.weights.verify import SyncError, check_versions
 
@@ -162,20 +162,8 @@ class WeightSync:
         metrics = {"weights/sync_s": t_update, "weights/tensors": float(sum(t for t, _ in totals)),
                    "weights/bytes": float(sum(b for _, b in totals)), "weights/buckets": float(len(self.plan.buckets))}
         if self.cfg.probe and built is not None:
-            t1 = time.perf_counter()
-            found = probe(self.client if job.rank() == 0 else None, built, self.groups,
-                          prompts=self.cfg.probe_prompts, prompt_len=self.cfg.probe_prompt_len,
-                          new_tokens=self.cfg.probe_new_tokens, seed=self.cfg.probe_seed)
-            per_engine = found.pop("per_engine")
-            metrics.update(found)
-            metrics["weights/probe_s"] = time.perf_counter() - t1
-            if found["weights/probe_logprob_diff"] > self.cfg.probe_max_logprob_diff:
-                worst = max(range(len(per_engine)), key=per_engine.__getitem__)
-                raise SyncError(
-                    f"weight version {version}: the engines' log-probs differ from the trainer's by "
-                    f"{found['weights/probe_logprob_diff']:.4g} on average (max {found['weights/probe_logprob_max_diff']:.4g}"
-                    f"; weights.probe_max_logprob_diff is {self.cfg.probe_max_logprob_diff:g}); worst engine "
-                    f"{self.urls[worst]} ({per_engine[worst]:.4g})")
+            metrics.update(probe_and_check(self.cfg, version, self.client if job.rank() == 0 else None, built,
+                                           self.groups, self.urls))
         return metrics
 
     # ------------------------------------------------------------------ rank 0's calls

@@ -43,6 +43,9 @@ def test_sync_run_logs_every_metric_and_starts_on_policy(loop_runs):
         assert not bad, bad
         assert r["rollout/staleness_mean"] == 0.0 and r["rollout/weight_version_min"] == r["policy_version"]
         assert any(k.startswith("timing/") for k in r)
+    # every sync of the in-process engines ends with the log-prob probe on each rank's engine
+    synced = [r for r in recs if "weights/sync_s" in r]
+    assert synced and all(r["weights/probe_logprob_diff"] < 1e-4 for r in synced), synced
     first = recs[0]
     # old log-probs are recomputed by the trainer: the first mini-batch is exactly on-policy,
     # and the reference is the same model, so its KL is exactly zero
