@@ -8,10 +8,11 @@ mismatch=tis``. This module is data only: ``config.py`` imports it and resolves 
 
 Choices where the papers leave room, and why:
 - grpo: beta=0.04 with k3 in the loss (DeepSeekMath); seq-mean-token-mean aggregation.
-- dr_grpo: L_max must still be set by the user (``max_response_len``); it is a constant of
-  the run, not of the algorithm, so the preset cannot know it.
-- dapo: overlong shaping is on but needs ``max_response_len`` and ``overlong_cache_len``
-  from the user for the same reason; the preset sets the DAPO paper's 20480 / 4096.
+- dr_grpo: L_max must still be set (``max_response_len``); it is a constant of the run, not
+  of the algorithm, so the preset cannot know it (an RL run sets it to
+  ``rollout.max_new_tokens``: ``RunConfig.fill_unset``).
+- dapo: overlong shaping is on; the preset sets the DAPO paper's 20480 / 4096, which an RL
+  run replaces by its own length and a fifth of it unless the user sets them.
 - cispo: MiniMax-M1 leaves the lower bound open: clip_low=1.0 (lower bound 0, never hit);
   clip_high=0.28 is our choice (the report does not state epsilon_high).
 - gmpo: the paper's clip range (e^-0.4, e^0.4) in log space, i.e. clip_low=clip_high=0.4.

@@ -36,7 +36,9 @@ def load_config(
 
     ``overrides`` are ``dotted.key=value`` strings (values parsed as YAML). Unknown keys,
     wrong types and malformed overrides raise :class:`ConfigError` naming the field and,
-    for files, the file.
+    for files, the file. A schema with a static ``fill_unset(node)`` gets the merged node
+    before the dataclasses are built, to give unset fields defaults that depend on other
+    sections (``RunConfig``: the response length).
     """
     if not dataclasses.is_dataclass(schema):
         raise TypeError(f"schema must be a dataclass type, got {schema!r}")
@@ -66,6 +68,9 @@ def load_config(
                 base = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
             except OmegaConfBaseException as e:
                 raise ConfigError(f"override: {_describe(e)}") from None
+        prepare = getattr(schema, "fill_unset", None)  # the schema's cross-section defaults
+        if prepare is not None:
+            prepare(base)
         obj = OmegaConf.to_object(base)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None

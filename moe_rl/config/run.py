@@ -67,6 +67,21 @@ class RunConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # fail fast when a rollout server dies
     output_dir: str = "runs/quickstart"  # where the run writes metrics, tensorboard files and checkpoints
 
+    @staticmethod
+    def fill_unset(node) -> None:
+        """Loader hook: in a run the response length has one definition,
+        ``rollout.max_new_tokens`` (L). An unset ``algorithm.max_response_len`` (L_max of
+        dr_grpo's aggregation and of overlong shaping) is L, and with overlong shaping on an
+        unset ``overlong_cache_len`` (L_c) is L / 5, the DAPO paper's 4096 of 20480 (the
+        dapo preset's own values are the paper's lengths, not this run's)."""
+        alg, L = node.algorithm, node.rollout.max_new_tokens
+        resolved = {**BASE_DEFAULTS, **PRESETS.get(alg.preset, {})}
+        if alg.max_response_len is None:
+            alg.max_response_len = L
+        shaping = alg.overlong_shaping if alg.overlong_shaping is not None else resolved["overlong_shaping"]
+        if shaping and alg.overlong_cache_len is None:
+            alg.overlong_cache_len = max(1, L // 5)
+
     def __post_init__(self) -> None:
         self._one_response_length()
         n = self.rollout.n_samples_per_prompt

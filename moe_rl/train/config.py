@@ -43,7 +43,7 @@ class OptimConfig:
 class TrainConfig:
     """Step counts, batch shapes and the loss terms the trainer adds beside the objective."""
 
-    steps: int = 4  # optimizer steps to run
+    steps: int = 4  # loop steps: each one rollout batch, rollout_batch_size / global_batch optimizer steps, a sync
     global_batch: int = 8  # sequences per optimizer step (over all data-parallel ranks)
     micro_batch: int = 2  # sequences per micro-batch on one rank
     seq_len: int = 64  # tokens per sequence (padded)

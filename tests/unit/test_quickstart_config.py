@@ -28,12 +28,24 @@ def test_quickstart_config_is_valid_and_says_what_it_trains():
     preflight(cfg, world=2)
 
 
+@pytest.mark.parametrize("preset, extra, L_max, L_c", [
+    ("dr_grpo", [], 256, 0),  # L_max: the run's response length
+    ("dapo", [], 256, 51),  # L_c: a fifth of it, the paper's 4096 of 20480
+    ("dapo", ["algorithm.overlong_cache_len=100"], 256, 100),  # what the user sets wins
+    ("dapo", ["algorithm.overlong_shaping=false"], 256, 4096),  # unused: left as the preset has it
+])
+def test_presets_with_lengths_take_the_runs_response_length(preset, extra, L_max, L_c):
+    cfg = _cfg(f"algorithm.preset={preset}", "rollout.max_new_tokens=256", "train.seq_len=512", *extra)
+    assert (cfg.algorithm.max_response_len, cfg.algorithm.overlong_cache_len) == (L_max, L_c)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["optim.learning_rate=0.1"], "optim.learning_rate"),
     (["train.steps=many"], "train.steps"),
     (["loop.rollout_batch_size=100"], "loop.rollout_batch_size (100) must be divisible by rollout.n_samples_per_prompt (16)"),
     (["train.global_batch=96"], "train.global_batch (96) must divide the responses trained per step (512"),
     (["algorithm.max_response_len=64"], "algorithm.max_response_len (64) differs from rollout.max_new_tokens (1)"),
+    (["algorithm.preset=dapo"], "algorithm.overlong_shaping needs 0 < overlong_cache_len < max_response_len (got 1 and 1)"),
     (["loop.mode=fast"], "loop.mode='fast' is not one of sync, async"),
     (["data.toy_task=sums"], "data.toy_task='sums'"),
 ])
