@@ -86,7 +86,7 @@ class InProcessRollout:
         apply_update(self.engine.model, plan_update(self.engine.model, named))
         self.engine.weight_version = str(version)
         self.last_sync = {"weights/bytes": float(self.plan.nbytes), "weights/sync_s": time.perf_counter() - t0}
-        if self.cfg.weights.probe:  # every rank's engine against the trainer, as for servers
+        if self.cfg.weights.probe_due(version):  # every rank's engine against the trainer, as for servers
             from moe_rl.weights.probe import probe_and_check
 
             names = [f"rank {r}'s in-process engine" for r in range(dist.get_world_size())]

@@ -24,6 +24,7 @@ class WeightSyncConfig:
     timeout_s: float = 300.0  # rendezvous and broadcast deadline of the distributed transport
     verify_checksums: bool = True  # per-tensor CRC-32 checked by the engine (where it can; the embedded engine does)
     probe: bool = True  # after every sync, compare the engines' log-probs on a fixed batch with the trainer's
+    probe_interval: int = 1  # probe after every N-th sync only (the first one always); 1 = every sync
     probe_prompts: int = 2  # probe batch: prompts of random token ids
     probe_prompt_len: int = 8  # tokens per probe prompt
     probe_new_tokens: int = 8  # greedy tokens each engine generates per probe prompt
@@ -39,8 +40,14 @@ class WeightSyncConfig:
             raise ValueError(f"weights.bucket_bytes ({self.bucket_bytes}) must be at least 1024")
         if self.transport == "disk" and not self.disk_dir:
             raise ValueError("weights.transport 'disk' needs weights.disk_dir (a directory the engines can read)")
-        for name in ("probe_prompts", "probe_prompt_len", "probe_new_tokens", "engine_ranks", "keep_disk_versions"):
+        for name in ("probe_prompts", "probe_prompt_len", "probe_new_tokens", "probe_interval", "engine_ranks",
+                     "keep_disk_versions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"weights.{name} ({getattr(self, name)}) must be >= 1")
         if not self.probe_max_logprob_diff > 0:
             raise ValueError(f"weights.probe_max_logprob_diff ({self.probe_max_logprob_diff}) must be > 0")
+
+    def probe_due(self, version: int) -> bool:
+        """Whether the sync to policy ``version`` ends with the probe: every ``probe_interval``-th
+        version, and the first sync of a run (version 0 or 1) whatever the interval."""
+        return self.probe and (version <= 1 or version % self.probe_interval == 0)

@@ -161,7 +161,7 @@ class WeightSync:
         totals = job.gather_objects((rnd.tensors, rnd.bytes))
         metrics = {"weights/sync_s": t_update, "weights/tensors": float(sum(t for t, _ in totals)),
                    "weights/bytes": float(sum(b for _, b in totals)), "weights/buckets": float(len(self.plan.buckets))}
-        if self.cfg.probe and built is not None:
+        if self.cfg.probe_due(version) and built is not None:
             metrics.update(probe_and_check(self.cfg, version, self.client if job.rank() == 0 else None, built,
                                            self.groups, self.urls))
         return metrics

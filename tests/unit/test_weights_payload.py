@@ -97,7 +97,14 @@ def test_checksum_sees_every_bit_shape_and_dtype():
     ({"bucket_bytes": 10}, r"weights.bucket_bytes \(10\) must be at least 1024"),
     ({"probe_new_tokens": 0}, r"weights.probe_new_tokens \(0\) must be >= 1"),
     ({"probe_max_logprob_diff": 0.0}, "must be > 0"),
+    ({"probe_interval": 0}, r"weights.probe_interval \(0\) must be >= 1"),
 ])
 def test_config_refuses_bad_values_with_the_numbers(kw, msg):
     with pytest.raises(ValueError, match=msg):
         WeightSyncConfig(**kw)
+
+
+def test_probe_runs_after_the_first_sync_and_every_interval_th():
+    assert [v for v in range(13) if WeightSyncConfig().probe_due(v)] == list(range(13))
+    assert [v for v in range(25) if WeightSyncConfig(probe_interval=10).probe_due(v)] == [0, 1, 10, 20]
+    assert not any(WeightSyncConfig(probe=False).probe_due(v) for v in range(5))
