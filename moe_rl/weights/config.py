@@ -47,7 +47,14 @@ class WeightSyncConfig:
         if not self.probe_max_logprob_diff > 0:
             raise ValueError(f"weights.probe_max_logprob_diff ({self.probe_max_logprob_diff}) must be > 0")
 
-    def probe_due(self, version: int) -> bool:
-        """Whether the sync to policy ``version`` ends with the probe: every ``probe_interval``-th
-        version, and the first sync of a run (version 0 or 1) whatever the interval."""
-        return self.probe and (version <= 1 or version % self.probe_interval == 0)
+    def probe_due(self, version: int | str) -> bool:
+        """Whether the sync to policy ``version`` (an int or the engines' version string) ends
+        with the probe: every ``probe_interval``-th version, and the first sync of a run
+        (version 0 or 1) whatever the interval; a version that is no step count, always."""
+        if not self.probe:
+            return False
+        try:
+            v = int(version)
+        except (TypeError, ValueError):
+            return True
+        return v <= 1 or v % self.probe_interval == 0

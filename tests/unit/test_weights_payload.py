@@ -108,3 +108,6 @@ def test_probe_runs_after_the_first_sync_and_every_interval_th():
     assert [v for v in range(13) if WeightSyncConfig().probe_due(v)] == list(range(13))
     assert [v for v in range(25) if WeightSyncConfig(probe_interval=10).probe_due(v)] == [0, 1, 10, 20]
     assert not any(WeightSyncConfig(probe=False).probe_due(v) for v in range(5))
+    # the sync passes the engines' version string
+    assert [v for v in map(str, range(25)) if WeightSyncConfig(probe_interval=10).probe_due(v)] == ["0", "1", "10", "20"]
+    assert WeightSyncConfig(probe_interval=10).probe_due("v7-hotfix")
