@@ -29,6 +29,11 @@ from moe_rl.weights.config import WeightSyncConfig
 MODES = ("sync", "async")
 
 
+def _preset_values(name: str) -> dict:
+    """The algorithm fields preset ``name`` gives (on the base defaults), before user values."""
+    return {**BASE_DEFAULTS, **PRESETS.get(name, {})}
+
+
 @dataclass
 class LoopConfig:
     """The RL driver (``moe_rl/loop.py``): batch sizes, mode, failure handling."""
@@ -75,7 +80,7 @@ class RunConfig:
         unset ``overlong_cache_len`` (L_c) is L / 5, the DAPO paper's 4096 of 20480 (the
         dapo preset's own values are the paper's lengths, not this run's)."""
         alg, L = node.algorithm, node.rollout.max_new_tokens
-        resolved = {**BASE_DEFAULTS, **PRESETS.get(alg.preset, {})}
+        resolved = _preset_values(alg.preset)
         if alg.max_response_len is None:
             alg.max_response_len = L
         shaping = alg.overlong_shaping if alg.overlong_shaping is not None else resolved["overlong_shaping"]
@@ -114,7 +119,7 @@ class RunConfig:
         alg, L = self.algorithm, self.rollout.max_new_tokens
         if alg.advantage is None:  # built in Python from AlgorithmConfig.unset(): resolve the preset now
             alg.__post_init__()
-        preset_L = {**BASE_DEFAULTS, **PRESETS[alg.preset]}["max_response_len"]
+        preset_L = _preset_values(alg.preset)["max_response_len"]
         if alg.max_response_len not in (0, preset_L, L):
             raise ValueError(f"algorithm.max_response_len ({alg.max_response_len}) differs from rollout.max_new_tokens "
                              f"({L}); the response length has one definition: set rollout.max_new_tokens")

@@ -148,7 +148,6 @@ def test_megatron_checkpoint_direct_reads_equal_dcp_and_hf(tiny_hf_dirs, tmp_pat
     is bitwise. The writer turns torch's zip CRC-32s off for its own records only: the
     process-wide option is as it was after a conversion and after a failed write."""
     import torch
-    from safetensors.torch import load_file
 
     from moe_rl.checkpoint import megatron_format as mf
     from moe_rl.checkpoint.convert import convert
@@ -163,9 +162,7 @@ def test_megatron_checkpoint_direct_reads_equal_dcp_and_hf(tiny_hf_dirs, tmp_pat
     finally:
         torch.serialization.set_crc32_options(crc)
     convert(tmp_path / "mcore", tmp_path / "back", to="hf", file_bytes=64 << 10)  # several files
-    back = {}
-    for f in (tmp_path / "back").glob("*.safetensors"):
-        back.update(load_file(str(f)))
+    back = _tensors(tmp_path / "back")
     with HFCheckpoint(src) as ck:
         hf = ck.config()
         assert set(back) == set(ck.keys())

@@ -88,18 +88,25 @@ def _str_field(body: dict, key: str) -> str | None:
     v = body.get(key)
     if v is None:
         return None
-    if not isinstance(v, str):
-        raise SchemaError(f"{key}: Input should be a valid string, got {v!r:.80}")
+    _field(body, key, None, str, "string")
     if v == "":
         raise Refused(f"{key} must be a non-empty string, got ''")
     return v
 
 
-def _bool_field(body: dict, key: str, default: bool) -> bool:
+GROUP = "weight_update_group"  # SGLang's default group_name
+
+
+def _field(body: dict, key: str, default: Any, typ: type, what: str) -> Any:
+    """``body[key]`` (``default`` when absent); of another type it is SGLang's schema error."""
     v = body.get(key, default)
-    if not isinstance(v, bool):
-        raise SchemaError(f"{key}: Input should be a valid boolean, got {v!r:.80}")
+    if not isinstance(v, typ):
+        raise SchemaError(f"{key}: Input should be a valid {what}, got {v!r:.80}")
     return v
+
+
+def _bool_field(body: dict, key: str, default: bool) -> bool:
+    return _field(body, key, default, bool, "boolean")
 
 
 def _required(body: dict, key: str, kind: type, what: str) -> Any:
@@ -308,11 +315,8 @@ def weights_router(ctx: ServerContext) -> APIRouter:
         addr = _required(body, "master_address", str, "a string")
         port, rank_offset, world = (_required(body, k, int, "an integer")
                                     for k in ("master_port", "rank_offset", "world_size"))
-        name = body.get("group_name", "weight_update_group")
-        backend = body.get("backend", "gloo")  # (SGLang's default is "nccl"; this engine has only gloo)
-        for key, v in (("group_name", name), ("backend", backend)):
-            if not isinstance(v, str):
-                raise SchemaError(f"{key}: Input should be a valid string, got {v!r:.80}")
+        name = _field(body, "group_name", GROUP, str, "string")
+        backend = _field(body, "backend", "gloo", str, "string")  # (SGLang's default is "nccl"; here only gloo)
         if not 0 < port < 65536 or not 0 < rank_offset < world:
             raise Refused(f"Failed to init group: master_port ({port}) must be in (0, 65536) and rank_offset "
                           f"({rank_offset}) in (0, world_size={world})")
@@ -341,9 +345,7 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     @r.post("/destroy_weights_update_group")
     async def destroy_group(request: Request):
         body = await ctx.read_json(request, required=False)
-        name = body.get("group_name", "weight_update_group")
-        if not isinstance(name, str):
-            raise SchemaError(f"group_name: Input should be a valid string, got {name!r:.80}")
+        name = _field(body, "group_name", GROUP, str, "string")
         g = ctx.groups.pop(name, None)
         if g is None:
             return reply(False, f"no group {name!r:.80}")
@@ -355,9 +357,7 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     async def update_from_distributed(request: Request):
         body = await ctx.read_json(request)
         names, dtypes, shapes = (_required(body, k, list, "a list") for k in ("names", "dtypes", "shapes"))
-        name = body.get("group_name", "weight_update_group")
-        if not isinstance(name, str):
-            raise SchemaError(f"group_name: Input should be a valid string, got {name!r:.80}")
+        name = _field(body, "group_name", GROUP, str, "string")
         fields(body)
         g = ctx.groups.get(name)
         if g is None:
