@@ -570,6 +570,9 @@ _ARG_FIELDS = (
     "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
     "moe_router_num_groups", "moe_router_group_topk", "moe_router_pre_softmax", "multi_latent_attention",
     "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+    # YaRN of the non-MLA families: instance attributes, present only when the model uses it
+    "yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+    "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int",
 )
 
 

@@ -106,8 +106,8 @@ class DeepseekV3(Family):
         )
 
     def gpt_kwargs(self, hf):
-        kw = super().gpt_kwargs(hf)
-        return kw
+        # MLA applies its own RoPE (plain or YaRN, from attention_kwargs); GPTModel builds none.
+        return {**super().gpt_kwargs(hf), "position_embedding_type": "rope"}
 
     def attention_out_bias(self, hf) -> bool:
         return False  # MLA biases are not mapped: a checkpoint with them is refused by name on load

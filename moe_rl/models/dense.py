@@ -14,7 +14,7 @@ class Qwen3(Family):
 
 
 class Llama(Family):
-    """Llama 2/3 dense. Llama 3.1-3.3 RoPE scaling ("llama3") maps onto Megatron's
+    """Llama 2/3 dense. Besides plain RoPE and YaRN, Llama 3.1-3.3 RoPE scaling ("llama3") maps onto Megatron's
     ``rope_scaling``, whose low/high frequency factors (1, 4) and original context (8192) are
     fixed in code (``RotaryEmbedding._apply_scaling``): a checkpoint with other values is
     refused rather than run with the wrong frequencies."""
@@ -26,14 +26,11 @@ class Llama(Family):
                             "original_max_position_embeddings": 8192}
 
     def rope_scaling(self, hf) -> float | None:
-        """The llama3 RoPE scaling factor, None for plain RoPE; ValueError for anything else."""
-        rp = getattr(hf, "rope_parameters", None) or {}
-        kind = rp.get("rope_type") or "default"
-        if kind == "default":
+        """The llama3 RoPE scaling factor, None for any other RoPE; ValueError for llama3
+        parameters Megatron does not compute."""
+        if self.rope_kind(hf) != "llama3":
             return None
-        if kind != "llama3":
-            raise ValueError(f"llama rope_type {kind!r} is not supported (only 'default' and "
-                             "'llama3'); see README")
+        rp = hf.rope_parameters
         for key, want in self.MEGATRON_LLAMA3_ROPE.items():
             if float(rp.get(key, float("nan"))) != want:
                 raise ValueError(f"llama3 rope scaling with {key}={rp.get(key)!r} is not supported: "
@@ -42,7 +39,11 @@ class Llama(Family):
         return float(rp["factor"])
 
     def check_rope(self, hf) -> None:
-        self.rope_scaling(hf)
+        """Plain RoPE, YaRN (:meth:`Family.check_rope`) or llama3 scaling."""
+        if self.rope_kind(hf) == "llama3":
+            self.rope_scaling(hf)
+        else:
+            super().check_rope(hf)
 
     def gpt_kwargs(self, hf) -> dict:
         kw = super().gpt_kwargs(hf)

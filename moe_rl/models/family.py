@@ -84,13 +84,64 @@ class Family:
             Entry(m + "mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",)),
         ]
 
+    @staticmethod
+    def rope_kind(hf) -> str:
+        """The checkpoint's ``rope_parameters.rope_type`` ("default" when unset)."""
+        return (getattr(hf, "rope_parameters", None) or {}).get("rope_type") or "default"
+
     def check_rope(self, hf) -> None:
-        """ValueError unless the checkpoint's RoPE is one this family maps (plain RoPE here)."""
-        kind = (getattr(hf, "rope_parameters", None) or {}).get("rope_type") or "default"
-        if kind != "default":
+        """ValueError unless the checkpoint's RoPE is one this family maps: plain RoPE or YaRN
+        (:meth:`yarn_attrs`) here."""
+        kind = self.rope_kind(hf)
+        if kind == "yarn":
+            self.yarn_attrs(hf)
+        elif kind != "default":
             raise ValueError(f"{self.name}: rope_parameters.rope_type {kind!r} is not supported (plain RoPE "
-                             "only); Megatron would run plain RoPE and every position after the first would "
-                             "differ from the checkpoint's model")
+                             "or 'yarn'); Megatron would run plain RoPE and every position after the first "
+                             "would differ from the checkpoint's model")
+
+    def yarn_attrs(self, hf) -> dict[str, Any]:
+        """The ``yarn_*`` attributes Megatron's GPTModel and attention read from the config for
+        ``position_embedding_type="yarn"`` (they are not TransformerConfig fields, so
+        :meth:`transformer_config` sets them on the instance), computed as ``transformers``
+        does: an unset ``factor`` is ``max_position_embeddings / original_max_position_embeddings``,
+        unset betas are 32 and 1, ``truncate`` rounds the correction range (Megatron's
+        ``correction_range_round_to_int``), and the attention factor that scales cos and sin is
+        ``attention_factor`` when given, else ``mscale``/``mscale_all_dim``'s ratio when both
+        are non-zero, else ``0.1 ln(factor) + 1``. Megatron computes that last one from
+        ``yarn_mscale=None``; an explicit ``attention_factor`` is passed as the ratio it equals
+        (``mscale`` over ``mscale_all_dim=0``)."""
+        import math
+
+        rp = dict(getattr(hf, "rope_parameters", None) or {})
+        where = f"{self.name}: yarn rope_parameters {rp}"
+        orig = rp.get("original_max_position_embeddings")
+        if not orig:
+            raise ValueError(f"{where}: original_max_position_embeddings is required for YaRN")
+        factor = rp.get("factor") or hf.max_position_embeddings / orig
+        if getattr(hf, "partial_rotary_factor", None) not in (None, 1.0) or \
+                rp.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{where}: partial_rotary_factor is not supported with YaRN")
+        mscale, mscale_all, attn = rp.get("mscale"), rp.get("mscale_all_dim"), rp.get("attention_factor")
+        if attn is not None:
+            if factor <= 1:
+                if float(attn) != 1.0:
+                    raise ValueError(f"{where}: attention_factor={attn} with factor={factor} <= 1 is not "
+                                     "supported (Megatron's YaRN scale is 1 there)")
+                mscale, mscale_all = None, None
+            else:  # 0.1 * m * ln(factor) + 1 == attention_factor, over 0.1 * 0 * ln(factor) + 1
+                mscale, mscale_all = (float(attn) - 1.0) / (0.1 * math.log(factor)), 0.0
+        elif not (mscale and mscale_all):
+            mscale, mscale_all = None, None
+        return dict(
+            yarn_rotary_scaling_factor=float(factor),
+            yarn_original_max_position_embeddings=int(orig),
+            yarn_beta_fast=float(rp.get("beta_fast") or 32),
+            yarn_beta_slow=float(rp.get("beta_slow") or 1),
+            yarn_mscale=None if mscale is None else float(mscale),
+            yarn_mscale_all_dim=None if mscale_all is None else float(mscale_all),
+            yarn_correction_range_round_to_int=bool(rp.get("truncate", True)),
+        )
 
     def check_routing(self, hf) -> None:
         """ValueError for routing Megatron computes differently (see the MoE families)."""
@@ -211,14 +262,19 @@ class Family:
                       moe_aux_loss_coeff=float(moe_aux_loss_coeff))
             kw.update(self.moe_kwargs(hf))
         kw.update(overrides)
-        return self.config_class()(**kw)
+        cfg = self.config_class()(**kw)
+        if self.gpt_kwargs(hf)["position_embedding_type"] == "yarn":
+            for k, v in self.yarn_attrs(hf).items():
+                setattr(cfg, k, v)
+        return cfg
 
     def gpt_kwargs(self, hf) -> dict[str, Any]:
-        """Arguments of ``GPTModel`` beyond config and spec."""
+        """Arguments of ``GPTModel`` beyond config and spec (ValueError for a RoPE it cannot run)."""
+        self.check_rope(hf)
         return dict(
             max_sequence_length=hf.max_position_embeddings,
             share_embeddings_and_output_weights=bool(getattr(hf, "tie_word_embeddings", False)),
-            position_embedding_type="rope",
+            position_embedding_type="yarn" if self.rope_kind(hf) == "yarn" else "rope",
             rotary_percent=1.0,
             rotary_base=self.rope_theta(hf),
         )

@@ -53,14 +53,18 @@ def test_three_layers_at_pp2_and_impossible_splits(tmp_path):
 # and 4, original context 8192, theta 500000): with head_dim 16 one frequency pair falls in
 # the smoothed band (wavelength 4443 -> 11971). DeepSeek-V3's YaRN (beta 32/1, mscale and
 # mscale_all_dim 1) with the original context shrunk to 64 so that 256 positions exceed it.
-# In both, at 256 positions the scaled and the plain RoPE disagree by far more than the
-# tolerance (measured 0.62 and 5.6), so the check is decisive.
+# Qwen3's YaRN (factor 4, the default betas and attention factor) through GPTModel's YaRN
+# embedding, with the original context shrunk to 64 the same way.
+# In each, at 256 positions the scaled and the plain RoPE disagree by far more than the
+# tolerance (measured 0.62, 5.6 and 5.5), so the check is decisive.
 SCALED_ROPE = {
     "llama": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}, 500000.0),
     "deepseek_v3": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                      "rope_theta": 10000.0}, 10000.0),
+    "qwen3_moe": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                   "rope_theta": 10000.0}, 10000.0),
 }
 
 

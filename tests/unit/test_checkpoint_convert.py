@@ -248,12 +248,11 @@ def _patched(src, dst: Path, **fields) -> Path:
     return dst
 
 
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
-
-
 @pytest.mark.parametrize("family,fields,msg", [
-    ("qwen3", {"rope_parameters": YARN}, r"qwen3: rope_parameters.rope_type 'yarn' is not supported"),
-    ("mixtral", {"rope_parameters": YARN}, r"mixtral: rope_parameters.rope_type 'yarn' is not supported"),
+    ("qwen3", {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}},
+     r"qwen3: rope_parameters.rope_type 'dynamic' is not supported"),
+    ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+     r"mixtral: rope_parameters.rope_type 'linear' is not supported"),
     ("mixtral", {"sliding_window": 8}, r"sliding-window attention \(sliding_window=8 < max_position_embeddings=512"),
     ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0,
                    "layer_types": ["sliding_attention"] * 4}, r"qwen3_moe: sliding-window attention"),
@@ -266,7 +265,7 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 def test_configs_megatron_would_compute_differently_are_refused_by_field(cli, capsys, tiny_hf_dirs, tmp_path,
                                                                          family, fields, msg):
     """Each of these converts into a model whose logits differ from transformers' (measured:
-    diffs of 1 to 7 on the tiny models: plain RoPE for yarn, full attention past the window,
+    diffs of 1 to 7 on the tiny models: plain RoPE for NTK scaling, full attention past the window,
     SiLU for GELU, weight p for a renormalised top-1 expert, interleaved RoPE read as
     contiguous): refused before anything is written, naming the field."""
     src = _patched(tiny_hf_dirs[family], tmp_path / "src", **fields)

@@ -110,7 +110,7 @@ def test_chunked_read_equals_shard_of_full(kind, dim):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' is not supported"),
+    ({"rope_type": "longrope", "factor": 4.0}, "rope_type 'longrope' is not supported"),
     ({"low_freq_factor": 2.0}, "low_freq_factor=2.0 is not supported"),
     ({"original_max_position_embeddings": 4096}, "original_max_position_embeddings=4096"),
 ])
@@ -135,6 +135,64 @@ def test_llama31_rope_scaling_reaches_megatron():
     kw = family_for(hf).gpt_kwargs(hf)
     assert kw["rope_scaling"] is True and kw["rope_scaling_factor"] == 32.0
     assert "rope_scaling" not in family_for(tiny_hf_config("llama")).gpt_kwargs(tiny_hf_config("llama"))
+
+
+# YaRN as checkpoints carry it: Qwen3's published form (factor 4 over 32768), an unset factor
+# (transformers derives it from the two context lengths), mscale over mscale_all_dim, an mscale
+# alone (transformers then ignores it), and an explicit attention factor with an untruncated
+# correction range and other betas.
+YARN_CASES = {
+    "qwen3-published": ("qwen3_moe", {"factor": 4.0, "original_max_position_embeddings": 32768}, 131072),
+    "factor-from-context": ("qwen3", {"factor": None, "original_max_position_embeddings": 64}, 256),
+    "mscale-ratio": ("mixtral", {"factor": 4.0, "original_max_position_embeddings": 64,
+                                 "mscale": 2.0, "mscale_all_dim": 0.5}, 256),
+    "mscale-alone": ("qwen3", {"factor": 4.0, "original_max_position_embeddings": 64, "mscale": 2.0}, 256),
+    "attention-factor": ("llama", {"factor": 8.0, "original_max_position_embeddings": 64, "attention_factor": 1.3,
+                                   "truncate": False, "beta_fast": 16.0, "beta_slow": 2.0}, 256),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YARN_CASES))
+def test_yarn_gives_megatron_the_frequencies_and_scale_of_transformers(case):
+    """What Megatron's GPTModel builds from the config (its YarnRotaryEmbedding, constructed
+    from the ``yarn_*`` attributes as GPTModel reads them) and the factor its attention
+    multiplies cos and sin by equal transformers' own YaRN inverse frequencies and attention
+    factor. The logits are checked end to end in tests/distributed/test_check_parity_cli.py."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        YarnRotaryEmbedding, _yarn_get_concentration_factor_from_config)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moe_rl.config.run import ParallelConfig
+    from moe_rl.parallel import cpu_platform
+    from moe_rl.parallel.dims import ParallelDims
+
+    cpu_platform.activate_cpu_mode()
+    family, params, max_pos = YARN_CASES[case]
+    hf = tiny_hf_config(family, max_position_embeddings=max_pos,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **params})
+    want_inv_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, torch.device("cpu"))
+    fam = family_for(hf)
+    assert fam.gpt_kwargs(hf)["position_embedding_type"] == "yarn"
+    cfg = fam.transformer_config(hf, ParallelDims.build(ParallelConfig(), 1))
+    assert _yarn_get_concentration_factor_from_config(cfg) == pytest.approx(want_factor, rel=1e-12)
+    rope = YarnRotaryEmbedding(
+        kv_channels=cfg.kv_channels, rotary_base=fam.gpt_kwargs(hf)["rotary_base"], use_cpu_initialization=True,
+        **{k: getattr(cfg, "yarn_" + k) for k in ("original_max_position_embeddings", "beta_fast", "beta_slow",
+                                                  "mscale", "mscale_all_dim", "correction_range_round_to_int")},
+        scaling_factor=cfg.yarn_rotary_scaling_factor)
+    emb, _ = rope.get_emb(2)  # position 1's angles are the inverse frequencies
+    got = emb[1, 0, 0, : want_inv_freq.numel()]
+    torch.testing.assert_close(got, want_inv_freq.float(), rtol=1e-6, atol=0)
+    d = cfg.kv_channels
+    plain = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    assert not torch.allclose(got, plain)  # the case scales something
+
+
+def test_yarn_that_megatron_cannot_scale_is_refused():
+    hf = tiny_hf_config("qwen3", rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 1.0,
+                                                  "original_max_position_embeddings": 512, "attention_factor": 1.2})
+    with pytest.raises(ValueError, match=r"attention_factor=1.2 with factor=1.0 <= 1 is not supported"):
+        family_for(hf).gpt_kwargs(hf)
 
 
 # ------------------------------------------------------------------ TE spelling of the names
