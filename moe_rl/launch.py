@@ -90,6 +90,7 @@ def preflight(cfg, world: int) -> None:
                          "layers (set routing.replay=none)")
     if cfg.data.path:
         _files_and_format(cfg.data)  # names the missing file
+    tokenizer_dir(cfg, model_dir(cfg))
     for url in cfg.rollout.client.server_urls:
         check_engine_answers(url, cfg.rollout.client.health_timeout_s)
     if cfg.rollout.backend == "sglang":
@@ -168,7 +169,6 @@ def build_parts(cfg):
 
     from moe_rl.checkpoint import run_state as ckpt
     from moe_rl.config import to_yaml
-    from moe_rl.data.prompts import PromptStream
     from moe_rl.loop import Parts, report
     from moe_rl.models import family_for
     from moe_rl.observability import MetricWriter
@@ -192,6 +192,7 @@ def build_parts(cfg):
     hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
     if cfg.rollout.backend == "embedded" and not cfg.rollout.client.server_urls:  # before minutes of model building
         check_stop_tokenizer(cfg, cfg.rollout.embedded.model_path or hf_dir)
+    tokenizer, prompts = load_prompts_for(cfg, hf_dir)  # data errors before minutes of model building
     dims = ParallelDims.build(cfg.parallel, world, family_for(hf_config).shape(hf_config))
     check_microbatching(cfg, dims)  # before the model is built
     groups = G.setup(dims, seed=cfg.train.seed)
@@ -203,13 +204,6 @@ def build_parts(cfg):
     reference = build_reference(hf_config, hf_dir, groups, params_dtype=dtype) if cfg.algorithm.needs_reference else None
     trainer = Trainer(cfg, built, state, groups, reference)
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.data.tokenizer_path or hf_dir)
-    prompts = PromptStream(cfg.data, tokenizer)
-    need = prompts.longest + cfg.rollout.max_new_tokens - 1
-    if need > cfg.train.seq_len:
-        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) is shorter than the longest prompt ({prompts.longest} "
-                         f"tokens) + rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) - 1 = {need}; raise it "
-                         f"or set data.max_prompt_tokens")
     plan = plan_export(hf_config, checkpoint_shapes(hf_dir), dims, bucket_bytes=cfg.weights.bucket_bytes)
     show = cfg.metrics.progress and rank == 0
     if cfg.loop.mode == "async" or cfg.rollout.client.server_urls or cfg.rollout.backend == "sglang":
@@ -243,6 +237,38 @@ def build_parts(cfg):
                f"{cfg.train.steps} steps of {cfg.loop.rollout_batch_size} responses; output {cfg.output_dir}")
     return Parts(prompts=prompts, rollout=rollout, scorer=Scorer(cfg, tokenizer, evaluator), trainer=trainer,
                  writer=writer, start_step=start, skipped=skipped, show_progress=show, hf_dir=hf_dir)
+
+
+def tokenizer_dir(cfg, hf_dir: str) -> str:
+    """Where the run's tokenizer is (``data.tokenizer_path``, else the policy checkpoint);
+    ValueError for a directory without one: transformers would load an empty tokenizer from
+    it, and every prompt would be no tokens."""
+    from moe_rl.rollout.embedded.tokenizer import TOKENIZER_FILES, has_tokenizer
+
+    path = cfg.data.tokenizer_path or hf_dir
+    if os.path.isdir(path) and not has_tokenizer(path):
+        field = "data.tokenizer_path" if cfg.data.tokenizer_path else "model.hf_dir"
+        raise ValueError(f"{field}: {path!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the model's "
+                         "tokenizer there, or point data.tokenizer_path at it")
+    return path
+
+
+def load_prompts_for(cfg, hf_dir: str):
+    """The run's tokenizer and prompt stream; ValueError for a tokenizer directory without a
+    tokenizer (:func:`tokenizer_dir`) and for prompts that do not fit ``train.seq_len`` with
+    their responses."""
+    import transformers
+
+    from moe_rl.data.prompts import PromptStream
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir(cfg, hf_dir))
+    prompts = PromptStream(cfg.data, tokenizer)
+    need = prompts.longest + cfg.rollout.max_new_tokens - 1
+    if need > cfg.train.seq_len:
+        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) is shorter than the longest prompt ({prompts.longest} "
+                         f"tokens) + rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) - 1 = {need}; raise it "
+                         f"or set data.max_prompt_tokens")
+    return tokenizer, prompts
 
 
 def ensure_model(cfg, hf_dir: str) -> None:

@@ -32,4 +32,7 @@ def render_prompt(tokenizer: Any, messages: List[Dict[str, str]]) -> str:
 def tokenize_prompt(tokenizer: Any, record: PromptRecord) -> TokenizedPrompt:
     text = render_prompt(tokenizer, record.messages)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt (dataset row {record.index}) tokenizes to no tokens: {text!r:.120} "
+                         f"({type(tokenizer).__name__} of {len(tokenizer)} tokens); is it the model's tokenizer?")
     return TokenizedPrompt(record=record, text=text, input_ids=list(ids))

@@ -77,6 +77,20 @@ class _NoTemplateTok:
         return {"input_ids": [ord(c) for c in text]}
 
 
+def test_a_prompt_of_no_tokens_names_its_row(tmp_path):
+    """transformers builds an empty tokenizer from a checkpoint directory without tokenizer
+    files, and every prompt tokenizes to nothing: the first one is named, rather than a
+    rollout of nothing failing later."""
+    import transformers
+
+    from moe_rl.models.tiny import save_tiny_hf
+
+    empty = transformers.AutoTokenizer.from_pretrained(save_tiny_hf("qwen3_moe", tmp_path / "model"))
+    recs = load_prompts(DataConfig(toy_num_prompts=3))
+    with pytest.raises(ValueError, match=r"prompt \(dataset row 0\) tokenizes to no tokens: .* of 1 tokens\)"):
+        tokenize_prompts(recs, empty)
+
+
 def test_chat_rendering_and_length_filter(tmp_path):
     from moe_rl.data.tokenizer import build_tokenizer
 

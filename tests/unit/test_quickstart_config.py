@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from launcher import ROOT
@@ -66,6 +68,20 @@ def test_preflight_errors_name_the_numbers(overrides, world, message):
     with pytest.raises(ValueError) as e:
         preflight(_cfg(*overrides), world=world)
     assert message in str(e.value)
+
+
+def test_a_model_directory_without_a_tokenizer_is_refused_by_field(tmp_path):
+    """transformers loads an empty tokenizer (one token) from a checkpoint directory without
+    tokenizer files, so every prompt would tokenize to nothing: refused before any work,
+    naming the field that points there."""
+    from moe_rl.models.tiny import save_tiny_hf
+
+    model = Path(save_tiny_hf("qwen3_moe", tmp_path / "model"))
+    assert not (model / "tokenizer.json").exists() and not (model / "tokenizer_config.json").exists()
+    with pytest.raises(ValueError, match=r"model.hf_dir: '.*model' has no tokenizer \(tokenizer.json or"):
+        preflight(_cfg(f"model.hf_dir={model}"), world=2)
+    with pytest.raises(ValueError, match=r"data.tokenizer_path: '.*' has no tokenizer"):
+        preflight(_cfg(f"data.tokenizer_path={tmp_path}"), world=2)
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
