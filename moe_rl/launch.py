@@ -70,7 +70,15 @@ def hf_config_of(cfg):
         return tiny_hf_config(cfg.model.tiny_family, vocab_size=tiny_vocab(cfg))
     if not os.path.isfile(os.path.join(cfg.model.hf_dir, "config.json")):
         raise ValueError(f"model.hf_dir: {cfg.model.hf_dir!r} has no config.json")
-    return transformers.AutoConfig.from_pretrained(cfg.model.hf_dir)
+    hf = transformers.AutoConfig.from_pretrained(cfg.model.hf_dir)
+    quant = getattr(hf, "quantization_config", None)
+    if quant:
+        method = (quant if isinstance(quant, dict) else quant.to_dict()).get("quant_method")
+        raise ValueError(f"model.hf_dir: {cfg.model.hf_dir!r} is quantized (quantization_config.quant_method="
+                         f"{method!r}); the trainer and the engines load 16/32-bit weights. An fp8 checkpoint "
+                         "converts to its bf16 form with: python tools/convert_checkpoint.py --input "
+                         f"{cfg.model.hf_dir} --output DIR --to hf")
+    return hf
 
 
 def preflight(cfg, world: int) -> None:

@@ -2,6 +2,10 @@
 
     python tools/convert_checkpoint.py --input HF_DIR --output OUT --to mcore [--tp 2 --ep 4]
     python tools/convert_checkpoint.py --input OUT --output HF_DIR2 --to hf
+    python tools/convert_checkpoint.py --input FP8_HF_DIR --output BF16_HF_DIR --to hf
+
+A fine-grained FP8 checkpoint (DeepSeek-V3/R1, Qwen3 "-FP8": float8 weights with block scales)
+is dequantized to its config's dtype on the way, to either target.
 
 One process, no GPU, no launcher. --tp/--pp/--ep/--etp name the layout the checkpoint is
 meant for: it is checked against the model (a layout that does not divide it is refused);
@@ -49,6 +53,9 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {r.output}: {r.family}, {r.tensors} tensors, {r.bytes / 2**20:.1f} MiB in {r.seconds:.1f} s "
           f"({r.bytes / 2**20 / max(r.seconds, 1e-9):.0f} MiB/s); layout checked: {r.layout}")
+    if r.dequantized:
+        print(f"dequantized {r.dequantized} float8 tensors (with their weight_scale_inv blocks); the output "
+              "config has no quantization_config")
     if r.skipped:
         print(f"left out {len(r.skipped)} input tensors that transformers skips too (tied lm_head, rotary "
               f"inv_freq, multi-token-prediction layers), e.g. {r.skipped[0]}")

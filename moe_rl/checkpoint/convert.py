@@ -57,6 +57,7 @@ class Result:
     family: str
     layout: str
     skipped: list[str] = dataclasses.field(default_factory=list)  # input tensors transformers skips too
+    dequantized: int = 0  # float8 input tensors read through their block scales
 
 
 def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: str,
@@ -130,6 +131,9 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
                 finally:
                     reader.close()
             else:
+                block = hf_format.fp8_block_size(hf_config)
+                if block is not None:  # float8 weights read as the model's dtype (or --dtype)
+                    ckpt.dequantize_fp8(block, _dtype(dtype) or _config_dtype(hf_config))
                 want = _dtype(dtype) or _hf_dtype(ckpt)
                 shards = mf.model_shards(hf_config, groups, want)
                 pmap = shards.built.param_map
@@ -156,7 +160,8 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
         counted.close()
         if ckpt is not None:
             ckpt.close()
-    return Result(str(dst), n, counted.done, time.perf_counter() - t0, family.name, dims.describe(), skipped)
+    return Result(str(dst), n, counted.done, time.perf_counter() - t0, family.name, dims.describe(), skipped,
+                  len(ckpt.scales) if ckpt is not None else 0)
 
 
 # ------------------------------------------------------------------ directions
@@ -253,11 +258,20 @@ def _dtype(name: str) -> torch.dtype | None:
     return dt
 
 
+def _config_dtype(hf_config) -> torch.dtype:
+    """The dtype the model's config names (``dtype``/``torch_dtype``), bfloat16 when it names
+    none or no 16/32-bit float: what a float8 checkpoint is dequantized to."""
+    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    dt = getattr(torch, dt, None) if isinstance(dt, str) else dt
+    return dt if dt in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+
+
 def _hf_dtype(ckpt) -> torch.dtype:
     counts: dict = {}
-    for st in ckpt.stored.values():
-        if st.dtype.is_floating_point:
-            counts[st.dtype] = counts.get(st.dtype, 0) + 1
+    for name in ckpt.keys():
+        dt = ckpt.dtype(name)
+        if dt.is_floating_point:
+            counts[dt] = counts.get(dt, 0) + 1
     if not counts:
         raise CheckpointError(f"{ckpt.path}: no floating-point tensors")
     return max(counts, key=counts.get)
@@ -271,7 +285,7 @@ def _kept_fp32(ckpt, pmap, shards, want: torch.dtype) -> list[str]:
         return []
     return [name for name, sts in shards.per_param.items()
             if sts[0].dtype != torch.float32 and name in pmap.entries
-            and all(ckpt.stored[n].dtype == torch.float32 for n in pmap[name].hf)]
+            and all(ckpt.dtype(n) == torch.float32 for n in pmap[name].hf)]
 
 
 def _itemsize(dt: torch.dtype) -> int:

@@ -128,11 +128,37 @@ def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, numel * dtype.itemsize), dtype=dtype, count=numel).view(shape)
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIX = "_scale_inv"  # X.weight_scale_inv scales X.weight
+
+
+def fp8_block_size(hf_config) -> tuple[int, int] | None:
+    """How a fine-grained FP8 checkpoint is quantized (``quantization_config`` with
+    ``quant_method: fp8``, as DeepSeek-V3/R1 and the Qwen3 ``-FP8`` releases are): the
+    ``weight_block_size`` (rows, columns), ``(0, 0)`` for one scale per tensor, None for a
+    checkpoint that is not quantized. CheckpointError for another quantization."""
+    q = getattr(hf_config, "quantization_config", None)
+    if not q:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise CheckpointError(f"quantization_config.quant_method {method!r} is not supported: only fine-grained "
+                              "'fp8' checkpoints (float8 weights with weight_scale_inv) are read, and dequantized")
+    block = q.get("weight_block_size")
+    if block is None:
+        return (0, 0)
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"quantization_config.weight_block_size {block!r}: expected [rows, columns]")
+    return int(block[0]), int(block[1])
+
+
 class HFFiles:
     """An HF checkpoint directory's safetensors files, read one tensor at a time.
 
     ``get(name)`` maps just that tensor's bytes (:func:`map_tensor`); :meth:`release` drops
-    the pages of the tensors returned so far."""
+    the pages of the tensors returned so far. After :meth:`dequantize_fp8`, a float8 weight
+    reads as its dequantized value and its scale is no longer one of the :meth:`keys`."""
 
     def __init__(self, path: Path, files: list[str]) -> None:
         self.path = path
@@ -143,14 +169,69 @@ class HFFiles:
         self._fds: dict[str, int] = {}
         self._maps: list = []
         self.bytes_read = 0
+        self.scales: dict[str, str] = {}  # float8 weight -> its scale (dequantize_fp8)
+        self._fp8: tuple[tuple[int, int], torch.dtype] | None = None
 
     def keys(self):
-        return self.stored.keys()
+        if not self.scales:
+            return self.stored.keys()
+        scale_names = set(self.scales.values())
+        return [n for n in self.stored if n not in scale_names]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.stored[name].shape
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype :meth:`get` returns ``name`` in."""
+        return self._fp8[1] if name in self.scales else self.stored[name].dtype
+
+    def dequantize_fp8(self, block: tuple[int, int], dtype: torch.dtype) -> None:
+        """Read every float8 ``X.weight`` as ``dtype``: its values times ``X.weight_scale_inv``,
+        one scale per ``block`` (rows, columns; the last blocks may be partial, as DeepSeek's
+        own cast takes them; ``(0, 0)``: one scale for the tensor), multiplied in float32 and
+        rounded once, as ``transformers`` dequantizes. Every float8 tensor needs its scale, of
+        the grid its shape and the block imply (CheckpointError naming the tensor otherwise)."""
+        for name, st in self.stored.items():
+            if not name.endswith(SCALE_SUFFIX):
+                continue
+            w = name.removesuffix(SCALE_SUFFIX)
+            ws = self.stored.get(w)
+            if ws is None or ws.dtype not in FP8_DTYPES:
+                raise CheckpointError(f"{self.path}: {name} scales no float8 tensor ({w} is "
+                                      + ("missing)" if ws is None else f"{str(ws.dtype).removeprefix('torch.')})"))
+            if len(ws.shape) != 2:
+                raise CheckpointError(f"{self.path}: {w} is float8 of shape {list(ws.shape)}: only 2-d weights "
+                                      "are dequantized")
+            grid = (1,) if block == (0, 0) else tuple(-(-n // b) for n, b in zip(ws.shape, block))
+            if tuple(st.shape) not in (grid, () if grid == (1,) else grid):
+                raise CheckpointError(f"{self.path}: {name} has shape {list(st.shape)}; {w} of shape "
+                                      f"{list(ws.shape)} in blocks of {list(block)} needs {list(grid)}")
+            self.scales[w] = name
+        unscaled = sorted(n for n, st in self.stored.items() if st.dtype in FP8_DTYPES and n not in self.scales)
+        if unscaled:
+            raise CheckpointError(f"{self.path}: {len(unscaled)} float8 tensors have no scale (weight{SCALE_SUFFIX}), "
+                                  f"e.g. {unscaled[0]}")
+        self._fp8 = (block, dtype)
+
     def get(self, name: str) -> torch.Tensor:
+        if name in self.scales:
+            return self._dequantized(name)
+        return self._raw(name)
+
+    def _dequantized(self, name: str) -> torch.Tensor:
+        (b0, b1), dtype = self._fp8
+        w, s = self._raw(name), self._raw(self.scales[name]).float()
+        rows, cols = w.shape
+        out = fresh((rows, cols), dtype)
+        if (b0, b1) == (0, 0):
+            out.copy_(w.float().mul_(s.reshape(())))
+            return out
+        for i, r0 in enumerate(range(0, rows, b0)):  # one block row at a time: memory of one, in float32
+            r1 = min(r0 + b0, rows)
+            out[r0:r1] = w[r0:r1].float().mul_(s[i].repeat_interleave(b1)[:cols])
+        return out
+
+    def _raw(self, name: str) -> torch.Tensor:
         s = self.stored.get(name)
         if s is None:
             raise KeyError(f"{self.path}: tensor {name!r} not in the checkpoint")
@@ -247,11 +328,18 @@ def check_tensors(ckpt, expected: dict[str, tuple[int, ...]], hf_config) -> list
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Config, generation config, tokenizer and template files: every top-level file that is
-    not weights."""
+    not weights. A ``quantization_config`` leaves the config: what is written next to it is
+    dequantized (:meth:`HFFiles.dequantize_fp8`), and transformers or SGLang would otherwise
+    read those weights as float8."""
     copied = []
     for f in sorted(src.iterdir()):
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
-            shutil.copyfile(f, dst / f.name)
+            cfg = json.loads(f.read_text()) if f.name == "config.json" else {}
+            if "quantization_config" in cfg:
+                del cfg["quantization_config"]
+                (dst / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            else:
+                shutil.copyfile(f, dst / f.name)
             copied.append(f.name)
     return copied
 

@@ -345,3 +345,123 @@ def test_tensors_transformers_skips_are_left_out_and_said(cli, capsys, tiny_hf_d
               metadata={"format": "pt"})
     rc, err = run(cli, capsys, "--input", plain, "--output", tmp_path / "o", "--to", "mcore")
     assert rc == 2 and "1 tensors are not part of the model, e.g. model.layers.4.mlp.up_proj.weight" in err, err
+
+
+# ------------------------------------------------------------------ fine-grained FP8 input
+
+FP8_BLOCK = (16, 32)  # rows, columns: the tiny DeepSeek's 40-row kv_a_proj ends in a partial block
+
+
+def _fp8_checkpoint(src: Path, dst: Path, block=FP8_BLOCK) -> dict:
+    """``src`` (bf16) quantized the way DeepSeek-V3's FP8 release is: each attention and MLP
+    projection (experts and shared experts included; not norms, embeddings, lm_head or the
+    router) to float8_e4m3 in blocks, ``weight_scale_inv`` = block amax / 448, the config
+    carrying ``quantization_config``. Returns {weight: (float8, scale)}."""
+    import torch
+    from safetensors.torch import save_file
+
+    t = _tensors(src)
+    quantized = {}
+    for name in sorted(t):
+        if not re.search(r"\.layers\.\d+\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight$", name):
+            continue
+        w = t[name].float()
+        rows, cols = w.shape
+        gr, gc = -(-rows // block[0]), -(-cols // block[1])
+        scale = torch.empty(gr, gc)
+        q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+        for i in range(gr):
+            for j in range(gc):
+                blk = (slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1]))
+                scale[i, j] = w[blk].abs().max().clamp(min=1e-12) / 448.0
+                q[blk] = (w[blk] / scale[i, j]).to(torch.float8_e4m3fn)
+        t[name], t[name + "_scale_inv"] = q, scale
+        quantized[name] = (q, scale)
+    dst.mkdir()
+    save_file(t, str(dst / "model.safetensors"))
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copyfile(f, dst / f.name)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return quantized
+
+
+def test_fp8_checkpoint_is_dequantized_as_transformers_does_to_either_target(cli, capsys, tiny_hf_dirs, tmp_path):
+    """An FP8 block-quantized checkpoint converts to bf16: every float8 weight equals
+    transformers' own block dequantization (float32 product, rounded once to bf16), partial
+    blocks included; every other tensor is unchanged; no scale tensor and no
+    quantization_config reach the output, HF -> HF and HF -> mcore -> HF alike."""
+    import torch
+    import transformers as tf
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    bf16 = tmp_path / "bf16"
+    tf.AutoModelForCausalLM.from_pretrained(tiny_hf_dirs["deepseek_v3"], dtype=torch.bfloat16).save_pretrained(bf16)
+    src = tmp_path / "fp8"
+    quantized = _fp8_checkpoint(bf16, src)
+    assert any(q.shape[0] % FP8_BLOCK[0] for q, _ in quantized.values())  # a partial block is exercised
+    want = _tensors(bf16)
+    for name, (q, s) in quantized.items():
+        want[name] = _dequantize_fp8_weight(q.clone(), s, list(FP8_BLOCK), torch.float32).to(torch.bfloat16)
+
+    rc, _ = run(cli, capsys, "--input", src, "--output", tmp_path / "hf", "--to", "hf")
+    assert rc == 0
+    rc, _ = run(cli, capsys, "--input", src, "--output", tmp_path / "mcore", "--to", "mcore")
+    assert rc == 0
+    rc, _ = run(cli, capsys, "--input", tmp_path / "mcore", "--output", tmp_path / "back", "--to", "hf")
+    assert rc == 0
+    for d in ("hf", "back"):
+        got = _tensors(tmp_path / d)
+        assert set(got) == set(want), sorted(set(got) ^ set(want))[:4]
+        bad = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+        assert not bad, (d, bad[:4])
+        assert "quantization_config" not in json.loads((tmp_path / d / "config.json").read_text())
+    assert "quantization_config" not in json.loads((tmp_path / "mcore" / "hf" / "config.json").read_text())
+    # dequantizing is not a no-op: the float8 values differ from the bf16 weights they came from
+    orig = _tensors(bf16)
+    assert any(not torch.equal(want[k], orig[k]) for k in quantized)
+
+
+def test_fp8_cli_says_what_it_dequantized(cli, capsys, tiny_hf_dirs, tmp_path):
+    import torch
+    import transformers as tf
+
+    bf16 = tmp_path / "bf16"
+    tf.AutoModelForCausalLM.from_pretrained(tiny_hf_dirs["qwen3_moe"], dtype=torch.bfloat16).save_pretrained(bf16)
+    quantized = _fp8_checkpoint(bf16, tmp_path / "fp8")
+    rc = cli(["--no-progress", "--input", str(tmp_path / "fp8"), "--output", str(tmp_path / "o"), "--to", "mcore"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"dequantized {len(quantized)} float8 tensors" in out, out
+
+
+@pytest.mark.parametrize("damage, msg", [
+    ("drop_scale", r"1 float8 tensors have no scale \(weight_scale_inv\), e\.g\. model\.layers\.\d+\..*proj\.weight"),
+    ("bad_grid", r"weight_scale_inv has shape \[1, 1\]; .* in blocks of \[16, 32\] needs \[\d+, \d+\]"),
+    ("other_method", r"quantization_config.quant_method 'gptq' is not supported"),
+])
+def test_fp8_checkpoints_that_cannot_be_read_are_refused_by_name(cli, capsys, tiny_hf_dirs, tmp_path, damage, msg):
+    import torch
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    bf16 = tmp_path / "bf16"
+    tf.AutoModelForCausalLM.from_pretrained(tiny_hf_dirs["qwen3_moe"], dtype=torch.bfloat16).save_pretrained(bf16)
+    src = tmp_path / "fp8"
+    quantized = _fp8_checkpoint(bf16, src)
+    victim = sorted(quantized)[0]
+    t = load_file(str(src / "model.safetensors"))
+    if damage == "drop_scale":
+        del t[victim + "_scale_inv"]
+    elif damage == "bad_grid":
+        t[victim + "_scale_inv"] = torch.ones(1, 1)
+    else:
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+        (src / "config.json").write_text(json.dumps(cfg))
+    save_file(t, str(src / "model.safetensors"))
+    rc, err = run(cli, capsys, "--input", src, "--output", tmp_path / "o", "--to", "hf")
+    assert rc == 2 and re.search(msg, err), err
+    assert not (tmp_path / "o").exists()

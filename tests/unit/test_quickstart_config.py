@@ -84,6 +84,18 @@ def test_a_model_directory_without_a_tokenizer_is_refused_by_field(tmp_path):
         preflight(_cfg(f"data.tokenizer_path={tmp_path}"), world=2)
 
 
+def test_a_quantized_model_directory_is_refused_with_the_conversion_to_run(tmp_path):
+    from moe_rl.models.tiny import save_tiny_hf
+
+    model = Path(save_tiny_hf("qwen3_moe", tmp_path / "model"))
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model.hf_dir: '.*model' is quantized \(quantization_config.quant_method="
+                                         r"'fp8'\).*convert_checkpoint.py --input .*model --output DIR --to hf"):
+        preflight(_cfg(f"model.hf_dir={model}"), world=2)
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     d = tmp_path / "checkpoints" / "step_00000004"
     d.mkdir(parents=True)
