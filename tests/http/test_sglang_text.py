@@ -444,7 +444,8 @@ def test_logprob_fields_sglang_ignores_and_those_refused(server):
     """scheduler.py: ``logprob_start_len`` is ignored without ``return_logprob``, and -1 (the
     default) means the prompt's length: output log-probs only; past the prompt it is a 400.
     tokenizer_manager.py: top log-probs only with ``return_logprob``. io_struct.py: a list-valued
-    logprob field with ``n > 1`` is a 400. Prompt and top log-probs are not implemented here."""
+    logprob field with ``n > 1`` is a 400. (Prompt, top and chosen-id log-probs themselves:
+    test_sglang_logprobs_stream.py.)"""
     p = [11, 12, 13, 14, 15]
     sp = {**GREEDY, "max_new_tokens": 4, "ignore_eos": True}
     plain = gen(server, {"input_ids": p, "sampling_params": sp})
@@ -454,9 +455,9 @@ def test_logprob_fields_sglang_ignores_and_those_refused(server):
         r = gen(server, {"input_ids": p, "sampling_params": sp, **extra})
         assert r["output_ids"] == plain["output_ids"] and "output_token_logprobs" not in r["meta_info"], extra
     for extra in ({"logprob_start_len": -1}, {"logprob_start_len": len(p)}, {"top_logprobs_num": 0},
-                  {"logprob_start_len": None}):
+                  {"logprob_start_len": None}, {"token_ids_logprob": []}, {"top_logprobs_num": -3}):
         meta = gen(server, {"input_ids": p, "sampling_params": sp, "return_logprob": True, **extra})["meta_info"]
-        assert meta["output_token_logprobs"] == want["output_token_logprobs"], extra
+        assert meta == {**want, "id": meta["id"], "e2e_latency": meta["e2e_latency"]}, extra
         assert meta["input_token_logprobs"] == [] and meta["output_token_logprobs_length"] == 4
     # a batch takes one value per prompt; only a prompt that asks for log-probs has its fields read
     two = gen(server, {"input_ids": [p, p], "sampling_params": sp, "return_logprob": True,
@@ -470,16 +471,20 @@ def test_logprob_fields_sglang_ignores_and_those_refused(server):
     assert "output_token_logprobs" not in two[0]["meta_info"]
     assert two[1]["meta_info"]["output_token_logprobs_length"] == 4
     refused = [
-        ({"logprob_start_len": 0}, "logprob_start_len=0 asks for prompt log-probs"),
-        ({"logprob_start_len": -2}, "logprob_start_len=-2 asks for prompt log-probs"),
+        ({"logprob_start_len": -2}, "logprob_start_len=-2 must be -1 (output log-probs only) or a prompt position"),
         ({"logprob_start_len": len(p) + 1}, "req.logprob_start_len=6 is higher than the number of input tokens "
                                             "len(req.origin_input_ids)=5. Please use a smaller logprob_start_len."),
-        ({"top_logprobs_num": 2}, "top_logprobs_num=2: top log-probs are not supported"),
-        ({"token_ids_logprob": [5, 6]}, "token_ids_logprob is not supported"),
     ]
     for extra, msg in refused:
         r = gen(server, {"input_ids": p, "sampling_params": sp, "return_logprob": True, **extra}, 400)
         assert msg in r["error"]["message"], (extra, r)
+    # what SGLang adds for the fields, in its key order (values: test_sglang_logprobs_stream.py)
+    meta = gen(server, {"input_ids": p, "sampling_params": sp, "return_logprob": True, "logprob_start_len": 2,
+                        "top_logprobs_num": 2, "token_ids_logprob": [5, 6]})["meta_info"]
+    assert list(meta)[list(meta).index("input_token_logprobs"):] == [
+        "input_token_logprobs", "output_token_logprobs", "output_token_logprobs_length", "input_top_logprobs",
+        "output_top_logprobs", "input_token_ids_logprobs", "output_token_ids_logprobs"]
+    assert [e[1] for e in meta["input_token_logprobs"]] == p[2:] and meta["input_token_logprobs"][0][0] is None
     n2 = {**sp, "n": 2}
     for key, value in (("return_logprob", [True]), ("logprob_start_len", [-1]), ("top_logprobs_num", [0])):
         r = gen(server, {"input_ids": p, "sampling_params": n2, key: value}, 400)

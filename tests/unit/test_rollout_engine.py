@@ -314,3 +314,63 @@ def test_retracted_sequences_recompute_and_continue_exactly(ckpts, hf_models):
                                for rl in out.router_logits], 1)
         assert torch.equal(res.routes_NLK.long().sort(-1).values, ref_NLK.sort(-1).values)
     assert [f.result().num_retractions for f in futs] == [1, 1, 0]  # the third was never running
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_prompt_and_top_logprobs_match_full_forward(family, ckpts, hf_models):
+    """A group submitted with a ``LogprobSpec`` reports SGLang's prompt log-probs (raw logits,
+    no temperature; positions start..P-1, the first None) and, per output token, the top-k and
+    chosen-id log-probs of the sampled row (``log_softmax(logits / T)``), against a full HF
+    forward with ``log_softmax`` written out; a retraction keeps them; tokens are reported to
+    ``on_token`` in order, and a callback that raises is dropped without stopping the engine."""
+    from moe_rl.rollout.embedded.logprobs import LogprobSpec
+
+    temp, k, asked, start = 0.8, 3, (4, 99), 2
+    prompts = _prompts(3, seed=5)
+    eng = _engine(ckpts[family], max_running=2)
+    spec = LogprobSpec(input_start=start, top_k=k, token_ids=asked)
+    seen: dict[int, list[int]] = {}
+
+    def record(g):
+        return lambda ev: seen.setdefault(g, []).append(ev.token)
+
+    def boom(ev):
+        raise RuntimeError("consumer bug")
+
+    sp = SamplingParams(max_new_tokens=6, temperature=temp, ignore_eos=True, sampling_seed=11)
+    futs = [eng.submit(p, sp, logprobs=spec, on_token=record(g) if g != 1 else boom)[0] for g, p in enumerate(prompts)]
+    for _ in range(2):
+        eng.step()
+    eng.pause("retract")  # re-prefill after it must not touch the group's prompt log-probs
+    eng.resume()
+    while not all(f.done() for f in futs):
+        eng.step()
+    hf = hf_models[family]
+    for g, (p, f) in enumerate(zip(prompts, futs)):
+        res = f.result()
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + res.output_ids])).logits[0].float()
+        m = logits.max(-1, keepdim=True).values
+        raw = logits - m - (logits - m).exp().sum(-1, keepdim=True).log()
+        hot = torch.log_softmax(logits / temp, -1)
+        P = len(p)
+        want_in = [raw[j - 1, p[j]].item() for j in range(start + 1, P)]
+        assert res.input_logprobs.token_logprobs[0] is None and len(res.input_logprobs.token_logprobs) == P - start
+        assert res.input_logprobs.token_logprobs[1:] == pytest.approx(want_in, abs=2e-5)
+        for j, (vals, ids) in zip(range(start + 1, P), res.input_logprobs.top[1:]):
+            v, i = raw[j - 1].topk(k)
+            assert ids == i.tolist() and vals == pytest.approx(v.tolist(), abs=2e-5)
+        assert res.input_logprobs.token_ids[0] is None
+        for j, row in zip(range(start + 1, P), res.input_logprobs.token_ids[1:]):
+            assert row == pytest.approx(raw[j - 1, list(asked)].tolist(), abs=2e-5)
+        rows = hot[P - 1:-1]
+        assert res.output_logprobs == pytest.approx(rows.gather(-1, torch.tensor(res.output_ids)[:, None])[:, 0]
+                                                    .tolist(), abs=2e-5)
+        for row, (vals, ids), chosen in zip(rows, res.output_top, res.output_token_ids_logprobs):
+            v, i = row.topk(k)
+            assert ids == i.tolist() and vals == pytest.approx(v.tolist(), abs=2e-5)
+            assert chosen == pytest.approx(row[list(asked)].tolist(), abs=2e-5)
+        if g != 1:
+            assert seen[g] == res.output_ids
+    assert 1 not in seen and eng.error is None
+    assert [f.result().num_retractions for f in futs] == [1, 1, 0]

@@ -15,7 +15,15 @@ Scheduling (where the speed over ``generate`` comes from):
 
 Numerics: log-probs are ``log_softmax(logits / temperature)`` in fp32 of the sampled token
 (see ``sampler.py``); routed experts are the router's own top-k of the forward that
-produced the token (``router_capture.py``).
+produced the token (``router_capture.py``). A group submitted with a :class:`LogprobSpec`
+also gets SGLang's prompt log-probs from its one prefill (that forward then keeps the logits
+of positions ``start..P-1`` instead of the last one only) and top-k / chosen-id log-probs
+of its output tokens, read off the sampled row (``logprobs.py``); other groups pay nothing.
+
+Streaming: a sample submitted with ``on_token`` reports every token as it is taken (a
+:class:`TokenEvent`, called on the engine thread; it must only hand the event over, e.g.
+``loop.call_soon_threadsafe``). A callback that raises is dropped for that sample, so a
+consumer's bug cannot end the engine; the sample's future still resolves.
 
 Threading: the engine is driven by one thread. In-process, :meth:`generate` drives it;
 behind the HTTP server, :meth:`start` runs the loop in a background thread and other
@@ -71,8 +79,9 @@ import torch
 from moe_rl.rollout.config import EmbeddedEngineConfig
 from moe_rl.rollout.embedded.hf_contract import cache_kwarg, check_engine_contract, expected_moe_layer_ids
 from moe_rl.rollout.embedded.kv_cache import SlotKVCache
+from moe_rl.rollout.embedded.logprobs import LogprobSpec, PromptLogprobs, TopEntry, prompt_logprobs, row_extras
 from moe_rl.rollout.embedded.router_capture import RouterCapture
-from moe_rl.rollout.embedded.sampler import RowParams, sample_tokens
+from moe_rl.rollout.embedded.sampler import RowParams, sample_tokens_with_logprobs
 from moe_rl.rollout.embedded.stop_strings import StopStrings
 from moe_rl.rollout.embedded.tokenizer import tokenizer_stop_ids
 from moe_rl.rollout.embedded.version_spans import version_spans
@@ -92,10 +101,30 @@ class SeqResult:
     output_ids: list[int]
     output_logprobs: list[float]
     routes_NLK: torch.Tensor | None  # [P+T-1, L, K]: routes of positions 0..P+T-2
-    finish: dict[str, Any]  # SGLang finish_reason object
+    finish: dict[str, Any] | None  # SGLang finish_reason object (None: a running stream's snapshot)
     weight_version: str
     weight_versions: list[dict] = dataclasses.field(default_factory=list)  # [{version, start, end}] spans
     num_retractions: int = 0  # times a pause (mode "retract") moved it back to the waiting list
+    # with a LogprobSpec: the group's prompt log-probs (when it asked a start), and per output
+    # token its top entries / chosen-id log-probs (when it asked them)
+    input_logprobs: PromptLogprobs | None = None
+    output_top: list[TopEntry | None] | None = None
+    output_token_ids_logprobs: list[list[float] | None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One token just taken by a streamed sample (``submit(on_token=...)``)."""
+
+    index: int  # the sample's position in its submit call
+    token: int
+    logprob: float
+    top: TopEntry | None  # with a LogprobSpec asking top_k
+    token_ids_logprobs: list[float] | None  # with a LogprobSpec asking token_ids
+    weight_version: str  # the version that produced it
+    num_retractions: int
+    input_logprobs: PromptLogprobs | None  # the group's prompt log-probs (same object every token)
+    finished: bool = False  # the token ended the sample (its future is already resolved)
 
 
 def _id_set(ids: int | list[int] | None) -> set[int]:
@@ -104,21 +133,34 @@ def _id_set(ids: int | list[int] | None) -> set[int]:
 
 
 class _Group:
-    def __init__(self, prompt_ids: list[int], remaining: int) -> None:
+    def __init__(self, prompt_ids: list[int], remaining: int, logprobs: LogprobSpec | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.remaining = remaining  # samples not yet admitted
         self.prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.last_logits_V: torch.Tensor | None = None
         self.prompt_routes_PLK: torch.Tensor | None = None
+        self.logprobs = logprobs
+        self.prompt_logprobs: PromptLogprobs | None = None  # kept for every sample's result
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.logprobs is not None and self.logprobs.input_start is not None
 
 
 class _Seq:
     def __init__(self, rid: str, group: _Group, params: SamplingParams, future: cf.Future | None,
-                 seed: int | None = None, stop: StopStrings | None = None) -> None:
+                 seed: int | None = None, stop: StopStrings | None = None, index: int = 0,
+                 on_token: Callable[[TokenEvent], None] | None = None) -> None:
         self.rid = rid
         self.group = group
         self.params = params
         self.stop = stop
+        self.index = index
+        self.on_token = on_token
+        spec = group.logprobs
+        self.out_top: list[TopEntry | None] | None = [] if spec is not None and spec.top_k > 0 else None
+        self.out_chosen: list[list[float] | None] | None = [] if spec is not None and spec.token_ids is not None \
+            else None
         self.version_events: list[tuple[str, int]] = []  # (old version, tokens it produced)
         self.gen = None if seed is None else torch.Generator().manual_seed(seed)
         self.future = future
@@ -220,21 +262,28 @@ class EmbeddedEngine:
         self._weight_version = new
 
     def submit(self, prompt_ids: list[int], params: SamplingParams | list[SamplingParams],
-               rids: list[str] | None = None, *, stop: StopStrings | None = None) -> list[cf.Future]:
+               rids: list[str] | None = None, *, stop: StopStrings | None = None,
+               logprobs: LogprobSpec | None = None,
+               on_token: Callable[[TokenEvent], None] | None = None) -> list[cf.Future]:
         """Queue one prompt with ``params.n`` samples (or one sample per entry of a list of
         params, e.g. different budgets); they share one prefill. One future (-> SeqResult) each.
         ``stop``: the matcher of ``params.stop``, the samples' stop strings (built by the caller,
-        who has the tokenizer: the server, or :meth:`generate`)."""
+        who has the tokenizer: the server, or :meth:`generate`). ``logprobs``: the prompt /
+        top-k / chosen-id log-probs the samples report besides their tokens' (the caller checked
+        ``0 <= input_start < len(prompt_ids)`` and ``top_k <= vocab``). ``on_token``: called on
+        the engine thread with each sample's every new token (streaming)."""
         per_sample = [params] * params.n if isinstance(params, SamplingParams) else list(params)
         assert all(list(sp.stop) == (stop.strs if stop is not None else []) for sp in per_sample), (
             "submit(stop=...) must match every sample's SamplingParams.stop")
         n = len(per_sample)
         rids = rids or [uuid.uuid4().hex for _ in range(n)]
         assert len(rids) == n
-        group = _Group(list(prompt_ids), n)
+        if logprobs is not None and logprobs.input_start is not None:
+            assert 0 <= logprobs.input_start < len(prompt_ids), (logprobs.input_start, len(prompt_ids))
+        group = _Group(list(prompt_ids), n, logprobs)
         futs = [cf.Future() for _ in range(n)]
         seqs = [_Seq(rid, group, sp, f, None if sp.sampling_seed is None else per_sample_seed(sp.sampling_seed, i),
-                     stop)
+                     stop, i, on_token)
                 for i, (rid, sp, f) in enumerate(zip(rids, per_sample, futs))]
         with self._state_lock:
             if self.error is not None:
@@ -453,10 +502,11 @@ class EmbeddedEngine:
                 self._waiting.pop(0)
                 continue
             g = seq.group
-            if g.prompt_kv is None and (seq.params.max_new_tokens > 0 or self.capture is not None):
+            if g.prompt_kv is None and (seq.params.max_new_tokens > 0 or self.capture is not None
+                                        or (g.wants_prompt_logprobs and g.prompt_logprobs is None)):
                 self._prefill(g)
             self._waiting.pop(0)
-            if seq.params.max_new_tokens == 0:  # prefilled for the prompt's routed experts
+            if seq.params.max_new_tokens == 0:  # prefilled for the prompt's routed experts or log-probs
                 self._release_prompt(g)
                 self._finish(seq, {"type": "length", "length": 0})
                 continue
@@ -498,13 +548,19 @@ class EmbeddedEngine:
     # The two forwards, shared with the startup contract check (hf_contract.py).
     def forward_prefill(self, prompt_ids: list[int], cache: SlotKVCache):
         """Prompt forward in capture mode -> (per-layer prompt KV ``[1, H, P, D]``, last logits ``[V]``)."""
+        kv, logits_KV = self._forward_prefill_rows(prompt_ids, cache, 1)
+        return kv, logits_KV[-1].float()
+
+    def _forward_prefill_rows(self, prompt_ids: list[int], cache: SlotKVCache, keep: int):
+        """Prompt forward in capture mode -> (prompt KV, logits ``[keep, V]`` of the last ``keep``
+        positions, in the model's dtype)."""
         P = len(prompt_ids)
         causal_PP = torch.ones(P, P, dtype=torch.bool).tril()
         mask = torch.zeros(1, 1, P, P, dtype=cache.dtype).masked_fill(~causal_PP, torch.finfo(cache.dtype).min)
         captured = cache.plan_capture()
         out = self.model(input_ids=torch.tensor([prompt_ids]), position_ids=torch.arange(P)[None],
-                         attention_mask=mask, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        return dict(captured), out.logits[0, -1].float()
+                         attention_mask=mask, use_cache=True, logits_to_keep=keep, **{self._cache_kw: cache})
+        return dict(captured), out.logits[0, -keep:]
 
     def forward_decode(self, ids_B: torch.Tensor, pos_B: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
         """One token for rows = slots ``0..B-1`` at positions ``pos_B`` -> logits ``[B, V]``."""
@@ -519,7 +575,14 @@ class EmbeddedEngine:
         return out.logits[:, -1]
 
     def _prefill(self, g: _Group) -> None:
-        g.prompt_kv, g.last_logits_V = self.forward_prefill(g.prompt_ids, self.cache)
+        if g.wants_prompt_logprobs and g.prompt_logprobs is None:
+            # SGLang's prompt log-probs come from this same forward: keep the rows from start on
+            start = g.logprobs.input_start  # type: ignore[union-attr]
+            g.prompt_kv, logits_KV = self._forward_prefill_rows(g.prompt_ids, self.cache, len(g.prompt_ids) - start)
+            g.last_logits_V = logits_KV[-1].float().clone()  # not a view: the rows are dropped below
+            g.prompt_logprobs = prompt_logprobs(logits_KV[:-1], g.prompt_ids, g.logprobs)  # type: ignore[arg-type]
+        else:
+            g.prompt_kv, g.last_logits_V = self.forward_prefill(g.prompt_ids, self.cache)
         if self.capture is not None and self.capture.num_moe_layers:
             g.prompt_routes_PLK = self.capture.stacked()  # [P, L, K]
 
@@ -566,14 +629,34 @@ class EmbeddedEngine:
             top_k_B=torch.tensor([s.params.top_k for s in seqs], dtype=torch.long),
             min_p_B=torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32),
             generators=[s.gen for s in seqs])
-        tok_B, lp_B = sample_tokens(logits_BV, params, self.gen)
+        tok_B, lp_B, logprobs_BV = sample_tokens_with_logprobs(logits_BV, params, self.gen)
         self.num_generated_tokens += len(seqs)
-        for s, tok, lp, r in zip(seqs, tok_B.tolist(), lp_B.tolist(), routes):
+        specs = [s.group.logprobs if s.group.logprobs is not None and s.group.logprobs.per_token else None
+                 for s in seqs]
+        tops, chosen = row_extras(logprobs_BV, specs) if any(specs) else ([None] * len(seqs), [None] * len(seqs))
+        for s, tok, lp, r, top, ch in zip(seqs, tok_B.tolist(), lp_B.tolist(), routes, tops, chosen):
             s.out_ids.append(tok)
             s.out_lp.append(lp)
+            if s.out_top is not None:
+                s.out_top.append(top)
+            if s.out_chosen is not None:
+                s.out_chosen.append(ch)
             if r is not None:
                 s.routes.append(r)
             self._check_finished(s, tok)
+            if s.on_token is not None:  # after the finish check: a last token is not reported as running
+                self._report(s, TokenEvent(s.index, tok, lp, top, ch, self.weight_version, s.num_retractions,
+                                           s.group.prompt_logprobs, finished=s.future is not None and s.future.done()))
+
+    @staticmethod
+    def _report(s: _Seq, event: TokenEvent) -> None:
+        try:
+            s.on_token(event)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - the consumer's failure: stop reporting, keep serving
+            import traceback
+
+            traceback.print_exc()
+            s.on_token = None
 
     def _check_finished(self, s: _Seq, tok: int) -> None:
         """SGLang's order (``update_finish_state``): stop string, stop token, length."""
@@ -604,7 +687,8 @@ class EmbeddedEngine:
         res = SeqResult(rid=s.rid, prompt_len=s.prompt_len, output_ids=s.out_ids, output_logprobs=s.out_lp,
                         routes_NLK=routes, finish=finish, weight_version=self.weight_version,
                         weight_versions=version_spans(s.version_events, self.weight_version, len(s.out_ids)),
-                        num_retractions=s.num_retractions)
+                        num_retractions=s.num_retractions, input_logprobs=g.prompt_logprobs,
+                        output_top=s.out_top, output_token_ids_logprobs=s.out_chosen)
         if s.future is not None and not s.future.done():
             s.future.set_result(res)
 

@@ -10,6 +10,8 @@ SGLang's (``output_text.py``), and stop strings end samples on the engine thread
 (``stop_strings.py``). ``meta_info.weight_versions`` says which version produced which tokens,
 ``meta_info.num_retractions`` how often a ``retract`` pause moved the sample back to waiting;
 ``return_prompt_token_ids`` adds the prompt's ids to each item (top-level ``prompt_token_ids``).
+Items are built in ``items.py``, their log-prob keys (prompt, top-k and chosen-id log-probs
+included) in ``logprobs.py``; ``stream: true`` is served by ``generate_stream.py``.
 
 A request id must be unique among the requests in flight, as SGLang's tokenizer manager keeps
 them: a ``rid`` equal to one still running is a 400 "Duplicate request ID detected: <rid>".
@@ -20,16 +22,14 @@ submission applies to the given ones.
 from __future__ import annotations
 
 import time
-from typing import Any
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from moe_rl.rollout import routed_experts_codec
 from moe_rl.rollout.embedded.engine import EngineFailed, SeqResult
+from moe_rl.rollout.embedded.generate_stream import error_stream, stream_response
 from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable, wait_or_gone
-from moe_rl.rollout.embedded.output_text import response_text, token_texts
+from moe_rl.rollout.embedded.items import response_item
 from moe_rl.rollout.embedded.protocol import ParsedGenerate, RequestError, parse_generate
 from moe_rl.rollout.embedded.stop_strings import StopStrings
 from moe_rl.rollout.types import SamplingParams
@@ -44,14 +44,28 @@ def generate_router(ctx: ServerContext) -> APIRouter:
         t0 = time.monotonic()
         ctx.num_generate_requests += 1
         body = await ctx.read_json(request)
-        req = parse_generate(body, context_len=engine.context_len, vocab_size=engine.vocab_size,
-                             tokenizer=ctx.tokenizer, max_samples=ctx.options.max_samples_per_request)
-        given = [r for r in req.rids if r is not None]
-        busy = next((r for r in given if r in ctx.rids_in_flight), None)
-        if busy is not None:
-            raise RequestError(f"Duplicate request ID detected: {busy}")
+        try:
+            req = parse_generate(body, context_len=engine.context_len, vocab_size=engine.vocab_size,
+                                 tokenizer=ctx.tokenizer, max_samples=ctx.options.max_samples_per_request)
+            given = [r for r in req.rids if r is not None]
+            busy = next((r for r in given if r in ctx.rids_in_flight), None)
+            if busy is not None:
+                raise RequestError(f"Duplicate request ID detected: {busy}")
+        except RequestError as e:
+            if body.get("stream") is True:  # SGLang refuses it inside the stream it already started
+                return error_stream(str(e))
+            raise
         held = given if req.params[0].n == 1 else []  # n > 1: the samples run under fresh ids
         ctx.rids_in_flight.update(held)  # no await since the check: no other request in between
+        if req.stream:
+            try:
+                return stream_response(ctx, request, req, t0, held)  # releases the ids when it ends
+            except EngineFailed as e:
+                ctx.rids_in_flight.difference_update(held)
+                raise Unavailable(str(e), status=500) from e
+            except BaseException:
+                ctx.rids_in_flight.difference_update(held)
+                raise
         try:
             return await _run(request, req, t0)
         finally:
@@ -60,10 +74,10 @@ def generate_router(ctx: ServerContext) -> APIRouter:
     async def _run(request: Request, req: ParsedGenerate, t0: float):
         futs, rids = [], []
         try:
-            for prompt, params, rid in zip(req.prompts, req.params, req.rids):
+            for prompt, params, rid, spec in zip(req.prompts, req.params, req.rids, req.logprobs):
                 ids = [rid] if params.n == 1 and rid is not None else [engine.new_rid() for _ in range(params.n)]
                 stop = StopStrings(params.stop, ctx.tokenizer) if params.stop else None
-                futs += engine.submit(prompt, params, ids, stop=stop)
+                futs += engine.submit(prompt, params, ids, stop=stop, logprobs=spec)
                 rids += ids
         except EngineFailed as e:
             for rid in rids:
@@ -80,7 +94,7 @@ def generate_router(ctx: ServerContext) -> APIRouter:
             return JSONResponse({"error": {"message": fin["message"]}, "weight_version": ctx.version()},
                                 status_code=fin["status_code"])
         n = req.params[0].n
-        items = [_item(ctx, req, req.prompts[i // n], i // n, x, time.monotonic() - t0) for i, x in enumerate(results)]
+        items = [response_item(ctx, req, i // n, x, time.monotonic() - t0) for i, x in enumerate(results)]
         return JSONResponse(items[0] if req.single else items)
 
     @r.get("/health")
@@ -110,39 +124,3 @@ def generate_router(ctx: ServerContext) -> APIRouter:
         return Response(status_code=200)
 
     return r
-
-
-def _item(ctx: ServerContext, req: ParsedGenerate, prompt: list[int], prompt_idx: int, x: SeqResult,
-          latency: float) -> dict:
-    """One SGLang response item for sample ``x`` of prompt ``prompt_idx``."""
-    engine = ctx.engine
-    tok = ctx.tokenizer
-    meta: dict[str, Any] = {
-        "id": x.rid, "finish_reason": x.finish, "prompt_tokens": x.prompt_len,
-        "completion_tokens": len(x.output_ids), "cached_tokens": 0, "reasoning_tokens": 0,
-        "weight_version": x.weight_version, "weight_versions": x.weight_versions,
-        "num_retractions": x.num_retractions,
-        "e2e_latency": latency,
-    }
-    if req.return_logprob[prompt_idx]:
-        # SGLang: [logprob, id, text]; text only with return_text_in_logprobs and a tokenizer
-        texts = token_texts(tok, x.output_ids) if req.return_text_in_logprobs and tok is not None else None
-        meta["input_token_logprobs"] = []
-        meta["output_token_logprobs"] = [[lp, t, None if texts is None else texts[i]]
-                                         for i, (lp, t) in enumerate(zip(x.output_logprobs, x.output_ids))]
-        meta["output_token_logprobs_length"] = len(x.output_ids)
-    if req.return_routed_experts and x.routes_NLK is not None:
-        routes_NLK = x.routes_NLK[req.routed_experts_start_len:]
-        full_NHK = torch.full((routes_NLK.shape[0], engine.num_hidden_layers, routes_NLK.shape[2]), -1,
-                              dtype=torch.int32)
-        full_NHK[:, engine.moe_layer_ids] = routes_NLK
-        meta["routed_experts"] = routed_experts_codec.encode(full_NHK)
-    item: dict[str, Any] = {"output_ids": x.output_ids, "meta_info": meta}
-    if req.return_prompt_token_ids:
-        item["prompt_token_ids"] = list(prompt)
-    if tok is not None:
-        o = req.text_options[prompt_idx]
-        item["text"] = response_text(tok, prompt, x.output_ids, x.finish, skip_special_tokens=o.skip_special_tokens,
-                                     spaces_between_special_tokens=o.spaces_between_special_tokens,
-                                     no_stop_trim=o.no_stop_trim)
-    return item

@@ -12,11 +12,23 @@ Parsing follows SGLang's gates, and each failure has SGLang's reply shape:
    400 ``{"error": {"message": ...}}``.
 On top, the embedded engine rejects (400) the SGLang features it does not implement when they
 are given non-default values, instead of silently ignoring them (grammar, penalties,
-``stop_regex``, stop strings without a tokenizer, prompt log-probs, top log-probs...). What
-SGLang ignores is ignored here too: ``logprob_start_len`` and ``top_logprobs_num`` of a prompt
-without ``return_logprob``; a ``logprob_start_len`` of -1 or of the prompt's length (both mean
-output log-probs only); an empty grammar string (SGLang treats ``""`` as unset). What SGLang
-refuses with a 400 is refused here with its message: duplicate ``rid`` values (within the
+``stop_regex``, stop strings without a tokenizer, ``input_embeds``). What SGLang ignores is
+ignored here too: ``logprob_start_len``, ``top_logprobs_num`` and ``token_ids_logprob`` of a
+prompt without ``return_logprob``; an empty grammar string (SGLang treats ``""`` as unset).
+
+Log-probs (``logprobs.py`` computes them): with ``return_logprob``, a ``logprob_start_len`` in
+``[0, prompt)`` asks prompt log-probs from that position, -1 or the prompt's length output
+log-probs only, more than the prompt is SGLang's 400, and below -1 (which SGLang does not
+check and mishandles) a 400 here; ``top_logprobs_num > 0`` asks top log-probs (at most the
+vocabulary size), ``token_ids_logprob`` (a list of ids, or one list per prompt; ``[]`` is
+unset) the log-probs of those ids, both at prompt and output positions.
+
+Streaming: ``stream: true`` is served as SGLang's Server-Sent Events (``generate_stream.py``);
+``sampling_params.stream_interval`` (an integer, default 1) sets how many new tokens a chunk
+waits for. With ``stream: true`` a :class:`RequestError` is not a 400 but an error event of an
+HTTP 200 stream, as SGLang raises those inside the stream it has already started.
+
+What SGLang refuses with a 400 is refused here with its message: duplicate ``rid`` values (within the
 request, or one still in flight: ``generate_api.py``), a list-valued logprob field with
 ``n > 1``, and the features a server started without them refuses (``lora_path``,
 ``custom_logit_processor``, ``return_hidden_states``, ``max_thinking_tokens``, a
@@ -41,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from moe_rl.rollout.embedded.logprobs import LogprobSpec
 from moe_rl.rollout.types import TOP_K_ALL, SamplingParams, check_stop_strings
 
 # SGLang api_types.py SamplingParams fields (the "unknown keys rejected" gate).
@@ -103,6 +116,11 @@ class ParsedGenerate:
     return_routed_experts: bool
     routed_experts_start_len: int
     single: bool  # reply with one object instead of a list
+    # per prompt, with return_logprob: the extra log-probs it asks (None: output log-probs only,
+    # or no return_logprob)
+    logprobs: list[LogprobSpec | None] = dataclasses.field(default_factory=list)
+    stream: bool = False
+    stream_intervals: list[int] = dataclasses.field(default_factory=list)  # [B], >= 1
 
 
 def _is_int(x: Any) -> bool:
@@ -148,6 +166,7 @@ class ParsedSampling:
     max_new_tokens: int | None  # 128 when absent, None for null (no limit)
     explicit_max_new_tokens: int | None  # the value given (not null): the one SGLang checks against the context
     text: TextOptions
+    stream_interval: int = 1  # new tokens per streamed chunk (SGLang: null / 0 mean the default, 1)
 
 
 def parse_sampling(sp: Any, *, has_tokenizer: bool) -> ParsedSampling:
@@ -196,7 +215,8 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> ParsedSampling:
             sampling_seed=seed)
     except ValueError as e:
         raise RequestError(f"sampling_params: {e}") from e
-    return ParsedSampling(params, requested, explicit, text)
+    interval = num("stream_interval", 0, int)
+    return ParsedSampling(params, requested, explicit, text, max(1, interval))
 
 
 def max_req_input_len(context_len: int) -> int:
@@ -293,8 +313,7 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
                    max_samples: int = 4096) -> ParsedGenerate:
     """A ``/generate`` body -> what the engine runs, or the first of SGLang's errors for it."""
     _check_body_types(body)
-    if flag(body, "stream"):
-        raise RequestError("stream=true is not supported by the embedded engine")
+    stream = flag(body, "stream")
     if body.get("input_embeds") is not None:
         raise RequestError("input_embeds is not supported by the embedded engine")
     prompts, single = _prompts(body, tokenizer)
@@ -343,7 +362,7 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
         flag(body, "return_logprob")
     n = ns[0]
     rl_list = [bool(x) for x in _per_prompt(body, "return_logprob", False, B, n)]
-    _check_logprob_fields(body, prompts, rl_list, n, vocab_size)
+    specs = _logprob_specs(body, prompts, rl_list, n, vocab_size)
     _check_unserved_features(body, single and n == 1)
     start = body.get("routed_experts_start_len", 0)
     if not _is_int(start) or start < 0 or any(start > len(p) for p in prompts):
@@ -353,7 +372,8 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
                           return_logprob=rl_list, return_text_in_logprobs=flag(body, "return_text_in_logprobs"),
                           return_prompt_token_ids=flag(body, "return_prompt_token_ids"),
                           return_routed_experts=flag(body, "return_routed_experts"),
-                          routed_experts_start_len=start, single=single and ns[0] == 1)
+                          routed_experts_start_len=start, single=single and ns[0] == 1, logprobs=specs,
+                          stream=stream, stream_intervals=[s.stream_interval for s in parsed])
 
 
 def _per_prompt(body: dict, key: str, default: Any, B: int, n: int) -> list:
@@ -379,54 +399,59 @@ def _int_or_ints(body: dict, key: str) -> None:
         raise SchemaError(f"{key}: must be an integer or a list of integers, got {v!r:.80}")
 
 
-def _check_token_ids_logprob(token_ids: Any, n: int, vocab_size: int) -> None:
-    """SGLang's checks of ``token_ids_logprob`` (made with or without ``return_logprob``): a
-    list of ids, or one list per prompt (not with ``n > 1``), each id in the vocabulary."""
+def _token_ids_logprob(token_ids: Any, B: int, n: int, vocab_size: int) -> list[tuple[int, ...] | None]:
+    """SGLang's ``token_ids_logprob`` (checked with or without ``return_logprob``): a list of
+    ids for every prompt, or one list per prompt (not with ``n > 1``), each id in the
+    vocabulary; absent or ``[]`` is unset. -> per prompt, the ids (None: unset)."""
     if not token_ids:
-        return
+        return [None] * B
     rows = token_ids if isinstance(token_ids, list) and isinstance(token_ids[0], list) else [token_ids]
     if not isinstance(token_ids, list) or not all(isinstance(r, list) and all(_is_int(t) for t in r) for r in rows):
         raise SchemaError(f"token_ids_logprob: must be a list of integers or a list of lists of integers, "
                           f"got {token_ids!r:.80}")
-    if isinstance(token_ids[0], list) and n > 1:
+    per_prompt = isinstance(token_ids[0], list)
+    if per_prompt and n > 1:
         raise RequestError("Cannot use list token_ids_logprob with parallel_sample_num > 1")
     for t in (t for r in rows for t in r):
         if not 0 <= t < vocab_size:
             raise RequestError(f"token_ids_logprob contains out-of-vocabulary token id {t}; valid range is "
                                f"[0, {vocab_size}).")
+    if not per_prompt:
+        return [tuple(token_ids)] * B
+    if len(rows) != B:
+        raise RequestError(f"token_ids_logprob has {len(rows)} lists for {B} prompts")
+    return [tuple(r) for r in rows]
 
 
-def _check_logprob_fields(body: dict, prompts: list[list[int]], return_logprob: list[bool], n: int,
-                          vocab_size: int) -> None:
+def _logprob_specs(body: dict, prompts: list[list[int]], return_logprob: list[bool], n: int,
+                   vocab_size: int) -> list[LogprobSpec | None]:
     """``logprob_start_len`` / ``top_logprobs_num`` / ``token_ids_logprob`` as SGLang's scheduler
-    reads them: ignored for a prompt without ``return_logprob``; a start of -1 or of the prompt's
-    length means output log-probs only (what this engine returns); a start past the prompt is
-    SGLang's 400. Prompt log-probs, top log-probs and chosen-token log-probs are not implemented:
-    a 400 naming them, for the prompts that ask for log-probs."""
+    reads them, per prompt: ignored without ``return_logprob``; a start of -1 or of the
+    prompt's length means output log-probs only; a start past the prompt is SGLang's 400.
+    -> per prompt, what it asks besides output log-probs (None: nothing more)."""
     for key in ("logprob_start_len", "top_logprobs_num"):
         _int_or_ints(body, key)
     B = len(prompts)
     starts = _per_prompt(body, "logprob_start_len", -1, B, n)
     tops = _per_prompt(body, "top_logprobs_num", 0, B, n)
-    token_ids = body.get("token_ids_logprob")
-    _check_token_ids_logprob(token_ids, n, vocab_size)
-    for i, (p, want, start, top) in enumerate(zip(prompts, return_logprob, starts, tops)):
-        if not want:
-            continue
+    token_ids = _token_ids_logprob(body.get("token_ids_logprob"), B, n, vocab_size)
+    specs: list[LogprobSpec | None] = []
+    for i, (p, want, start, top, ids) in enumerate(zip(prompts, return_logprob, starts, tops, token_ids)):
         where = "" if B == 1 else f" (prompt {i})"
+        if not want:
+            specs.append(None)
+            continue
         if start > len(p):
             raise RequestError(f"req.logprob_start_len={start} is higher than the number of input tokens "
                                f"len(req.origin_input_ids)={len(p)}. Please use a smaller logprob_start_len.")
-        if start != -1 and start < len(p):
-            raise RequestError(f"logprob_start_len={start}{where} asks for prompt log-probs (input_token_logprobs), "
-                               f"which the embedded engine does not compute; use -1 or the prompt length "
-                               f"({len(p)}) for output log-probs")
-        if top > 0:
-            raise RequestError(f"top_logprobs_num={top}{where}: top log-probs are not supported by the embedded "
-                               "engine (only the sampled token's log-prob)")
-        if token_ids:
-            raise RequestError("token_ids_logprob is not supported by the embedded engine (only the sampled "
-                               "token's log-prob)")
+        if start < -1:
+            raise RequestError(f"logprob_start_len={start}{where} must be -1 (output log-probs only) or a prompt "
+                               f"position in [0, {len(p)}]")
+        if top > vocab_size:
+            raise RequestError(f"top_logprobs_num={top}{where} exceeds the vocabulary size ({vocab_size})")
+        spec = LogprobSpec(input_start=start if 0 <= start < len(p) else None, top_k=max(0, top), token_ids=ids)
+        specs.append(None if spec == LogprobSpec() else spec)
+    return specs
 
 
 def _lora_asked(v: Any, single: bool) -> tuple[bool, str | None]:

@@ -31,6 +31,13 @@ class RowParams:
 
 def sample_tokens(logits_BV: torch.Tensor, p: RowParams, engine_gen: torch.Generator):
     """Returns ``(token_B int64, logprob_B fp32)``."""
+    tok_B, lp_B, _ = sample_tokens_with_logprobs(logits_BV, p, engine_gen)
+    return tok_B, lp_B
+
+
+def sample_tokens_with_logprobs(logits_BV: torch.Tensor, p: RowParams, engine_gen: torch.Generator):
+    """Returns ``(token_B int64, logprob_B fp32, logprobs_BV fp32)``: the full rows the sampled
+    log-probs were read from (for top-k / chosen-id log-probs, at no extra softmax)."""
     logits_BV = logits_BV.float()
     greedy_B = p.temperature_B == 0
     temp_B = torch.where(greedy_B, torch.ones_like(p.temperature_B), p.temperature_B)
@@ -64,5 +71,5 @@ def sample_tokens(logits_BV: torch.Tensor, p: RowParams, engine_gen: torch.Gener
         gumbel_BV = -torch.log(-torch.log(u_BV.clamp(1e-20, 1.0 - 1e-7)))
         tok_B = torch.where(greedy_B, logits_BV.argmax(-1), (masked_BV + gumbel_BV).argmax(-1))
     lp_B = logprobs_BV.gather(-1, tok_B[:, None])[:, 0]
-    return tok_B, lp_B
+    return tok_B, lp_B, logprobs_BV
 

@@ -51,3 +51,14 @@ class StopStrings:
             return None
         tail = self._tokenizer.decode(output_ids[-self.window:])
         return next((s for s in self.strs if s in tail), None)
+
+    def holds_prefix(self, output_ids: list[int]) -> bool:
+        """Whether the decoded tail ends with the beginning of a stop string (or holds one):
+        SGLang then holds a streamed chunk back, so no chunk shows text a stop string may cut."""
+        if not output_ids:
+            return False
+        tail = self._tokenizer.decode(output_ids[-self.window:])
+        if not tail:
+            return False
+        return any(s in tail or any(tail.endswith(s[:i]) for i in range(1, min(len(tail), len(s)) + 1))
+                   for s in self.strs)
