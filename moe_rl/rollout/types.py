@@ -61,6 +61,29 @@ def per_sample_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+def check_penalties(frequency_penalty: Any, presence_penalty: Any, repetition_penalty: Any, min_new_tokens: Any,
+                    max_new_tokens: Any) -> None:
+    """SGLang's range checks of the penalties (``sampling_params.py`` ``verify``), with its
+    messages, which print each value as given (``3`` stays ``3``): frequency and presence
+    penalties in [-2, 2], repetition penalty in (0, 2], ``0 <= min_new_tokens <=
+    max_new_tokens`` (``max_new_tokens`` None: no upper bound). ValueError otherwise."""
+    if not -2.0 <= frequency_penalty <= 2.0:
+        raise ValueError(f"frequency_penalty must be in [-2, 2], got {frequency_penalty}.")
+    if not -2.0 <= presence_penalty <= 2.0:
+        raise ValueError(f"presence_penalty must be in [-2, 2], got {presence_penalty}.")
+    if not 0.0 < repetition_penalty <= 2.0:
+        raise ValueError(f"repetition_penalty must be in (0, 2] (1.0 = no penalty), got {repetition_penalty}.")
+    if not 0 <= min_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {min_new_tokens}.")
+    if max_new_tokens is not None and max_new_tokens >= 0 and not min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens({max_new_tokens})], got {min_new_tokens}.")
+
+
+def logit_bias_range_error(key: Any, vocab_size: int) -> str:
+    """SGLang's message for a ``logit_bias`` key outside ``[0, vocab_size)`` (``verify``)."""
+    return f"logit_bias must has keys in [0, {vocab_size - 1}], got {key}."
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """Per-request sampling knobs; the subset of SGLang's ``sampling_params`` RL needs."""
@@ -75,6 +98,13 @@ class SamplingParams:
     ignore_eos: bool = False  # stop at no token: neither EOS nor stop_token_ids (SGLang)
     n: int = 1  # samples per prompt (a group)
     sampling_seed: int | None = None  # per-request RNG seed (None = engine RNG)
+    # SGLang's penalizers and logit bias (``moe_rl.rollout.embedded.penalties``); the defaults
+    # are off, and a request with all of them off pays nothing for them
+    frequency_penalty: float = 0.0  # minus penalty x (times the token is in the output so far)
+    presence_penalty: float = 0.0  # minus penalty once a token is in the output
+    repetition_penalty: float = 1.0  # output tokens' logits: / penalty if > 0, x penalty if < 0
+    min_new_tokens: int = 0  # stop tokens (EOS, stop_token_ids) cannot be drawn before this many tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (last, before temperature)
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p"):
@@ -95,6 +125,18 @@ class SamplingParams:
         if self.n < 1:
             raise ValueError(f"n ({self.n}) must be >= 1")
         check_stop_strings(self.stop, "stop")
+        for name in ("frequency_penalty", "presence_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} ({getattr(self, name)}) must be a finite number")
+        check_penalties(self.frequency_penalty, self.presence_penalty, self.repetition_penalty, self.min_new_tokens,
+                        self.max_new_tokens)
+        if self.logit_bias is not None:
+            for k, v in self.logit_bias.items():
+                if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                    raise ValueError(f"logit_bias key {k!r} must be a token id (an integer >= 0)")
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                    raise ValueError(f"logit_bias[{k}] ({v!r}) must be a finite number")
+            self.logit_bias = dict(self.logit_bias) or None  # {} is SGLang's "no bias"
         if self.top_k == -1 or self.top_k > TOP_K_ALL:  # more than any vocabulary: keep all
             self.top_k = TOP_K_ALL
 
@@ -118,7 +160,19 @@ class SamplingParams:
             out["n"] = self.n
         if self.sampling_seed is not None:
             out["sampling_seed"] = self.sampling_seed
+        for name, neutral in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("repetition_penalty", 1.0),
+                              ("min_new_tokens", 0)):
+            if getattr(self, name) != neutral:
+                out[name] = getattr(self, name)
+        if self.logit_bias:
+            out["logit_bias"] = {str(k): float(v) for k, v in self.logit_bias.items()}  # SGLang's keys are strings
         return out
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether a penalty or a logit bias is on (the engine then processes this row's logits)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
+                    or self.min_new_tokens > 0 or self.logit_bias)
 
 
 @dataclasses.dataclass

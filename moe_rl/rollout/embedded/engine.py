@@ -19,6 +19,10 @@ produced the token (``router_capture.py``). A group submitted with a :class:`Log
 also gets SGLang's prompt log-probs from its one prefill (that forward then keeps the logits
 of positions ``start..P-1`` instead of the last one only) and top-k / chosen-id log-probs
 of its output tokens, read off the sampled row (``logprobs.py``); other groups pay nothing.
+SGLang's penalties (frequency, presence, repetition, ``min_new_tokens``) and ``logit_bias``
+process the logits of the rows that ask them before sampling, so the draw and every log-prob
+of those rows come from the processed logits, as in SGLang (``penalties.py``); rows without
+them take the plain path.
 
 Streaming: a sample submitted with ``on_token`` reports every token as it is taken (a
 :class:`TokenEvent`, called on the engine thread; it must only hand the event over, e.g.
@@ -52,11 +56,11 @@ Pausing (SGLang's ``pause_generation`` modes): ``abort`` ends every request; ``i
 stops stepping, running sequences keep their slots and KV; ``retract`` also moves every running
 sequence back to the front of the waiting list with its slot freed, as SGLang's scheduler
 retracts them (so nothing holds KV and a flush or a KV release can proceed). A retracted
-sequence keeps its output, log-probs and sampling state; when admitted again it re-prefills its
-prompt and output but the last token (with the weights then loaded, as SGLang recomputes the
-KV) and decodes on, so with unchanged weights it continues as if never paused. Its routed
-experts are those of that re-prefill (SGLang drops and recomputes them on retraction), and its
-result counts the retractions (``num_retractions``).
+sequence keeps its output, log-probs and sampling state (its penalty counts are rebuilt from
+its output); when admitted again it re-prefills its prompt and output but the last token (with
+the weights then loaded, as SGLang recomputes the KV) and decodes on, so with unchanged weights
+it continues as if never paused. Its routed experts are those of that re-prefill (SGLang drops
+and recomputes them on retraction), and its result counts the retractions (``num_retractions``).
 
 Weight versions: setting :attr:`weight_version` to a new value records, for every running (or
 retracted) sequence with output, how many tokens the old version produced, so a result carries SGLang's
@@ -80,12 +84,14 @@ from moe_rl.rollout.config import EmbeddedEngineConfig
 from moe_rl.rollout.embedded.hf_contract import cache_kwarg, check_engine_contract, expected_moe_layer_ids
 from moe_rl.rollout.embedded.kv_cache import SlotKVCache
 from moe_rl.rollout.embedded.logprobs import LogprobSpec, PromptLogprobs, TopEntry, prompt_logprobs, row_extras
+from moe_rl.rollout.embedded.penalties import Penalties, apply_penalties
 from moe_rl.rollout.embedded.router_capture import RouterCapture
 from moe_rl.rollout.embedded.sampler import RowParams, sample_tokens_with_logprobs
 from moe_rl.rollout.embedded.stop_strings import StopStrings
 from moe_rl.rollout.embedded.tokenizer import tokenizer_stop_ids
 from moe_rl.rollout.embedded.version_spans import version_spans
-from moe_rl.rollout.types import FinishReason, RolloutRequest, Sample, SamplingParams, per_sample_seed
+from moe_rl.rollout.types import (FinishReason, RolloutRequest, Sample, SamplingParams, logit_bias_range_error,
+                                  per_sample_seed)
 
 
 class EngineFailed(RuntimeError):
@@ -150,10 +156,11 @@ class _Group:
 class _Seq:
     def __init__(self, rid: str, group: _Group, params: SamplingParams, future: cf.Future | None,
                  seed: int | None = None, stop: StopStrings | None = None, index: int = 0,
-                 on_token: Callable[[TokenEvent], None] | None = None) -> None:
+                 on_token: Callable[[TokenEvent], None] | None = None, penalties: Penalties | None = None) -> None:
         self.rid = rid
         self.group = group
         self.params = params
+        self.penalties = penalties  # None: no penalty or logit bias (the plain sampling path)
         self.stop = stop
         self.index = index
         self.on_token = on_token
@@ -271,8 +278,13 @@ class EmbeddedEngine:
         who has the tokenizer: the server, or :meth:`generate`). ``logprobs``: the prompt /
         top-k / chosen-id log-probs the samples report besides their tokens' (the caller checked
         ``0 <= input_start < len(prompt_ids)`` and ``top_k <= vocab``). ``on_token``: called on
-        the engine thread with each sample's every new token (streaming)."""
+        the engine thread with each sample's every new token (streaming). A ``logit_bias`` key
+        outside the vocabulary is SGLang's ValueError."""
         per_sample = [params] * params.n if isinstance(params, SamplingParams) else list(params)
+        for sp in per_sample:
+            bad = next((k for k in sp.logit_bias or {} if not 0 <= k < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(logit_bias_range_error(bad, self.vocab_size))
         assert all(list(sp.stop) == (stop.strs if stop is not None else []) for sp in per_sample), (
             "submit(stop=...) must match every sample's SamplingParams.stop")
         n = len(per_sample)
@@ -283,7 +295,7 @@ class EmbeddedEngine:
         group = _Group(list(prompt_ids), n, logprobs)
         futs = [cf.Future() for _ in range(n)]
         seqs = [_Seq(rid, group, sp, f, None if sp.sampling_seed is None else per_sample_seed(sp.sampling_seed, i),
-                     stop, i, on_token)
+                     stop, i, on_token, Penalties.of(sp, self.eos_ids))
                 for i, (rid, sp, f) in enumerate(zip(rids, per_sample, futs))]
         with self._state_lock:
             if self.error is not None:
@@ -629,6 +641,9 @@ class EmbeddedEngine:
             top_k_B=torch.tensor([s.params.top_k for s in seqs], dtype=torch.long),
             min_p_B=torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32),
             generators=[s.gen for s in seqs])
+        penalised = [(b, s.penalties, s.out_ids) for b, s in enumerate(seqs) if s.penalties is not None]
+        if penalised:
+            logits_BV = apply_penalties(logits_BV, penalised)
         tok_B, lp_B, logprobs_BV = sample_tokens_with_logprobs(logits_BV, params, self.gen)
         self.num_generated_tokens += len(seqs)
         specs = [s.group.logprobs if s.group.logprobs is not None and s.group.logprobs.per_token else None
@@ -637,6 +652,8 @@ class EmbeddedEngine:
         for s, tok, lp, r, top, ch in zip(seqs, tok_B.tolist(), lp_B.tolist(), routes, tops, chosen):
             s.out_ids.append(tok)
             s.out_lp.append(lp)
+            if s.penalties is not None:
+                s.penalties.observe(tok)
             if s.out_top is not None:
                 s.out_top.append(top)
             if s.out_chosen is not None:
@@ -713,6 +730,8 @@ class EmbeddedEngine:
             s.slot = -1
             s.retracted = True
             s.num_retractions += 1
+            if s.penalties is not None:
+                s.penalties.drop_counts()  # rebuilt from the output when it runs again
         self._waiting[:0] = running
 
     def resume(self) -> None:

@@ -11,8 +11,20 @@ Parsing follows SGLang's gates, and each failure has SGLang's reply shape:
 3. the tokenizer manager and scheduler (limits, lengths): a :class:`RequestError`,
    400 ``{"error": {"message": ...}}``.
 On top, the embedded engine rejects (400) the SGLang features it does not implement when they
-are given non-default values, instead of silently ignoring them (grammar, penalties,
-``stop_regex``, stop strings without a tokenizer, ``input_embeds``). What SGLang ignores is
+are given non-default values, instead of silently ignoring them (grammar, ``stop_regex``,
+``custom_params``, ``beam_width``, ``watermark``, ``choice``, stop strings without a tokenizer,
+``input_embeds``).
+
+Penalties and ``logit_bias`` are served (``penalties.py``) and checked as SGLang's
+``SamplingParams.verify`` checks them, with its messages (400 ``{"error": {"message"}}``):
+``frequency_penalty`` and ``presence_penalty`` in [-2, 2], ``repetition_penalty`` in (0, 2],
+``min_new_tokens`` in [0, max_new_tokens] (against the ``max_new_tokens`` given, the default 128
+when absent, no bound for null; then lowered to the prompt's capped budget, as the scheduler
+does), ``logit_bias`` keys integer strings in [0, vocab) (a key ``int()`` cannot read is
+Python's ValueError text, as in SGLang; ``"1"`` and ``"01"`` name one token, the last wins).
+As with SGLang without a tokenizer, ``min_new_tokens > 0`` is a 400 on a server whose model
+directory has none. Unlike SGLang, a non-finite bias is refused (JSON has no infinities, and
+Python's ``Infinity`` would turn a row's probabilities into NaN). What SGLang ignores is
 ignored here too: ``logprob_start_len``, ``top_logprobs_num`` and ``token_ids_logprob`` of a
 prompt without ``return_logprob``; an empty grammar string (SGLang treats ``""`` as unset).
 
@@ -51,10 +63,12 @@ range, and a request asks at most ``max_samples`` samples.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from moe_rl.rollout.embedded.logprobs import LogprobSpec
-from moe_rl.rollout.types import TOP_K_ALL, SamplingParams, check_stop_strings
+from moe_rl.rollout.types import (TOP_K_ALL, SamplingParams, check_penalties, check_stop_strings,
+                                  logit_bias_range_error)
 
 # SGLang api_types.py SamplingParams fields (the "unknown keys rejected" gate).
 SGLANG_SAMPLING_KEYS = (
@@ -66,9 +80,8 @@ SGLANG_SAMPLING_KEYS = (
 )
 # Keys the embedded engine accepts only at their neutral value.
 _NEUTRAL = {
-    "stop_regex": (None, []), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0), "min_new_tokens": (None, 0), "json_schema": (None, ""),
-    "regex": (None, ""), "ebnf": (None, ""), "structural_tag": (None, ""), "logit_bias": (None, {}),
+    "stop_regex": (None, []), "json_schema": (None, ""),
+    "regex": (None, ""), "ebnf": (None, ""), "structural_tag": (None, ""),
     "custom_params": (None, {}), "beam_width": (None, 0, 1), "watermark": (None, False), "choice": (None,),
 }
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when the key is absent
@@ -159,8 +172,9 @@ def _parse_stop(sp: dict, *, has_tokenizer: bool) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ParsedSampling:
-    """One ``sampling_params`` object. ``params.max_new_tokens`` holds the default until
-    :func:`generation_budget` sets the prompt's budget from the two fields below."""
+    """One ``sampling_params`` object. ``params.max_new_tokens`` holds the value asked (the
+    default 128, or :data:`UNLIMITED_NEW_TOKENS` for null) until :func:`generation_budget` sets
+    the prompt's budget from the two fields below."""
 
     params: SamplingParams
     max_new_tokens: int | None  # 128 when absent, None for null (no limit)
@@ -169,7 +183,57 @@ class ParsedSampling:
     stream_interval: int = 1  # new tokens per streamed chunk (SGLang: null / 0 mean the default, 1)
 
 
-def parse_sampling(sp: Any, *, has_tokenizer: bool) -> ParsedSampling:
+def _parse_logit_bias(sp: dict, vocab_size: int) -> dict[int, float] | None:
+    """``sampling_params.logit_bias`` (``{"<token id>": bias}``) -> ``{id: bias}``, checked as
+    SGLang checks it (module docstring); None when absent or empty."""
+    bias = sp.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ContractError(f"invalid type: sampling_params.logit_bias must be a map of token id strings to "
+                            f"numbers, got {bias!r:.80}")
+    for k, v in bias.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ContractError(f"invalid type: sampling_params.logit_bias[{k!r}] must be a number, got {v!r:.80}")
+    out: dict[int, float] = {}
+    for k, v in bias.items():
+        try:
+            token = int(k)  # SGLang's parse: a key int() cannot read is its ValueError
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        if not 0 <= token < vocab_size:
+            raise RequestError(logit_bias_range_error(k, vocab_size))
+        if not math.isfinite(v):
+            raise RequestError(f"sampling_params.logit_bias[{k!r}]={v} must be a finite number")
+        out[token] = float(v)
+    return out or None
+
+
+def _parse_penalties(sp: dict, requested: int | None, *, has_tokenizer: bool) -> dict[str, Any]:
+    """The penalty fields (type-checked, then SGLang's range checks on the values as given) ->
+    SamplingParams keyword arguments."""
+    raw: dict[str, Any] = {}
+    for key, default in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("repetition_penalty", 1.0)):
+        v = sp.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ContractError(f"invalid type: sampling_params.{key} must be a number, got {v!r}")
+        raw[key] = default if v is None else v
+    m = sp.get("min_new_tokens")
+    if m is not None and not _is_int(m):
+        raise ContractError(f"invalid type: sampling_params.min_new_tokens must be an integer, got {m!r}")
+    raw["min_new_tokens"] = 0 if m is None else m
+    try:
+        check_penalties(raw["frequency_penalty"], raw["presence_penalty"], raw["repetition_penalty"],
+                        raw["min_new_tokens"], requested)
+    except ValueError as e:
+        raise RequestError(str(e)) from e
+    if raw["min_new_tokens"] > 0 and not has_tokenizer:  # SGLang's raise_if_tokenizer_required
+        raise RequestError(f"min_new_tokens={raw['min_new_tokens']} is unavailable when skip_tokenizer_init=True "
+                           "(requires tokenizer for eos_token_id).")
+    return {k: (v if k == "min_new_tokens" else float(v)) for k, v in raw.items()}
+
+
+def parse_sampling(sp: Any, *, has_tokenizer: bool, vocab_size: int) -> ParsedSampling:
     if sp is None:
         sp = {}
     if not isinstance(sp, dict):
@@ -207,12 +271,15 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool) -> ParsedSampling:
     seed = sp.get("sampling_seed")
     if seed is not None and not _is_int(seed):
         raise ContractError(f"invalid type: sampling_params.sampling_seed must be an integer, got {seed!r}")
+    penalties = _parse_penalties(sp, requested, has_tokenizer=has_tokenizer)
+    logit_bias = _parse_logit_bias(sp, vocab_size)
     try:
         params = SamplingParams(
-            max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=num("temperature", 1.0, float),
+            max_new_tokens=UNLIMITED_NEW_TOKENS if requested is None else requested,
+            temperature=num("temperature", 1.0, float),
             top_p=num("top_p", 1.0, float), top_k=num("top_k", TOP_K_ALL, int), min_p=num("min_p", 0.0, float),
             stop=stop, stop_token_ids=list(stop_ids), ignore_eos=flag(sp, "ignore_eos"), n=num("n", 1, int),
-            sampling_seed=seed)
+            sampling_seed=seed, logit_bias=logit_bias, **penalties)
     except ValueError as e:
         raise RequestError(f"sampling_params: {e}") from e
     interval = num("stream_interval", 0, int)
@@ -330,17 +397,20 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
     if isinstance(sps, list):
         if len(sps) != B:
             raise RequestError(f"sampling_params has {len(sps)} entries for {B} prompts")
-        parsed = [parse_sampling(sp, has_tokenizer=tokenizer is not None) for sp in sps]
+        parsed = [parse_sampling(sp, has_tokenizer=tokenizer is not None, vocab_size=vocab_size) for sp in sps]
     else:
-        parsed = [parse_sampling(sps, has_tokenizer=tokenizer is not None)] * B
+        parsed = [parse_sampling(sps, has_tokenizer=tokenizer is not None, vocab_size=vocab_size)] * B
     ns = [p.params.n for p in parsed]
     if len(set(ns)) != 1:
         raise RequestError(f"n must be the same in every sampling_params entry, got {ns}")
     if B * ns[0] > max_samples:
         raise RequestError(f"{B} prompts x n={ns[0]} asks {B * ns[0]} samples; this server takes at "
                            f"most {max_samples} per request (--max-samples-per-request)")
-    params = [dataclasses.replace(s.params, max_new_tokens=generation_budget(s, len(p), context_len, f"prompt {i}"))
-              for i, (p, s) in enumerate(zip(prompts, parsed))]
+    budgets = [generation_budget(s, len(p), context_len, f"prompt {i}")
+               for i, (p, s) in enumerate(zip(prompts, parsed))]
+    # the scheduler lowers min_new_tokens to a capped budget (scheduler.py, after the clipping)
+    params = [dataclasses.replace(s.params, max_new_tokens=b, min_new_tokens=min(s.params.min_new_tokens, b))
+              for s, b in zip(parsed, budgets)]
     rid = body.get("rid")
     if rid is None:
         rids: list[str | None] = [None] * B

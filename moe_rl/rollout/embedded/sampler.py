@@ -6,7 +6,8 @@ The log-prob of a sampled token is ``log_softmax(logits / temperature)`` in fp32
 full vocabulary: top-k/top-p/min-p only restrict *which* tokens can be drawn, they do not
 renormalise the reported log-prob (the trainer has no truncation, so renormalising would
 make the rollout and training log-probs disagree). Temperature 0 means greedy, scored with
-temperature 1.
+temperature 1. A row with SGLang's penalties or ``logit_bias`` arrives here with its logits
+already processed (``penalties.py``), so its draw and log-prob come from those, as in SGLang.
 """
 
 from __future__ import annotations
