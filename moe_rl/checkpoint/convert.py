@@ -75,6 +75,10 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
         raise CheckpointError(f"{src}: no such directory")
     if dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: the output must differ from the input")
+    if src.resolve() in dst.resolve().parents or dst.resolve() in src.resolve().parents:
+        inner, outer = (dst, src) if src.resolve() in dst.resolve().parents else (src, dst)
+        raise CheckpointError(f"--output {dst} and --input {src}: {inner} lies inside {outer}; the output must be "
+                              "a directory apart from the input (replacing it would delete the input)")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise CheckpointError(f"{dst} already exists and is not empty (it may hold a checkpoint); "
                               "pass --overwrite to replace it")

@@ -41,6 +41,20 @@ def test_an_output_that_holds_files_is_refused_unless_overwrite(cli, capsys, tin
     assert rc == 2 and "the output must differ from the input" in err
 
 
+def test_an_output_around_or_inside_the_input_is_refused_even_with_overwrite(cli, capsys, tiny_hf_dirs, tmp_path):
+    """--output RUN for --input RUN/checkpoints/step_N with --overwrite would replace (delete)
+    the run holding the input; --output inside the input would write into it."""
+    run_dir = tmp_path / "run"
+    src = run_dir / "checkpoints" / "hf"
+    shutil.copytree(tiny_hf_dirs["llama"], src)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    rc, err = run(cli, capsys, "--input", src, "--output", run_dir, "--to", "mcore", "--overwrite")
+    assert rc == 2 and f"{src} lies inside {run_dir}" in err, err
+    rc, err = run(cli, capsys, "--input", src, "--output", src / "inner", "--to", "mcore")
+    assert rc == 2 and f"{src / 'inner'} lies inside {src}" in err, err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
 @pytest.mark.parametrize("layout,msg", [
     (["--tp", "3"], r"tensor_parallel \(3\) must divide num_attention_heads \(4\)"),
     (["--pp", "5"], r"pipeline_parallel \(5\).*(num_layers \(4\)|the model has 4)"),  # 5 stages, 4 layers
