@@ -7,9 +7,14 @@ E experts.
 
 What a router hook sees (Megatron-Core 0.16.1, ``moe/router.py`` ``TopKRouter.forward``):
 input ``hidden [S_loc, B, H]`` and output ``(probs [N, E], routing_map [N, E] bool)`` with
-tokens flattened sequence-major (token ``s * B + b``). The routing map is what the token
-dispatcher sends, so the recorded experts are the ones the layer really ran, whatever chose
-them (live top-k, group-limited top-k, or a replay). Under sequence parallelism each TP rank
+tokens flattened sequence-major (token ``s * B + b``). What is recorded is the router's own
+choice: in a live pass the routing map (what the token dispatcher sends: live or
+group-limited top-k); in a pass that replays routes (``replay.py``), the top-k the router
+computes from the same scores before the replay overrides it (``ScopedRouterReplay.live_NK``).
+So R3's old-policy pass records the old policy's routing, not the engine's routes it ran:
+rollout->old drift stays what the engine and the trainer disagree on (what R3 neutralises),
+and old->new measures the update alone. ``used=True`` records the experts the layers ran
+instead (the routing map, replayed or not). Under sequence parallelism each TP rank
 routes its own slice ``S_loc`` of the sequence; :meth:`RouteCapture.finish` gathers the slices
 over the TP group so every TP rank holds the whole micro-batch. Under context parallelism a
 router sees only its CP rank's load-balanced chunks (``S_loc = S / CP``, then / TP under
@@ -85,9 +90,10 @@ class RouteCapture:
     tensors are detached."""
 
     def __init__(self, routers: list[tuple[int, torch.nn.Module]], *, num_experts: int, topk: int, groups,
-                 probs: bool) -> None:
+                 probs: bool, used: bool = False) -> None:
         self.routers, self.num_experts, self.topk = routers, num_experts, topk
         self.groups, self.want_probs = groups, probs
+        self.used = used  # record the experts the layers ran (a replay's), not the routers' choices
         self.dtype = index_dtype(num_experts)
         self._records: dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor | None]]] = {}
         self._bad_rows: list[torch.Tensor] = []
@@ -99,14 +105,22 @@ class RouteCapture:
         self._records = {layer: [] for layer, _ in self.routers}
         self._bad_rows = []
         self._handles = [r.register_forward_hook(self._hook(layer)) for layer, r in self.routers]
+        for _, r in self.routers:
+            rr = getattr(r, "router_replay", None)
+            if hasattr(rr, "record_live") and not self.used:  # a scoped replay object (replay.py)
+                rr.record_live = True
         return self
 
     def _hook(self, layer: int):
         def hook(router, args, out):
             t0 = time.perf_counter()
             hidden = args[0]
-            routing_map_NE = out[1]
-            idx_NK, bad = experts_from_map(routing_map_NE.detach(), router.topk)
+            live_NK = getattr(getattr(router, "router_replay", None), "live_NK", None)
+            if live_NK is not None:  # a replayed forward: the router's own top-k, not the replayed one
+                router.router_replay.live_NK = None
+                idx_NK, bad = live_NK.sort(-1).values, torch.zeros((), dtype=torch.long)
+            else:
+                idx_NK, bad = experts_from_map(out[1].detach(), router.topk)
             p_NE = router_distribution(router, hidden) if self.want_probs else None
             self._records[layer].append((hidden.shape[0], hidden.shape[1], idx_NK.to(self.dtype), p_NE))
             self._bad_rows.append(bad)
@@ -118,6 +132,10 @@ class RouteCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for _, r in self.routers:
+            rr = getattr(r, "router_replay", None)
+            if hasattr(rr, "record_live"):
+                rr.record_live, rr.live_NK = False, None
 
     def finish(self, shapes_BS: Sequence[tuple[int, int]]) -> list[Routes]:
         """Remove the hooks; the routes of each micro-batch of the pass, whose ``tokens`` shapes

@@ -80,12 +80,20 @@ class ScopedRouterReplay(RouterReplay):
         _forget_global(self)
         self.fallback_N: torch.Tensor | None = None
         self.calls = 0
+        # Set by a route capture (``capture.RouteCapture``): in a replayed forward, also compute
+        # the top-k the router would have chosen itself, into ``live_NK`` (what drift measures).
+        self.record_live = False
+        self.live_NK: torch.Tensor | None = None
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         self.calls += 1
-        if self.router_replay_action == RouterReplayAction.REPLAY_FORWARD and self.fallback_N is not None:
+        replaying = self.router_replay_action == RouterReplayAction.REPLAY_FORWARD
+        if replaying and (self.fallback_N is not None or self.record_live):
             _, live_NK = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
-            self.target_topk_idx = torch.where(self.fallback_N[:, None], live_NK, self.target_topk_idx)
+            if self.record_live:
+                self.live_NK = live_NK.detach()
+            if self.fallback_N is not None:
+                self.target_topk_idx = torch.where(self.fallback_N[:, None], live_NK, self.target_topk_idx)
         return super().get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)
 
 
@@ -200,7 +208,7 @@ class ModelReplay:
                 if isinstance(rr, ScopedRouterReplay):
                     rr.clear_router_replay_action()
                     rr.clear_indices()
-                    rr.fallback_N = None
+                    rr.fallback_N = rr.live_NK = None
             self._active = False
             self._pending = {}
         if ok:
@@ -233,6 +241,7 @@ class ModelReplay:
             if not isinstance(rr, ScopedRouterReplay):
                 raise ReplayError(f"routing replay: the router of layer {layer} lost its replay object")
             rr.clear_indices()
+            rr.live_NK = None
             rr.set_target_indices(target_NK.to(hidden.device))
             rr.fallback_N = None if fallback_N is None else fallback_N.to(hidden.device)
             rr.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)

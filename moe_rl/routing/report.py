@@ -6,7 +6,11 @@ Input, from a run directory:
   ``routing/<metric>/<pair>[/layer_<l>]`` drift metrics, the ``routing/<load metric>[/layer_<l>]``
   load metrics (names and definitions in :mod:`moe_rl.routing.metrics`) and, if present, any
   ``routing/replay_*`` value. At least one drift or load metric must be there, else
-  :class:`ReportError` naming the file.
+  :class:`ReportError` naming the file. A step here is a loop step (the record's
+  ``policy_version``): routing is measured once per rollout batch, and a batch trained in
+  several optimizer steps repeats its values in each of their records; the report keeps one
+  point per loop step, the numbering route dumps use (records without ``policy_version``,
+  from older runs, count by ``step``).
 - optionally route dumps ``routes/step_<8-digit step>.pt``, each a ``torch.save`` of a dict::
 
       {"format": 1, "step": int, "num_experts": int, "pass": str (e.g. "old"),
@@ -64,7 +68,7 @@ class ReportError(ValueError):
 
 @dataclass
 class RoutingHistory:
-    """Every routing metric of a run, as series over optimizer steps."""
+    """Every routing metric of a run, as series over loop steps (policy versions)."""
 
     metrics_path: str
     drift: dict[tuple[str, str, Optional[int]], Series] = field(default_factory=dict)  # (metric, pair, layer|None)
@@ -99,8 +103,14 @@ def load_history(run_dir: str) -> RoutingHistory:
     if not os.path.isfile(path):
         raise ReportError(f"{path} does not exist: not a run directory (the metric writer creates it)")
     h = RoutingHistory(metrics_path=path)
+    seen: set[int] = set()
     for rec in read_metrics(path):
-        step = int(rec["step"])
+        # Routing metrics are measured once per loop step (policy version) and repeated in each of
+        # its optimizer-step records: one point per policy version, the step route dumps are named by.
+        step = int(rec.get("policy_version", rec["step"]))
+        if step in seen:
+            continue
+        seen.add(step)
         for name, value in rec.items():
             if not name.startswith("routing/") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -246,8 +256,11 @@ def summary_markdown(h: RoutingHistory, dumps: list[RouteDump], plots: list[str]
             lines.append(f"| {layer} | {_fmt(mean_flip)} | {_fmt(f)} | {_fmt(l)} | {trend_word(f, l)} | "
                          f"{_fmt(_mean(ov) if ov else None)} | {_fmt(_mean(kl) if kl else None)} |")
         lines.append("")
-        lines.append(f"Worst layer for {PAIR_LABELS[pair]}: **layer {worst[0][0]}** "
-                     f"(mean flip fraction {_fmt(worst[0][1])}).")
+        if worst[0][1] > 0:
+            lines.append(f"Worst layer for {PAIR_LABELS[pair]}: **layer {worst[0][0]}** "
+                         f"(mean flip fraction {_fmt(worst[0][1])}).")
+        else:
+            lines.append(f"No layer changed experts for {PAIR_LABELS[pair]} in any logged step.")
     lines += ["", "## Expert load", ""]
     if dumps:
         d = dumps[-1]

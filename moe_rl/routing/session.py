@@ -78,11 +78,13 @@ class RoutingSession:
 
     # ----------------------------------------------------------------------- primitives
     @contextlib.contextmanager
-    def capture(self, mbs: Sequence[dict], key: str) -> Iterator[None]:
+    def capture(self, mbs: Sequence[dict], key: str, *, used: bool = False) -> Iterator[None]:
         """Record the routes of the pass run inside the block into ``mb[key]`` (every TP rank
-        of a stage must run it: the sequence-parallel slices are gathered at the end)."""
+        of a stage must run it: the sequence-parallel slices are gathered at the end): the
+        routers' own choices, or with ``used`` the experts the layers ran (they differ only in
+        a replayed pass, where ``used`` gives the replayed routes)."""
         cap = RouteCapture(self.routers, num_experts=self.num_experts, topk=self.topk, groups=self.groups,
-                           probs=self.cfg.router_probs).start()
+                           probs=self.cfg.router_probs, used=used).start()
         ok = False
         try:
             yield
@@ -123,8 +125,9 @@ class RoutingSession:
     # ------------------------------------------------------------- the loop's three passes
     @contextlib.contextmanager
     def old_pass(self, mbs: Sequence[dict]) -> Iterator[None]:
-        """Around stage 5's old-policy scoring: R3 replays ``routes_rollout``; the routes used
-        are recorded as ``routes_old`` (metrics, and R2's source)."""
+        """Around stage 5's old-policy scoring: R3 replays ``routes_rollout``; the old policy's
+        own routing (its routers' choices, which R3 overrides) is recorded as ``routes_old``
+        (metrics, and R2's source)."""
         with contextlib.ExitStack() as stack:
             if self.active and self.cfg.replay == "r3":
                 stack.enter_context(self.replay(mbs, ROLLOUT))

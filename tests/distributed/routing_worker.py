@@ -13,6 +13,7 @@ engine (the same weights at inference precision), whose routes drift from the fp
 and are what R3 replays.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -187,13 +188,21 @@ def layout_checks(lay, hf, hf_dir, batch_fp32, samples_fp32, rec):
             run_pass(built, mbs, groups, "live_logp")
         m = routing.metrics(mbs)
         rec["flip_live_after_perturb"] = m["routing/flip_frac/old_new"]
-        with routing.train_pass(mbs), routing.capture(mbs, "routes_new"):
+        first = f"routing/flip_frac/old_new/layer_{min(routing.moe_layer_ids)}"
+        rec["flip_live_first_layer"] = m[first]
+        with routing.train_pass(mbs), routing.capture(mbs, "routes_new", used=True):
             run_pass(built, mbs, groups, "replay_logp", train=True)
         m = routing.metrics(mbs)
         rec["flip_replayed"] = m["routing/flip_frac/old_new"]
         rec["any_flip_replayed"] = m["routing/any_layer_flip_frac/old_new"]
         rec["replay_mismatch_frac"] = m["routing/replay_mismatch_frac"]
         rec["replay_fallback_frac"] = m["routing/replay_fallback_frac"]
+        # the same replayed pass, recording the routers' own choices: what they would have done
+        with routing.train_pass(mbs), routing.capture(mbs, "routes_new"):
+            run_pass(built, mbs, groups, "replay_logp")
+        m = routing.metrics(mbs)
+        rec["flip_choice_under_replay"] = m["routing/flip_frac/old_new"]
+        rec["flip_choice_under_replay_first_layer"] = m[first]
         grads = {layer: float(r.weight.grad.abs().sum()) if r.weight.grad is not None else 0.0
                  for layer, r in routing.routers}
         box = [None] * dist.get_world_size()
@@ -343,7 +352,7 @@ def ep2_checks(built, groups, routing, mbs, batch, rec):
     finally:
         mbs[0]["routes_old"] = r
     # the session still works after the failures
-    with routing.train_pass(mbs), routing.capture(mbs, "routes_new"):
+    with routing.train_pass(mbs), routing.capture(mbs, "routes_new", used=True):
         run_pass(built, mbs, groups, "after")
     m = routing.metrics(mbs)
     rec["flip_replayed_after_adversarial"] = m["routing/flip_frac/old_new"]
@@ -393,7 +402,11 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
                     run_pass(ref, ref_mbs, groups, "ref_logp")
                 run_pass(built, mbs, groups, "old_logp")
             m = routing.metrics(mbs)
-            rows = gather_rows(batch_bf16, mbs, groups, "routes_old")
+            rows = gather_rows(batch_bf16, mbs, groups, "routes_old")  # the old policy's own choices
+            with routing.replay(mbs, "routes_rollout") if mode != "none" else contextlib.nullcontext(), \
+                    routing.capture(mbs, "routes_used", used=True):
+                run_pass(built, mbs, groups, "used_logp")
+            used_rows = gather_rows(batch_bf16, mbs, groups, "routes_used")  # the experts the layers ran
             ref_rows = gather_rows(batch_bf16, ref_mbs, groups, "routes_old")
             old = torch.zeros_like(batch_bf16.rollout_logp_BT)
             for i, (lp, _) in rows.items():
@@ -401,6 +414,7 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
             _, mm = mismatch_weights(old, batch_bf16.rollout_logp_BT, batch_bf16.mask_BT, "none")
             out[mode] = {"k3": mm.compute()["mismatch/k3"], "k1": mm.compute()["mismatch/k1"],
                          "flip_rollout_old": m["routing/flip_frac/rollout_old"],
+                         "flip_rollout_old_first_layer": m[f"routing/flip_frac/rollout_old/layer_{layer_ids[0]}"],
                          "any_flip_rollout_old": m["routing/any_layer_flip_frac/rollout_old"],
                          "fallback": m.get("routing/replay_fallback_frac"),
                          "fallback_expected": sum(batch_bf16.seq_lengths[i] for i in missing)
@@ -408,7 +422,11 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
                          "mismatch": m.get("routing/replay_mismatch_frac"),
                          "ref_routes": {str(i): ref_rows[i][1] for i in sorted(ref_rows)},
                          "old_routes_vs_engine_diff": sets_equal_frac(
-                             {i: rows[i][1] for i in rows}, engine_routes_table(samples_bf16, layer_ids), layer_ids)}
+                             {i: rows[i][1] for i in rows}, engine_routes_table(samples_bf16, layer_ids), layer_ids),
+
+                         "used_routes_vs_engine_diff": sets_equal_frac(
+                             {i: used_rows[i][1] for i in used_rows if i not in missing},
+                             engine_routes_table(samples_bf16, layer_ids), layer_ids)}
             routing.close()
             ref_routing.close()
         rec["r3"] = out

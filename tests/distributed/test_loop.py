@@ -112,7 +112,9 @@ def test_routing_metrics_every_step_without_replay(loop_runs):
 
 
 def test_routing_replay_r3_in_the_loop_and_its_report(loop_runs, tmp_path):
-    """R3: the old-policy pass used exactly the (bf16) engines' routes, every step, self-checked;
+    """R3: the old-policy and training passes ran exactly the (bf16) engines' routes, every step
+    (the replay's self-check: no replayed token routed elsewhere, none fell back to live
+    routing), while rollout->old records how the old policy's own routers would have differed;
     the routes dumped every step feed tools/routing_report.py."""
     import subprocess
     import sys
@@ -122,8 +124,8 @@ def test_routing_replay_r3_in_the_loop_and_its_report(loop_runs, tmp_path):
     assert [r["step"] for r in recs] == [0, 1, 2, 3]
     _check_routing_metrics(recs, _moe_layers(work / "routing"))
     for r in recs:
-        assert r["routing/flip_frac/rollout_old"] == 0.0 and r["routing/any_layer_flip_frac/rollout_old"] == 0.0
         assert r["routing/replay_mismatch_frac"] == 0.0 and r["routing/replay_fallback_frac"] == 0.0
+        assert 0.0 <= r["routing/flip_frac/rollout_old"] <= r["routing/any_layer_flip_frac/rollout_old"] < 0.2
     assert sorted(p.name for p in (work / "routing" / "routes").iterdir()) == ["step_00000000.pt", "step_00000001.pt"]
     p = subprocess.run([sys.executable, str(ROOT / "tools/routing_report.py"), str(work / "routing"),
                         "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=120)

@@ -156,3 +156,25 @@ def test_torn_dump_is_named(tmp_path):
     (tmp_path / "run" / "routes" / "step_00000003.pt").write_bytes(b"not a zip")
     with pytest.raises(ReportError, match="step_00000003.pt"):
         write_report(str(tmp_path / "run"), str(tmp_path / "out"))
+
+
+def test_one_point_per_loop_step_when_a_batch_trains_in_several_optimizer_steps(tmp_path):
+    """Two optimizer steps per rollout batch repeat the batch's routing values in both records:
+    the report keeps one point per loop step (policy_version), the numbering of route dumps."""
+    from moe_rl.routing.report import load_history, summary_markdown
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for v in range(3):
+            for mb in range(2):
+                f.write(json.dumps({"step": 2 * v + mb, "policy_version": v, "minibatch": mb,
+                                    "routing/flip_frac/rollout_old": 0.0, "routing/flip_frac/old_new": 0.1 * v,
+                                    "routing/flip_frac/rollout_old/layer_1": 0.0,
+                                    "routing/flip_frac/old_new/layer_1": 0.1 * v}) + "\n")
+    h = load_history(str(run))
+    assert h.steps() == [0, 1, 2]
+    assert h.drift[("flip_frac", "old_new", 1)] == [(0, 0.0), (1, 0.1), (2, 0.2)]
+    text = summary_markdown(h, [], [], run_dir=str(run))
+    assert "3 steps with routing metrics, steps 0..2" in text
+    assert "No layer changed experts for rollout" in text  # a pair that never flipped names no worst layer
