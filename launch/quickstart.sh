@@ -4,7 +4,7 @@
 # EP=2 on 2 CPU processes over gloo, rollouts from the embedded engine in each process, weight
 # sync after every step. Prints the reward curve's start and end and where the metrics and
 # tensorboard files are. Extra arguments are config overrides, e.g.
-#   bash launch/quickstart.sh train.steps=20 optim.lr=1e-3 train.seed=2
+#   bash launch/quickstart.sh train.steps=20 optim.lr=1e-3 train.seed=2 output_dir=runs/lr1e-3
 # Re-running with the same output_dir resumes from its newest checkpoint (and, once done, does
 # nothing more); pass output_dir=runs/other for a fresh run.
 set -euo pipefail

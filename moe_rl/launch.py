@@ -84,6 +84,7 @@ def hf_config_of(cfg):
 def preflight(cfg, world: int) -> None:
     """Every check that needs no process group and no model weights (ValueError on failure)."""
     from moe_rl.checkpoint import run_state as ckpt
+    from moe_rl.config import to_yaml
     from moe_rl.data.dataset import _files_and_format
     from moe_rl.models import family_for
     from moe_rl.parallel import ParallelDims
@@ -108,8 +109,13 @@ def preflight(cfg, world: int) -> None:
         if not cfg.rollout.client.server_urls:
             check_sglang_installed(cfg.rollout.sglang.python)
     found = ckpt.scan(ckpt.checkpoint_root(cfg.output_dir))
-    if cfg.checkpoint.resume and found.newest:
+    if found.newest and not cfg.checkpoint.resume:
+        raise ValueError(f"checkpoint.resume=false, but output_dir {cfg.output_dir!r} holds checkpoints of an earlier "
+                         f"run (newest: {found.newest[1]}): a new run there would overwrite its metrics, and keeping "
+                         "the newest checkpoints would delete the new run's; use another output_dir")
+    if found.newest:
         ckpt.check_identity(found.newest[1], ckpt.model_identity(hf))
+        ckpt.resume_config_changes(found.newest[1], to_yaml(cfg), cfg.checkpoint.resume_changes)
 
 
 def check_engine_answers(url: str, timeout_s: float) -> None:
@@ -232,6 +238,8 @@ def build_parts(cfg):
     if cfg.checkpoint.resume and found.newest:
         step, path = found.newest
         ckpt.check_identity(path, ckpt.model_identity(hf_config))
+        for change in ckpt.resume_config_changes(path, to_yaml(cfg), cfg.checkpoint.resume_changes):
+            report(f"[checkpoint] resuming with {change} (checkpoint.resume_changes)")
         saved = ckpt.load(path, train_state=state, built=built, groups=groups)
         prompts.load_state_dict(saved["sampler"])
         start, skipped = int(saved["step"]), tuple(saved["skipped"])

@@ -127,6 +127,61 @@ def check_identity(path: str, current: Dict[str, Any]) -> None:
                          + "; ".join(diff) + "); use another output_dir or the same model")
 
 
+# Config fields (dotted, or a section ending in ".") that set what a run trains or the data it
+# sees: changed on resume, the run would silently mix two experiments, so a resume that changes
+# one is refused unless ``checkpoint.resume_changes`` lists it.
+RESUME_FIXED = ("model.", "optim.", "algorithm.", "data.", "rewards.rewards", "train.global_batch", "train.seq_len",
+                "train.seed", "train.moe_aux_loss_coeff", "rollout.n_samples_per_prompt", "rollout.max_new_tokens",
+                "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.stop", "rollout.stop_token_ids",
+                "loop.rollout_batch_size", "loop.mode", "loop.max_staleness", "routing.replay")
+# ... but not these (where the model is read from, performance switches)
+RESUME_FREE = ("model.hf_dir", "optim.use_distributed_optimizer", "optim.overlap_grad_reduce", "data.cache_dir")
+# restored from the optimizer's own state: never changeable on resume
+RESUME_FROM_STATE = ("optim.adam_beta1", "optim.adam_beta2", "optim.adam_eps")
+
+
+def _flat(d: Any, prefix: str = ""):
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _under(key: str, names) -> bool:
+    return any(key == n.rstrip(".") or key.startswith(n.rstrip(".") + ".") for n in names)
+
+
+def resume_config_changes(path: str, config_text: str, accepted=()) -> List[str]:
+    """The changes (``"field: old -> new"``) of the run config ``config_text`` (YAML, as the run
+    writes it) against the config saved in checkpoint ``path``, among the fields that set what
+    the run trains (:data:`RESUME_FIXED`); ValueError naming them when any is not ``accepted``
+    (dotted names or sections), or is one the optimizer state restores regardless. A checkpoint
+    without its config (written by an older version) compares nothing."""
+    import yaml
+
+    saved_file = os.path.join(path, "config.yaml")
+    if not os.path.isfile(saved_file):
+        return []
+    with open(saved_file) as f:
+        saved = dict(_flat(yaml.safe_load(f)))
+    now = dict(_flat(yaml.safe_load(config_text)))
+    changed = [k for k in sorted(set(saved) & set(now))
+               if saved[k] != now[k] and _under(k, RESUME_FIXED) and not _under(k, RESUME_FREE)]
+    said = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed]
+    stuck = [s for k, s in zip(changed, said) if _under(k, RESUME_FROM_STATE)]
+    if stuck:
+        raise ValueError(f"resuming {path}: {'; '.join(stuck)} cannot change on resume (the optimizer state restores "
+                         "it); use another output_dir for a run with new values")
+    refused = [s for k, s in zip(changed, said) if not _under(k, accepted)]
+    if refused:
+        names = ", ".join(k for k in changed if not _under(k, accepted))
+        raise ValueError(f"resuming {path} with a config that changes what the run trains: {'; '.join(refused)}. "
+                         f"To go on with the new values from this step, set checkpoint.resume_changes=[{names}]; "
+                         "for a new run, use another output_dir")
+    return said
+
+
 # --------------------------------------------------------------------------- RNG
 def capture_rng() -> Dict[str, Any]:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker

@@ -27,6 +27,8 @@ from moe_rl.train.config import OptimConfig, TrainConfig
 from moe_rl.weights.config import WeightSyncConfig
 
 MODES = ("sync", "async")
+# estimators whose baseline is the response's group: a group of one gets A = 0 (moe_rl.algorithms.advantages)
+GROUP_BASELINE_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "gdpo", "pass_at_k")
 
 
 def _preset_values(name: str) -> dict:
@@ -97,11 +99,32 @@ class RunConfig:
         if keep and keep >= n:
             raise ValueError(f"algorithm.gfpo_keep ({keep}) must be smaller than rollout.n_samples_per_prompt ({n}): "
                              "GFPO keeps a subset of each group")
+        if n == 1 and self.algorithm.advantage in GROUP_BASELINE_ADVANTAGES:
+            raise ValueError(f"rollout.n_samples_per_prompt=1 with algorithm.advantage={self.algorithm.advantage}: a group "
+                             "of one response has no group baseline, so every advantage is 0 and nothing trains; "
+                             "sample several responses per prompt (GRPO-style runs use 4-64)")
+        self._replay_sources()
         trained = self.trained_per_step
         if trained % self.train.global_batch:
             raise ValueError(f"train.global_batch ({self.train.global_batch}) must divide the responses trained per "
                              f"step ({trained} = {self.prompts_per_step} prompts x {keep or n})")
         self._layout_rules()
+
+    def _replay_sources(self) -> None:
+        """R3 replays the engines' routes: refuse, before anything runs, a run that turns off
+        every way they reach the trainer (it would fail at its first step)."""
+        if self.routing.replay != "r3":
+            return
+        r = self.rollout
+        if r.backend == "embedded" and not r.embedded.capture_routed_experts:
+            raise ValueError("routing.replay=r3 replays the engine's routes, but rollout.embedded.capture_routed_experts "
+                             "is false: the embedded engine would record none")
+        if r.backend == "sglang" and not r.client.server_urls and not r.sglang.enable_return_routed_experts:
+            raise ValueError("routing.replay=r3 replays the engines' routes, but rollout.sglang."
+                             "enable_return_routed_experts is false: the SGLang servers would return none")
+        if not r.client.return_routed_experts:
+            raise ValueError("routing.replay=r3 replays the engines' routes, but rollout.client.return_routed_experts "
+                             "is false: the client would not ask the servers for them")
 
     def _layout_rules(self) -> None:
         """What the parallel layout asks of the rest of the run, checked before anything is built

@@ -140,6 +140,10 @@ def build_lr_scheduler(optimizer, cfg: OptimConfig):
         end_wd=cfg.weight_decay,
         wd_incr_steps=1,
         wd_incr_style="constant",
+        # on resume the schedule takes this config's values (a change the resume accepted,
+        # checkpoint.resume_changes), not the checkpoint's; its step count comes from the checkpoint
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 

@@ -80,3 +80,20 @@ def test_skipped_step_does_not_advance_the_schedule():
     assert [m["train/lr"] for m in got] == pytest.approx([0.0, 0.25, 0.25, 0.25, 0.5])
     assert [m["train/skipped"] for m in got] == [0.0, 1.0, 1.0, 0.0, 0.0]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.75) and state.step == 5
+
+
+def test_a_resumed_schedule_takes_the_configs_values_and_the_checkpoints_step():
+    """On resume the schedule state comes from the checkpoint; the values come from the config
+    (a change checkpoint.resume_changes accepted applies; Megatron's default keeps the
+    checkpoint's, silently). Reference: the new config's cosine written out at step 5."""
+    old = OptimConfig(lr=1.0, min_lr=0.0, lr_warmup_steps=0, lr_decay_steps=10, lr_decay_style="cosine")
+    opt = _Opt()
+    sched = build_lr_scheduler(opt, old)
+    sched.step(increment=5)
+    state = sched.state_dict()
+    new = OptimConfig(lr=0.5, min_lr=0.1, lr_warmup_steps=0, lr_decay_steps=10, lr_decay_style="cosine")
+    opt2 = _Opt()
+    resumed = build_lr_scheduler(opt2, new)
+    resumed.load_state_dict(state)
+    assert resumed.num_steps == 5
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1 + 0.4 * 0.5 * (math.cos(math.pi * 5 / 10) + 1))

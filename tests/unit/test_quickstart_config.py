@@ -41,6 +41,13 @@ def test_presets_with_lengths_take_the_runs_response_length(preset, extra, L_max
     assert (cfg.algorithm.max_response_len, cfg.algorithm.overlong_cache_len) == (L_max, L_c)
 
 
+def test_a_group_of_one_is_fine_where_the_baseline_is_not_the_group():
+    """REINFORCE++ whitens over the batch: one response per prompt still trains."""
+    cfg = _cfg("rollout.n_samples_per_prompt=1", "loop.rollout_batch_size=32", "train.global_batch=32",
+               "train.micro_batch=16", "algorithm.preset=reinforce_pp")
+    assert cfg.algorithm.advantage == "reinforce_pp" and cfg.rollout.n_samples_per_prompt == 1
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["optim.learning_rate=0.1"], "optim.learning_rate"),
     (["train.steps=many"], "train.steps"),
@@ -50,6 +57,12 @@ def test_presets_with_lengths_take_the_runs_response_length(preset, extra, L_max
     (["algorithm.preset=dapo"], "algorithm.overlong_shaping needs 0 < overlong_cache_len < max_response_len (got 1 and 1)"),
     (["loop.mode=fast"], "loop.mode='fast' is not one of sync, async"),
     (["data.toy_task=sums"], "data.toy_task='sums'"),
+    (["rollout.n_samples_per_prompt=1", "loop.rollout_batch_size=32", "train.global_batch=32", "train.micro_batch=16"],
+     "rollout.n_samples_per_prompt=1 with algorithm.advantage=grpo: a group of one response has no group baseline"),
+    (["routing.replay=r3", "rollout.embedded.capture_routed_experts=false"],
+     "routing.replay=r3 replays the engine's routes, but rollout.embedded.capture_routed_experts is false"),
+    (["routing.replay=r3", "rollout.client.return_routed_experts=false"],
+     "routing.replay=r3 replays the engines' routes, but rollout.client.return_routed_experts is false"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises((ConfigError, ValueError)) as e:
@@ -103,7 +116,44 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     (d / "COMPLETE").write_text("ok\n")
     with pytest.raises(ValueError, match=r"another model .*model_type: checkpoint 'mixtral', config 'qwen3_moe'"):
         preflight(_cfg(f"output_dir={tmp_path}"), world=2)
-    preflight(_cfg(f"output_dir={tmp_path}", "checkpoint.resume=false"), world=2)
+
+
+def _fake_checkpoint(run_dir, cfg):
+    """A complete run checkpoint of ``cfg``'s model holding ``cfg`` as its saved config."""
+    from moe_rl.checkpoint import run_state as ckpt
+    from moe_rl.config import to_yaml
+    from moe_rl.launch import hf_config_of
+
+    d = run_dir / "checkpoints" / "step_00000004"
+    d.mkdir(parents=True)
+    (d / "run_state.json").write_text(json.dumps({"step": 4, "model": ckpt.model_identity(hf_config_of(cfg))}))
+    (d / "config.yaml").write_text(to_yaml(cfg))
+    (d / "COMPLETE").write_text("ok\n")
+    return d
+
+
+def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tmp_path):
+    """checkpoint.resume=false next to an earlier run's checkpoints would overwrite its metrics,
+    and pruning (keep the newest by step) would delete the new run's checkpoints."""
+    _fake_checkpoint(tmp_path, _cfg(f"output_dir={tmp_path}"))
+    with pytest.raises(ValueError, match=r"checkpoint.resume=false, but output_dir .* holds checkpoints of an earlier "
+                                         r"run \(newest: .*step_00000004\)"):
+        preflight(_cfg(f"output_dir={tmp_path}", "checkpoint.resume=false"), world=2)
+
+
+def test_a_resume_that_changes_what_the_run_trains_is_refused_unless_accepted(tmp_path):
+    d = _fake_checkpoint(tmp_path, _cfg(f"output_dir={tmp_path}"))
+    preflight(_cfg(f"output_dir={tmp_path}", "train.steps=200", "metrics.progress=false"), world=2)  # free to change
+    with pytest.raises(ValueError) as e:
+        preflight(_cfg(f"output_dir={tmp_path}", "optim.lr=1e-2", "data.seed=7"), world=2)
+    msg = str(e.value)
+    assert f"resuming {d} with a config that changes what the run trains" in msg
+    assert "data.seed: 0 -> 7" in msg and "optim.lr: 0.002 -> 0.01" in msg
+    assert "checkpoint.resume_changes=[data.seed, optim.lr]" in msg
+    preflight(_cfg(f"output_dir={tmp_path}", "optim.lr=1e-2", "data.seed=7",
+                   "checkpoint.resume_changes=[optim, data.seed]"), world=2)
+    with pytest.raises(ValueError, match=r"optim.adam_beta1: 0.9 -> 0.8 cannot change on resume"):
+        preflight(_cfg(f"output_dir={tmp_path}", "optim.adam_beta1=0.8", "checkpoint.resume_changes=[optim]"), world=2)
 
 
 def test_cli_exits_2_before_starting_anything(tmp_path):
