@@ -206,7 +206,7 @@ def build_parts(cfg):
     hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
     if cfg.rollout.backend == "embedded" and not cfg.rollout.client.server_urls:  # before minutes of model building
         check_stop_tokenizer(cfg, cfg.rollout.embedded.model_path or hf_dir)
-    tokenizer, prompts = load_prompts_for(cfg, hf_dir)  # data errors before minutes of model building
+    tokenizer, prompts = load_prompts_for(cfg, hf_dir, hf_config)  # data errors before minutes of model building
     dims = ParallelDims.build(cfg.parallel, world, family_for(hf_config).shape(hf_config))
     check_microbatching(cfg, dims)  # before the model is built
     groups = G.setup(dims, seed=cfg.train.seed)
@@ -269,10 +269,10 @@ def tokenizer_dir(cfg, hf_dir: str) -> str:
     return path
 
 
-def load_prompts_for(cfg, hf_dir: str):
+def load_prompts_for(cfg, hf_dir: str, hf_config):
     """The run's tokenizer and prompt stream; ValueError for a tokenizer directory without a
-    tokenizer (:func:`tokenizer_dir`) and for prompts that do not fit ``train.seq_len`` with
-    their responses."""
+    tokenizer (:func:`tokenizer_dir`), for prompts that do not fit ``train.seq_len`` with their
+    responses, and for a prompt that fills the engines' context (no room for a response)."""
     import transformers
 
     from moe_rl.data.prompts import PromptStream
@@ -284,6 +284,12 @@ def load_prompts_for(cfg, hf_dir: str):
         raise ValueError(f"train.seq_len ({cfg.train.seq_len}) is shorter than the longest prompt ({prompts.longest} "
                          f"tokens) + rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) - 1 = {need}; raise it "
                          f"or set data.max_prompt_tokens")
+    context = (cfg.rollout.embedded.max_context_len if cfg.rollout.backend == "embedded" else 0) \
+        or int(hf_config.max_position_embeddings)
+    if prompts.longest >= context:
+        raise ValueError(f"the longest prompt ({prompts.longest} tokens) leaves no room for a response in the engines' "
+                         f"context of {context} tokens (rollout.embedded.max_context_len, else the model's "
+                         "max_position_embeddings); set data.max_prompt_tokens to drop longer prompts")
     return tokenizer, prompts
 
 

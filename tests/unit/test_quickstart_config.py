@@ -132,6 +132,29 @@ def _fake_checkpoint(run_dir, cfg):
     return d
 
 
+def test_a_prompt_that_fills_the_engines_context_is_refused_before_the_model_is_built(tmp_path):
+    """It crashed inside the in-process engine's KV cache at the first rollout."""
+    import transformers
+
+    from moe_rl.data.tokenizer import save_tokenizer
+    from moe_rl.launch import load_prompts_for
+    from moe_rl.models.tiny import save_tiny_hf
+
+    model = Path(save_tiny_hf("qwen3_moe", tmp_path / "model", max_position_embeddings=64))
+    save_tokenizer(model)
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "short", "answer": "1"}) + "\n"
+                    + json.dumps({"prompt": " ".join(["word"] * 80), "answer": "2"}) + "\n")
+    hf = transformers.AutoConfig.from_pretrained(model)
+    cfg = _cfg(f"model.hf_dir={model}", f"data.path={data}", "train.seq_len=512")
+    with pytest.raises(ValueError, match=r"the longest prompt \(\d+ tokens\) leaves no room for a response in the "
+                                         r"engines' context of 64 tokens"):
+        load_prompts_for(cfg, str(model), hf)
+    _, prompts = load_prompts_for(_cfg(f"model.hf_dir={model}", f"data.path={data}",
+                                       "train.seq_len=512", "data.max_prompt_tokens=60"), str(model), hf)
+    assert prompts.longest <= 60
+
+
 def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tmp_path):
     """checkpoint.resume=false next to an earlier run's checkpoints would overwrite its metrics,
     and pruning (keep the newest by step) would delete the new run's checkpoints."""

@@ -132,6 +132,11 @@ def test_stops_seeds_and_shared_prefill(ckpts):
     assert len({tuple(m.response_ids) for m in many}) > 1
     zero = eng.generate([RolloutRequest(p, SamplingParams(max_new_tokens=0))])[0]
     assert zero.response_ids == [] and zero.finish_reason is FinishReason.LENGTH
+    # a prompt that fills the context is refused by name (it crashed inside the KV cache)
+    with pytest.raises(ValueError, match=rf"a prompt of {eng.context_len} tokens leaves no room for a response in "
+                                         rf"the engine's context of {eng.context_len} tokens"):
+        eng.generate([RolloutRequest([5] * eng.context_len, SamplingParams(max_new_tokens=1))])
+    assert eng.generate([RolloutRequest(p, SamplingParams(max_new_tokens=2, ignore_eos=True))])[0].response_ids
 
 
 def test_transformers_contract_is_checked_at_start(ckpts, monkeypatch):

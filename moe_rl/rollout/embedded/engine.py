@@ -280,6 +280,9 @@ class EmbeddedEngine:
         ``0 <= input_start < len(prompt_ids)`` and ``top_k <= vocab``). ``on_token``: called on
         the engine thread with each sample's every new token (streaming). A ``logit_bias`` key
         outside the vocabulary is SGLang's ValueError."""
+        if len(prompt_ids) >= self.context_len:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room for a response in the engine's "
+                             f"context of {self.context_len} tokens")
         per_sample = [params] * params.n if isinstance(params, SamplingParams) else list(params)
         for sp in per_sample:
             bad = next((k for k in sp.logit_bias or {} if not 0 <= k < self.vocab_size), None)
