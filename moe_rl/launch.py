@@ -108,6 +108,7 @@ def preflight(cfg, world: int) -> None:
         weight_sync_config(cfg)  # engine ranks and transport vs the SGLang layout
         if not cfg.rollout.client.server_urls:
             check_sglang_installed(cfg.rollout.sglang.python)
+    check_writable(cfg.output_dir)
     found = ckpt.scan(ckpt.checkpoint_root(cfg.output_dir))
     if found.newest and not cfg.checkpoint.resume:
         raise ValueError(f"checkpoint.resume=false, but output_dir {cfg.output_dir!r} holds checkpoints of an earlier "
@@ -116,6 +117,24 @@ def preflight(cfg, world: int) -> None:
     if found.newest:
         ckpt.check_identity(found.newest[1], ckpt.model_identity(hf))
         ckpt.resume_config_changes(found.newest[1], to_yaml(cfg), cfg.checkpoint.resume_changes)
+
+
+def check_writable(output_dir: str) -> None:
+    """ValueError naming ``output_dir`` (and its ``checkpoints``) when the run could not write
+    there: it failed at its first write, after the model was built, with a raw traceback."""
+    import tempfile
+
+    from moe_rl.checkpoint import run_state as ckpt
+
+    for d in (output_dir, ckpt.checkpoint_root(output_dir)):
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ValueError(f"output_dir: {d!r} exists and is not a directory")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"output_dir: cannot write to {output_dir!r} ({type(e).__name__}: {e})") from None
 
 
 def check_engine_answers(url: str, timeout_s: float) -> None:

@@ -155,6 +155,16 @@ def test_a_prompt_that_fills_the_engines_context_is_refused_before_the_model_is_
     assert prompts.longest <= 60
 
 
+def test_an_output_dir_the_run_cannot_write_is_refused_by_name(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"output_dir: cannot write to '.*file/run' \(NotADirectoryError"):
+        preflight(_cfg(f"output_dir={tmp_path / 'file' / 'run'}"), world=2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("not a directory")
+    with pytest.raises(ValueError, match=r"output_dir: '.*run/checkpoints' exists and is not a directory"):
+        preflight(_cfg(f"output_dir={tmp_path / 'run'}"), world=2)
+
+
 def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tmp_path):
     """checkpoint.resume=false next to an earlier run's checkpoints would overwrite its metrics,
     and pruning (keep the newest by step) would delete the new run's checkpoints."""
