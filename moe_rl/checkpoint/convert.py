@@ -297,10 +297,30 @@ def _itemsize(dt: torch.dtype) -> int:
 
 
 def _sibling(dst: Path) -> Path:
+    """A new hidden directory beside ``dst`` to build the output in, named by this host and
+    process; the ones interrupted conversions on this host left (their process is gone) are
+    removed first (another host's are left alone: its process cannot be checked from here)."""
+    import socket
+
     dst.parent.mkdir(parents=True, exist_ok=True)
-    p = dst.parent / f".{dst.name}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    for old in dst.parent.glob(f".{dst.name}.converting-{host}-*"):
+        pid = old.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    p = dst.parent / f".{dst.name}.converting-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     p.mkdir()
     return p
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _publish(tmp: Path, dst: Path) -> None:

@@ -479,3 +479,23 @@ def test_fp8_checkpoints_that_cannot_be_read_are_refused_by_name(cli, capsys, ti
     rc, err = run(cli, capsys, "--input", src, "--output", tmp_path / "o", "--to", "hf")
     assert rc == 2 and re.search(msg, err), err
     assert not (tmp_path / "o").exists()
+
+
+def test_what_an_interrupted_conversion_on_this_host_left_is_removed_by_the_next(cli, capsys, tiny_hf_dirs, tmp_path):
+    """A conversion killed mid-way leaves its hidden build directory (never anything under the
+    output name); the next conversion to that output removes those whose process is gone."""
+    import socket
+    import subprocess
+
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    dead = subprocess.Popen(["true"])  # a process that has exited: its pid names a gone conversion
+    dead.wait()
+    stale = tmp_path / f".out.converting-{host}-{dead.pid}-deadbeef"
+    live = tmp_path / f".out.converting-{host}-{os.getpid()}-cafecafe"
+    other = tmp_path / f".out.converting-otherhost-{dead.pid}-0badf00d"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "partial.bin").write_bytes(b"x")
+    rc, err = run(cli, capsys, "--input", tiny_hf_dirs["llama"], "--output", tmp_path / "out", "--to", "mcore")
+    assert rc == 0, err
+    assert not stale.exists() and live.exists() and other.exists()
