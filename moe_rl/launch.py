@@ -164,6 +164,15 @@ def run(cfg) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         activate_cpu_mode()
     G.init_distributed()
+    lock = [None, None]
+    if dist.get_rank() == 0:
+        lock = list(lock_output_dir(cfg.output_dir))
+    said = [lock[1]]
+    dist.broadcast_object_list(said, src=0)
+    if said[0] is not None:  # another run writes there: every rank stops before any work
+        report(f"config error: {said[0]}")
+        dist.destroy_process_group()
+        return 2
     watch = watchdog.start_for(cfg, dist.get_rank())  # a dead rollout server ends the run (exit 4)
     rc = 0
     try:
@@ -178,7 +187,40 @@ def run(cfg) -> int:
     G.teardown()
     dist.barrier()
     dist.destroy_process_group()
+    if lock[0] is not None:
+        os.close(lock[0])
     return rc
+
+
+LOCK_FILE = ".moe_rl.lock"
+
+
+def lock_output_dir(output_dir: str) -> tuple[int | None, str | None]:
+    """``(fd, None)`` holding an exclusive lock on ``output_dir/.moe_rl.lock`` for this run (the
+    kernel drops it when the process ends, however it ends), or ``(None, why)`` when another
+    live run holds it: two runs writing one output_dir would interleave metrics and prune each
+    other's checkpoints. A filesystem without locks (ENOLCK) runs unlocked, said on stderr."""
+    import errno
+    import fcntl
+    import socket
+
+    path = os.path.join(output_dir, LOCK_FILE)
+    os.makedirs(output_dir, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno == errno.ENOLCK:
+            print(f"[moe_rl] warning: {output_dir} has no file locks; nothing stops a second run writing there",
+                  file=sys.stderr, flush=True)
+            return None, None
+        return None, (f"output_dir {output_dir!r} is in use by another run ({holder}); wait for it to end, or use "
+                      "another output_dir")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd, None
 
 
 def run_loop(cfg) -> list:

@@ -225,3 +225,24 @@ def test_replay_on_a_dense_model_is_refused_before_anything_starts(tmp_path):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "routing.replay=r3 needs a MoE model; qwen3 has no MoE layers" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_one_run_at_a_time_writes_an_output_dir(tmp_path):
+    """A second run on a live run's output_dir is refused, naming the holder; the lock goes
+    with the process (closing its descriptor, as any exit does, frees it)."""
+    import os
+    import subprocess
+    import sys
+
+    from moe_rl.launch import lock_output_dir
+
+    fd, why = lock_output_dir(str(tmp_path / "run"))
+    assert fd is not None and why is None
+    second = subprocess.run([sys.executable, "-c", "import sys; from moe_rl.launch import lock_output_dir; "
+                             f"print(lock_output_dir({str(tmp_path / 'run')!r})[1])"],
+                            capture_output=True, text=True, timeout=60)
+    assert f"is in use by another run (pid {os.getpid()} on " in second.stdout, second.stderr[-2000:]
+    os.close(fd)
+    fd, why = lock_output_dir(str(tmp_path / "run"))
+    assert why is None
+    os.close(fd)
