@@ -27,7 +27,7 @@ class DataConfig:
     shuffle: bool = True  # reshuffle the prompt order every epoch
     seed: int = 0  # seed of the per-epoch permutation
     toy_task: str = "arithmetic"  # arithmetic | countdown | max_digit: generated prompts when path is ""
-    toy_num_prompts: int = 256  # how many toy prompts to generate
+    toy_num_prompts: int = 256  # how many toy prompts to generate (>= 1)
     tokenizer_path: str = ""  # HF tokenizer directory ("" = the policy model's)
 
     def __post_init__(self) -> None:
@@ -37,6 +37,7 @@ class DataConfig:
 
         if self.toy_task not in TASKS + ("mixed",):
             raise ValueError(f"data.toy_task={self.toy_task!r} is not one of {', '.join(TASKS + ('mixed',))}")
-        for name in ("max_prompt_tokens", "toy_num_prompts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"data.{name} ({getattr(self, name)}) must be >= 0")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"data.max_prompt_tokens ({self.max_prompt_tokens}) must be >= 0")
+        if self.toy_num_prompts < 1:
+            raise ValueError(f"data.toy_num_prompts ({self.toy_num_prompts}) must be >= 1")

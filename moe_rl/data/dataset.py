@@ -5,14 +5,20 @@ hub is contacted. Every row becomes a :class:`PromptRecord`: the ``prompt_key`` 
 (a string, or a list of ``{"role", "content"}`` messages) becomes chat messages, the
 ``answer_key`` column the reward label, the other columns metadata. Arrow gives each
 column one type, so a file must not mix, say, string and object answers.
+
+Errors are ``ValueError`` naming the file and, for a bad row, its line (JSON) or row
+(parquet): an empty file (found by ``_files_and_format``, which the launcher's preflight
+runs), a line that is not a JSON object, a row without the prompt column. The per-line
+diagnosis reads the files again only when loading or a row check has failed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .chat_template import tokenize_prompt
 from .config import DataConfig
@@ -23,6 +29,8 @@ _EXT_FORMAT = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def _files_and_format(cfg: DataConfig) -> tuple[List[str], str]:
+    """The files of ``data.path`` and ``data.extra_paths`` and their format; ``ValueError`` for a
+    missing or empty file or an unknown format. Cheap (no parsing): the launcher's preflight runs it."""
     files: List[str] = []
     for pattern in [cfg.path, *cfg.extra_paths]:
         matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
@@ -30,6 +38,9 @@ def _files_and_format(cfg: DataConfig) -> tuple[List[str], str]:
             missing = [m for m in matches if not os.path.isfile(m)] or [pattern]
             raise ValueError(f"data.path: no such file {missing[0]!r}")
         files.extend(matches)
+    for f in files:
+        if _is_blank(f):
+            raise ValueError(f"data.path: {f!r} is empty (no rows)")
     fmt = cfg.format
     if fmt == "auto":
         kinds = {_EXT_FORMAT.get(os.path.splitext(f)[1].lower()) for f in files}
@@ -38,6 +49,83 @@ def _files_and_format(cfg: DataConfig) -> tuple[List[str], str]:
                              f"use .jsonl/.json or .parquet, or set data.format")
         fmt = kinds.pop()
     return files, fmt
+
+
+def _is_blank(path: str) -> bool:
+    """Whether the file holds nothing but whitespace (reads only up to its first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+class RowError(ValueError):
+    """A row of the dataset is unusable; ``row`` is its index over all files (0-based)."""
+
+    def __init__(self, row: int, detail: str):
+        super().__init__(f"row {row}: {detail}")
+        self.row, self.detail = row, detail
+
+
+def _json_lines(path: str) -> Iterator[Tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line, 1-based: the rows of a JSON-lines file."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, line
+
+
+def _first_bad_line(path: str) -> Optional[Tuple[int, str, str]]:
+    """``(line number, text, what is wrong)`` of the first line that is not a JSON object."""
+    for n, line in _json_lines(path):
+        try:
+            obj = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as e:
+            return n, line, f"is not valid JSON ({e.msg} at column {e.colno})"
+        if not isinstance(obj, dict):
+            return n, line, f"is not a JSON object (got {type(obj).__name__})"
+    return None
+
+
+def _json_problem(path: str) -> Optional[str]:
+    """What makes ``path`` unreadable as JSON lines (or, for ``.json``, as one JSON document)."""
+    bad = _first_bad_line(path)
+    if bad is None:
+        return None
+    n, line, what = bad
+    if os.path.splitext(path)[1].lower() == ".json":
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                json.load(f)
+            return None  # one JSON document: its lines need not be rows
+        except json.JSONDecodeError as e:
+            if n == next(_json_lines(path))[0]:  # not even JSON lines: report the document's error
+                return f"data.path: {path!r} is not valid JSON: {e}"
+    return f"data.path: {path!r} line {n} {what}: {line.strip()!r:.200}"
+
+
+def _row_origin(files: Sequence[str], fmt: str, row: int) -> Tuple[str, Optional[dict]]:
+    """Where row ``row`` (0-based, over all files) comes from, e.g. ``"'d.jsonl' line 3 (row 2)"``,
+    and, for JSON lines, the row as written in the file; ``("", None)`` when that is unknown (a
+    ``.json`` file holding one JSON document)."""
+    left = row
+    for path in files:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            n = pq.ParquetFile(path).metadata.num_rows
+            if left < n:
+                return f"{path!r} row {left}" + (f" (row {row} over all files)" if left != row else ""), None
+            left -= n
+            continue
+        if _first_bad_line(path) is not None:
+            return "", None
+        for n, line in _json_lines(path):
+            if left == 0:
+                return f"{path!r} line {n} (row {row})", json.loads(line)
+            left -= 1
+    return "", None
 
 
 def to_messages(prompt: Any, system_prompt: str = "", *, row: int = 0) -> List[Dict[str, str]]:
@@ -49,17 +137,23 @@ def to_messages(prompt: Any, system_prompt: str = "", *, row: int = 0) -> List[D
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in prompt):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise ValueError(f"row {row}: prompt must be a string or a non-empty list of "
-                     f"{{'role': str, 'content': str}} messages, got {type(prompt).__name__}: {prompt!r:.200}")
+    raise RowError(row, f"prompt must be a string or a non-empty list of {{'role': str, 'content': str}} "
+                        f"messages, got {type(prompt).__name__}: {prompt!r:.200}")
 
 
 def rows_to_records(rows: Sequence[Dict[str, Any]], cfg: DataConfig) -> List[PromptRecord]:
+    """Rows as :class:`PromptRecord` (``index`` = row number); ``RowError`` names a bad row.
+
+    Arrow gives every row every column of the file, None where a row lacks it: a None prompt
+    is reported as missing (``load_prompts`` then tells missing from null in a JSON line)."""
     out = []
     for i, row in enumerate(rows):
         for key in (cfg.prompt_key, cfg.answer_key):
             if key not in row:
-                raise ValueError(f"row {i}: no column {key!r} (columns: {sorted(row)}); "
-                                 f"set data.prompt_key / data.answer_key")
+                raise RowError(i, f"no column {key!r} (columns: {sorted(row)}); set data.prompt_key / data.answer_key")
+        if row[cfg.prompt_key] is None:
+            raise RowError(i, f"column {cfg.prompt_key!r} missing (or null); columns with a value: "
+                              f"{sorted(k for k, v in row.items() if v is not None)}")
         meta = {k: v for k, v in row.items() if k not in (cfg.prompt_key, cfg.answer_key)}
         out.append(PromptRecord(index=i, messages=to_messages(row[cfg.prompt_key], cfg.system_prompt, row=i),
                                 label=row[cfg.answer_key], metadata=meta))
@@ -67,22 +161,49 @@ def rows_to_records(rows: Sequence[Dict[str, Any]], cfg: DataConfig) -> List[Pro
 
 
 def load_rows(cfg: DataConfig) -> List[Dict[str, Any]]:
-    """Rows of the configured local files (or generated toy tasks when ``path`` is empty)."""
+    """Rows of the configured local files (or generated toy tasks when ``path`` is empty).
+
+    ``ValueError`` for a file that cannot be read, naming it and, for JSON, its first bad line."""
     if not cfg.path:
         return generate_tasks(cfg.toy_num_prompts, task=cfg.toy_task, seed=cfg.seed)
     import datasets
 
     files, fmt = _files_and_format(cfg)
     kwargs = {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}
-    ds = datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
-    return [dict(r) for r in ds]
+    try:
+        ds = datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
+    except Exception as e:  # noqa: BLE001 - datasets wraps a parse error in its own types, without the line
+        problem = next(filter(None, map(_json_problem, files)), None) if fmt == "json" else None
+        cause = e.__cause__ or e
+        raise ValueError(problem or f"data.path: cannot read {files} as {fmt}: {type(cause).__name__}: "
+                                    f"{cause}") from e
+    rows = [dict(r) for r in ds]
+    if not rows:
+        raise ValueError(f"data.path: {files} hold no rows")
+    return rows
 
 
 def load_prompts(cfg: DataConfig) -> List[PromptRecord]:
-    """The dataset as :class:`PromptRecord` rows, in file order (``index`` = row number)."""
+    """The dataset as :class:`PromptRecord` rows, in file order (``index`` = row number).
+
+    A bad row's ``ValueError`` names its file and line (JSON) or row (parquet) when it can."""
     if not cfg.path and not cfg.system_prompt:
         cfg = dataclasses.replace(cfg, system_prompt=SYSTEM_PROMPT)
-    return rows_to_records(load_rows(cfg), cfg)
+    rows = load_rows(cfg)
+    try:
+        return rows_to_records(rows, cfg)
+    except RowError as e:
+        if not cfg.path:
+            raise
+        files, fmt = _files_and_format(cfg)
+        where, written = _row_origin(files, fmt, e.row)
+        if not where:
+            raise ValueError(f"data.path: {', '.join(map(repr, files))}: {e}") from None
+        detail = e.detail
+        if written is not None and cfg.prompt_key in rows[e.row] and rows[e.row][cfg.prompt_key] is None:
+            detail = (f"column {cfg.prompt_key!r} is null" if cfg.prompt_key in written else
+                      f"column {cfg.prompt_key!r} missing (keys: {sorted(written)}); set data.prompt_key")
+        raise ValueError(f"data.path: {where}: {detail}") from None
 
 
 def tokenize_prompts(records: Sequence[PromptRecord], tokenizer: Any, max_prompt_tokens: int = 0) -> List[TokenizedPrompt]:

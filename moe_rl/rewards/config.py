@@ -65,8 +65,8 @@ class RewardConfig:
     rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # named rewards per sample
     executor: str = "process"  # process | thread | serial; only process stops a runaway reward (evaluator.py)
     num_workers: int = 4  # worker processes or threads evaluating samples concurrently
-    timeout_s: float = 60.0  # limit for one reward call; process: its worker is killed, thread: only reported
-    on_error: str = "raise"  # raise | zero: what an exception inside a reward function does
+    timeout_s: float = 60.0  # limit for one reward call; process: worker killed; thread: reported, its thread runs on
+    on_error: str = "raise"  # raise | zero: on a reward that raises, is non-finite or times out; raise stops at once
     progress: bool = True  # show a tqdm progress bar over the batch
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # code reward limits
 

@@ -35,7 +35,7 @@ import time
 import weakref
 from collections import deque
 from multiprocessing.connection import Connection, Pipe, wait
-from typing import Any, Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Iterator, List, Optional, Sequence, Tuple
 
 START_TIMEOUT_S = 300.0  # a worker not ready by then is reported as broken (imports hang or crash)
 
@@ -158,10 +158,14 @@ class WorkerPool:
         while len(self._workers) < self.num_workers:
             self._start_worker()
 
-    def run(self, tasks: Sequence[Tuple[Any, ...]], *, timeout_s: float) -> Iterator[Tuple[int, Any]]:
+    def run(self, tasks: Sequence[Tuple[Any, ...]], *, timeout_s: float,
+            skip: Optional[Callable[[int], bool]] = None) -> Iterator[Tuple[int, Any]]:
         """Yield ``(index, result)`` for every task as it finishes, ``result`` being ``target(*task)``
         or the exception that ended it (``TimeoutError`` after ``timeout_s`` seconds, the worker
-        killed; ``TaskFailed``). Closing the iterator early kills the workers still busy."""
+        killed; ``TaskFailed``). Tasks are sent in index order; one for which ``skip(index)`` is
+        true when its turn comes is dropped, never sent nor yielded (the evaluator stops sending
+        work once a failure decides the batch). Closing the iterator early kills the workers still
+        busy; idle ones are kept, and the next ``run`` replaces what was killed."""
         pending: Deque[int] = deque(range(len(tasks)))
         self._timeout_s = timeout_s
         try:
@@ -171,6 +175,10 @@ class WorkerPool:
                     if w.ready and w.task is None and w.proc.poll() is not None:
                         self._discard(w)  # died while idle (the OOM killer): replace it, fail nothing
                     elif w.ready and w.task is None and pending:
+                        while skip is not None and pending and skip(pending[0]):
+                            pending.popleft()
+                        if not pending:
+                            continue
                         i = pending.popleft()
                         try:
                             w.conn.send((i, tasks[i]))

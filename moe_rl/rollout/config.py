@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from moe_rl.rollout.types import check_stop_strings
+
+# HF attention backends that use the engine's 4-D additive attention mask as given (hf_contract.py)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclasses.dataclass
@@ -29,6 +33,10 @@ class EmbeddedEngineConfig:
             raise ValueError(f"embedded.max_context_len ({self.max_context_len}) must be >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"embedded.dtype ({self.dtype!r}) must be float32, bfloat16 or float16")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"embedded.attn_implementation ({self.attn_implementation!r}) must be one of "
+                             f"{', '.join(ATTN_IMPLEMENTATIONS)} (the engine passes a 4-D additive mask, "
+                             "which flash attention does not take)")
 
 
 @dataclasses.dataclass
@@ -145,9 +153,9 @@ class RolloutConfig:
     client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
     n_samples_per_prompt: int = 8  # group size
     max_new_tokens: int = 256  # response budget
-    temperature: float = 1.0  # sampling temperature (also divides the trainer's logits)
-    top_p: float = 1.0  # nucleus sampling mass
-    top_k: int = -1  # top-k sampling (-1 = off)
+    temperature: float = 1.0  # sampling temperature, >= 0 (also divides the trainer's logits; 0 = greedy)
+    top_p: float = 1.0  # nucleus sampling mass, in (0, 1] (1 = off)
+    top_k: int = -1  # top-k sampling, >= 1 (-1 = off)
     # slime's --rollout-stop / --rollout-stop-token-ids. A response ends at the token that completes
     # a stop string, finish reason "stop", and every token it sampled stays in the trained response
     # (SGLang's output_ids). Matching text needs the checkpoint's tokenizer: a run whose engine
@@ -163,6 +171,13 @@ class RolloutConfig:
             raise ValueError(f"rollout.n_samples_per_prompt ({self.n_samples_per_prompt}) must be >= 1")
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        # the ranges SamplingParams (rollout/types.py) checks per request, here before any work
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"rollout.temperature ({self.temperature}) must be a finite number >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:  # also refuses NaN
+            raise ValueError(f"rollout.top_p ({self.top_p}) must be in (0, 1]")
+        if self.top_k < 1 and self.top_k != -1:
+            raise ValueError(f"rollout.top_k ({self.top_k}) must be >= 1, or -1 for all tokens")
         if self.sglang.api_key and self.client.api_key and self.sglang.api_key != self.client.api_key:
             raise ValueError("rollout.sglang.api_key and rollout.client.api_key differ; set one (the client "
                              "uses the key of the servers it launched)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 _DECAY = ("constant", "linear", "cosine", "inverse-square-root")
@@ -11,16 +12,16 @@ _DECAY = ("constant", "linear", "cosine", "inverse-square-root")
 class OptimConfig:
     """Megatron's Adam (plain or distributed), gradient clipping and LR schedule."""
 
-    lr: float = 1e-6  # peak learning rate
-    min_lr: float = 0.0  # floor of the decay schedule
+    lr: float = 1e-6  # peak learning rate (>= 0)
+    min_lr: float = 0.0  # floor of the decay schedule, in [0, lr]
     lr_warmup_steps: int = 0  # linear warm-up from 0 over this many successful optimizer steps
     # Megatron's convention: counted from step 0, warm-up included; 0 = constant after warm-up.
     lr_decay_steps: int = 0  # step at which the decay reaches min_lr
     lr_decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
-    weight_decay: float = 0.01  # decoupled weight decay (AdamW), not applied to norms and biases
-    adam_beta1: float = 0.9  # Adam first-moment decay
-    adam_beta2: float = 0.98  # Adam second-moment decay
-    adam_eps: float = 1e-8  # Adam denominator epsilon
+    weight_decay: float = 0.01  # decoupled weight decay (AdamW, >= 0), not applied to norms and biases
+    adam_beta1: float = 0.9  # Adam first-moment decay, in [0, 1)
+    adam_beta2: float = 0.98  # Adam second-moment decay, in [0, 1)
+    adam_eps: float = 1e-8  # Adam denominator epsilon (> 0)
     clip_grad: float = 1.0  # global gradient-norm clip (0 disables)
     use_distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
     overlap_grad_reduce: bool = False  # overlap the DP gradient reduce-scatter/all-reduce with backward
@@ -28,8 +29,20 @@ class OptimConfig:
     def __post_init__(self):
         if self.lr_decay_style not in _DECAY:
             raise ValueError(f"optim.lr_decay_style {self.lr_decay_style!r} not in {_DECAY}")
-        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        for name in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
+        if self.lr < 0:  # 0 is allowed: a run that scores and syncs without moving the weights
+            raise ValueError(f"optim.lr must be >= 0, got {self.lr}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optim: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"optim.adam_eps must be > 0, got {self.adam_eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.clip_grad < 0:
             raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
         if self.lr_warmup_steps < 0 or self.lr_decay_steps < 0:

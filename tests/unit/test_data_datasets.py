@@ -106,3 +106,55 @@ def test_chat_rendering_and_length_filter(tmp_path):
     cut = sorted(t.num_tokens for t in toks)[2]
     kept = tokenize_prompts(recs, tok, max_prompt_tokens=cut)
     assert {t.record.index for t in kept} == {t.record.index for t in toks if t.num_tokens <= cut}
+
+
+GOOD = json.dumps(ROWS[0]) + "\n"
+
+
+def _load(tmp_path, name, text, **kw):
+    p = tmp_path / name
+    p.write_text(text)
+    return load_prompts(DataConfig(path=str(p), cache_dir=str(tmp_path / "c"), **kw))
+
+
+def test_an_empty_file_is_named_and_caught_by_the_preflight_check(tmp_path):
+    """Not datasets' bare StopIteration; ``_files_and_format`` is what the launcher's preflight runs."""
+    from moe_rl.data.dataset import _files_and_format
+
+    with pytest.raises(ValueError, match=r"data.path: '.*empty.jsonl' is empty"):
+        _load(tmp_path, "empty.jsonl", "")
+    with pytest.raises(ValueError, match=r"data.path: '.*blank.jsonl' is empty"):
+        _load(tmp_path, "blank.jsonl", "\n  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        _files_and_format(DataConfig(path=str(tmp_path / "empty.jsonl")))
+    with pytest.raises(ValueError, match="is empty"):
+        _files_and_format(DataConfig(path=str(tmp_path / "[eb]*.jsonl")))  # a glob: any of its files
+
+
+def test_a_line_that_is_not_json_is_named(tmp_path):
+    """Not datasets' DatasetGenerationError without a line number."""
+    with pytest.raises(ValueError, match=r"'.*bad.jsonl' line 3 is not valid JSON \(Expecting value.*'\{\"prompt\": \"b\""):
+        _load(tmp_path, "bad.jsonl", GOOD + "\n" + '{"prompt": "b", "answer":\n' + GOOD)
+    with pytest.raises(ValueError, match=r"'.*list.jsonl' line 2 is not a JSON object \(got list\)"):
+        _load(tmp_path, "list.jsonl", GOOD + "[1, 2]\n")
+    with pytest.raises(ValueError, match=r"'.*doc.json' is not valid JSON: Expecting ',' delimiter: line 3"):
+        _load(tmp_path, "doc.json", '[{"prompt": "a", "answer": "1"},\n {"prompt": "b", "answer": "2"}\n')
+
+
+def test_a_row_without_the_prompt_column_is_named(tmp_path):
+    """Arrow fills a column a row lacks with None: not "prompt must be a string ... got NoneType"."""
+    with pytest.raises(ValueError, match=r"'.*miss.jsonl' line 2 \(row 1\): column 'prompt' missing "
+                                         r"\(keys: \['answer', 'question'\]\)"):
+        _load(tmp_path, "miss.jsonl", GOOD + json.dumps({"question": "b", "answer": "2"}) + "\n")
+    with pytest.raises(ValueError, match=r"'.*null.jsonl' line 2 \(row 1\): column 'prompt' is null"):
+        _load(tmp_path, "null.jsonl", GOOD + json.dumps({"prompt": None, "answer": "2"}) + "\n")
+    # a second file: the line is counted in that file, the row over all files
+    (tmp_path / "first.jsonl").write_text(GOOD * 2)
+    (tmp_path / "second.jsonl").write_text(GOOD + "\n" + json.dumps({"answer": "2", "source": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"'.*second.jsonl' line 3 \(row 3\): column 'prompt' missing"):
+        load_prompts(DataConfig(path=str(tmp_path / "first.jsonl"), extra_paths=[str(tmp_path / "second.jsonl")],
+                                cache_dir=str(tmp_path / "c")))
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "answer": "1"}, {"prompt": None, "answer": "2"}]), p)
+    with pytest.raises(ValueError, match=r"'.*d.parquet' row 1: column 'prompt' missing \(or null\)"):
+        load_prompts(DataConfig(path=str(p), cache_dir=str(tmp_path / "c")))

@@ -6,6 +6,8 @@ slack, the other tasks of the batch must come back right, and the evaluator must
 """
 
 import os
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -155,3 +157,62 @@ def test_pool_kills_the_worker_and_what_it_started_and_keeps_the_others(hang_mod
     finally:
         pool.close()
     assert not any(_alive(p) for p in workers)  # close() leaves no worker behind
+
+
+@pytest.mark.parametrize("executor", ["process", "thread"])
+def test_raise_fails_fast_on_a_hanging_reward_and_starts_nothing_after_it(hang_module, tmp_path, executor):
+    """on_error=raise stops at the first failure: a batch whose first sample hangs raises after one
+    timeout_s (not samples x timeout_s / workers), later tasks are never started, and the
+    evaluator scores the next batch."""
+    (tmp_path / "fail_fast_mod.py").write_text(textwrap.dedent(f"""
+        import time
+        def hang_first(sample):
+            if sample.response == "hang":
+                time.sleep(600)
+            with open({str(tmp_path / "started")!r}, "a") as f:
+                f.write(sample.response + "\\n")
+            return 1.0
+    """))
+    samples = [RewardInput(response="hang")] * 8 + [RewardInput(response="late")]
+    cfg = RewardConfig(rewards=[RewardSpec(name="h", fn="fail_fast_mod:hang_first")], executor=executor,
+                       num_workers=1, timeout_s=2.0, progress=False)
+    assert cfg.on_error == "raise"
+    with RewardEvaluator(cfg) as ev:
+        ev.start()
+        ev.evaluate([])  # warm: start-up is not what is measured
+        t0 = time.monotonic()
+        with pytest.raises(RewardError, match=r"reward 'h' .* failed on sample 0: TimeoutError: .*timeout_s=2.0"):
+            ev.evaluate(samples)
+        assert time.monotonic() - t0 < 2.0 + SLACK_S  # the old code waited 8 x 2 s
+        assert not (tmp_path / "started").exists(), "tasks after the failing one were started"
+        assert ev.evaluate([RewardInput(response="ok")] * 3).values == [{"h": 1.0}] * 3
+
+
+def test_thread_executor_with_a_hanging_reward_lets_the_process_exit(hang_module, tmp_path):
+    """A thread stuck in a reward (sleeping or spinning with the GIL) is abandoned, never joined:
+    the process exits right after the error, under either on_error mode."""
+    script = tmp_path / "run_hang.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from moe_rl.rewards import RewardConfig, RewardEvaluator, RewardInput, RewardSpec
+        from moe_rl.rewards.evaluator import RewardError
+        specs = [RewardSpec(name="nap", fn="{hang_module}:nap"), RewardSpec(name="spin", fn="{hang_module}:spin")]
+        zero = RewardConfig(rewards=specs, executor="thread", num_workers=2, timeout_s=1.0, on_error="zero",
+                            progress=False)
+        with RewardEvaluator(zero) as ev:
+            print(sorted(ev.evaluate([RewardInput(response="x")]).errors[0]), flush=True)
+        try:
+            with RewardEvaluator(RewardConfig(rewards=specs[:1], executor="thread", timeout_s=1.0,
+                                              progress=False)) as ev:
+                ev.evaluate([RewardInput(response="x")])
+        except RewardError as e:
+            print("raised", e, flush=True)
+    """))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=os.getcwd())
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert "['nap', 'spin']" in proc.stdout and "raised reward 'nap'" in proc.stdout, proc.stdout
+    assert wall < 60.0, wall  # imports plus 2 x 1 s; the old code never exited
