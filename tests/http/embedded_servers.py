@@ -99,3 +99,20 @@ class InProcessServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.app.state.ctx.close()
+
+
+def post_generate(srv, body: dict, status: int = 200, timeout: float = 120) -> dict:
+    """``POST /generate`` to the server ``srv`` (anything with a ``url``); asserts the status."""
+    r = httpx.post(srv.url + "/generate", json=body, timeout=timeout)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def tiny_model_with_tokenizer(directory) -> str:
+    """A tiny random Qwen3-MoE (seed 0) with the offline test tokenizer saved beside it."""
+    from moe_rl.data.tokenizer import build_tokenizer
+    from moe_rl.models.tiny import save_tiny_hf
+
+    path = save_tiny_hf("qwen3_moe", directory, seed=0)
+    build_tokenizer(512).save_pretrained(path)
+    return path

@@ -23,7 +23,7 @@ from moe_rl.config.run import RunConfig
 from moe_rl.rollout.config import ClientConfig, EmbeddedEngineConfig, RolloutConfig
 from moe_rl.rollout.types import FinishReason
 
-from embedded_servers import InProcessServer
+from embedded_servers import InProcessServer, tiny_model_with_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,12 +34,7 @@ BUDGET = 24
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from moe_rl.data.tokenizer import build_tokenizer
-    from moe_rl.models.tiny import save_tiny_hf
-
-    path = save_tiny_hf("qwen3_moe", tmp_path_factory.mktemp("stop") / "m", seed=0)
-    build_tokenizer(512).save_pretrained(path)
-    return path
+    return tiny_model_with_tokenizer(tmp_path_factory.mktemp("stop") / "m")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from moe_rl.rollout.embedded.engine import EmbeddedEngine
 from moe_rl.rollout.embedded.http_context import ServerOptions
 from moe_rl.rollout.embedded.tokenizer import load_tokenizer
 
-from embedded_servers import InProcessServer
+from embedded_servers import InProcessServer, post_generate as gen
 
 VOCAB = 512
 CONTEXT = 256
@@ -85,12 +85,6 @@ def server(model_dir):
     srv.slow = slow
     yield srv
     srv.close()
-
-
-def gen(srv, body: dict, status: int = 200):
-    r = httpx.post(srv.url + "/generate", json=body, timeout=120)
-    assert r.status_code == status, r.text
-    return r.json()
 
 
 def sse_events(raw: bytes) -> list:

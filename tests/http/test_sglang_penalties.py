@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import httpx
 import pytest
 import torch
 import transformers as tf
@@ -23,7 +22,7 @@ from moe_rl.rollout.embedded.engine import EmbeddedEngine
 from moe_rl.rollout.embedded.http_context import ServerOptions
 from moe_rl.rollout.embedded.tokenizer import load_tokenizer
 
-from embedded_servers import InProcessServer
+from embedded_servers import InProcessServer, post_generate as gen, tiny_model_with_tokenizer
 
 CONTEXT = 64
 EOS = 2  # the tiny model's and its tokenizer's EOS
@@ -32,12 +31,7 @@ PROMPT = [5, 9, 33, 100, 7, 41]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from moe_rl.data.tokenizer import build_tokenizer
-    from moe_rl.models.tiny import save_tiny_hf
-
-    path = save_tiny_hf("qwen3_moe", tmp_path_factory.mktemp("pen") / "m", seed=0)
-    build_tokenizer(512).save_pretrained(path)
-    return path
+    return tiny_model_with_tokenizer(tmp_path_factory.mktemp("pen") / "m")
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +67,6 @@ def bare_server(model_dir, tmp_path_factory):
     srv = _serve(path, None)
     yield srv
     srv.close()
-
-
-def gen(srv, body: dict, status: int = 200):
-    r = httpx.post(srv.url + "/generate", json=body, timeout=60)
-    assert r.status_code == status, r.text
-    return r.json()
 
 
 def reference(hf, prompt: list[int], sp: dict) -> tuple[list[int], list[float]]:

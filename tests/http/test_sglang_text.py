@@ -42,7 +42,7 @@ from moe_rl.rollout.embedded.engine import EmbeddedEngine
 from moe_rl.rollout.embedded.http_context import ServerOptions
 from moe_rl.rollout.embedded.tokenizer import load_tokenizer
 
-from embedded_servers import InProcessServer
+from embedded_servers import InProcessServer, post_generate as gen
 
 CONTEXT = 64
 EOS, BOS, IM_START = 2, 1, 3  # the tiny model's eos; the tokenizer's special ids
@@ -130,12 +130,6 @@ def server(model_dir):
     srv.script = script
     yield srv
     srv.close()
-
-
-def gen(srv, body: dict, status: int = 200):
-    r = httpx.post(srv.url + "/generate", json=body, timeout=60)
-    assert r.status_code == status, r.text
-    return r.json()
 
 
 def sglang_text(tok, prompt, out, finish, *, skip=True, no_stop_trim=False) -> str:
