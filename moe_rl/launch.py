@@ -158,6 +158,7 @@ def run(cfg) -> int:
     from moe_rl.parallel import groups as G
     from moe_rl.parallel import watchdog
     from moe_rl.parallel.cpu_platform import activate_cpu_mode
+    from moe_rl.config import ConfigError
     from moe_rl.train.trainer import RunStopped
 
     if not torch.cuda.is_available():
@@ -182,6 +183,9 @@ def run(cfg) -> int:
     except RunStopped as e:
         report(f"[moe_rl] stopped: {e}")
         rc = 3
+    except ConfigError as e:  # found by every rank alike before any work (the prompts): no rank waits
+        report(f"config error: {e}")
+        rc = 2
     if watch is not None:
         watch.stop()
     G.teardown()
@@ -243,7 +247,7 @@ def build_parts(cfg):
     import transformers
 
     from moe_rl.checkpoint import run_state as ckpt
-    from moe_rl.config import to_yaml
+    from moe_rl.config import ConfigError, to_yaml
     from moe_rl.loop import Parts, report
     from moe_rl.models import family_for
     from moe_rl.observability import MetricWriter
@@ -267,7 +271,10 @@ def build_parts(cfg):
     hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
     if cfg.rollout.backend == "embedded" and not cfg.rollout.client.server_urls:  # before minutes of model building
         check_stop_tokenizer(cfg, cfg.rollout.embedded.model_path or hf_dir)
-    tokenizer, prompts = load_prompts_for(cfg, hf_dir, hf_config)  # data errors before minutes of model building
+    try:  # data errors before minutes of model building, as the config errors they are (exit 2)
+        tokenizer, prompts = load_prompts_for(cfg, hf_dir, hf_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     dims = ParallelDims.build(cfg.parallel, world, family_for(hf_config).shape(hf_config))
     check_microbatching(cfg, dims)  # before the model is built
     groups = G.setup(dims, seed=cfg.train.seed)
