@@ -17,7 +17,9 @@ Routes travel in the trainer's micro-batch dicts under these keys:
   -1 where the engine gave none and past each row's end;
 - ``routes_old``: what the routers used in the old-policy pass (this pipeline stage's layers);
 - ``routes_new``: what they chose in a forward-only pass after the update (this stage's layers);
-- ``route_valid``: [B, S] bool, the real tokens (positions < prompt + response - 1).
+- ``route_valid``: [B, S] bool, the real tokens (positions < prompt + response - 1);
+- ``routes_r3_train``: R3's routes for the training passes, ``routes_rollout`` with the tokens
+  the engine gave no route for taken from ``routes_old`` (:func:`fill_missing`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 ROLLOUT, OLD, NEW, VALID = "routes_rollout", "routes_old", "routes_new", "route_valid"
+R3_TRAIN = "routes_r3_train"
 
 
 @dataclasses.dataclass
@@ -63,6 +66,23 @@ class Routes:
 
         cut = lambda t: None if t is None else slice_sequence(t, cp, cp_rank)  # noqa: E731
         return Routes(list(self.layer_ids), cut(self.experts_BSLK), cut(self.probs_BSLE), cut(self.valid_BS))
+
+
+def fill_missing(primary: Routes, backup: Routes) -> Routes:
+    """``primary`` with each (token, layer) that has no route (any -1 among its K experts) taken
+    from ``backup`` where ``backup`` has one; layers ``backup`` lacks (another pipeline stage's)
+    stay as they are. Same rows and positions required."""
+    if primary.experts_BSLK.shape[:2] != backup.experts_BSLK.shape[:2]:
+        raise ValueError(f"routes of shape {tuple(primary.experts_BSLK.shape)} and "
+                         f"{tuple(backup.experts_BSLK.shape)} cover different tokens")
+    experts = primary.experts_BSLK.clone()
+    for j, layer in enumerate(primary.layer_ids):
+        if layer not in backup.layer_ids:
+            continue
+        b = backup.experts_BSLK[:, :, backup.layer_ids.index(layer)].to(experts.device, experts.dtype)
+        take = (experts[:, :, j] < 0).any(-1) & (b >= 0).all(-1)
+        experts[:, :, j][take] = b[take]
+    return Routes(list(primary.layer_ids), experts, primary.probs_BSLE, primary.valid_BS)
 
 
 def index_dtype(num_experts: int) -> torch.dtype:

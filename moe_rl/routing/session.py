@@ -30,7 +30,8 @@ import torch.distributed as dist
 from moe_rl.routing import metrics as M
 from moe_rl.routing.capture import RouteCapture, moe_routers
 from moe_rl.routing.config import RoutingConfig
-from moe_rl.routing.layout import NEW, OLD, ROLLOUT, VALID, attach_engine_routes, attach_positions
+from moe_rl.routing.layout import (NEW, OLD, R3_TRAIN, ROLLOUT, VALID, attach_engine_routes, attach_positions,
+                                   fill_missing)
 from moe_rl.routing.replay import ModelReplay
 
 
@@ -137,11 +138,21 @@ class RoutingSession:
 
     @contextlib.contextmanager
     def train_pass(self, mbs: Sequence[dict]) -> Iterator[None]:
-        """Around a training step's forward/backward: R2 replays ``routes_old``, R3
-        ``routes_rollout``; without replay it does nothing."""
+        """Around a training step's forward/backward: R2 replays ``routes_old``; R3
+        ``routes_rollout``, where a token has no engine route (a sample the engine returned
+        without routes) the old policy's route from the old pass, so the ratio's numerator and
+        denominator route those tokens alike (live routing there would drift with every
+        update; without ``routing.capture`` there is no ``routes_old`` and they route live);
+        without replay it does nothing."""
         with contextlib.ExitStack() as stack:
-            if self.active and self.cfg.replay != "none":
-                stack.enter_context(self.replay(mbs, OLD if self.cfg.replay == "r2" else ROLLOUT))
+            if self.active and self.cfg.replay == "r2":
+                stack.enter_context(self.replay(mbs, OLD))
+            elif self.active and self.cfg.replay == "r3":
+                key = R3_TRAIN if all(ROLLOUT in mb for mb in mbs) else ROLLOUT  # else replay() names it
+                for mb in mbs if key == R3_TRAIN else ():
+                    if R3_TRAIN not in mb:
+                        mb[R3_TRAIN] = fill_missing(mb[ROLLOUT], mb[OLD]) if OLD in mb else mb[ROLLOUT]
+                stack.enter_context(self.replay(mbs, key))
             yield
 
     @contextlib.contextmanager

@@ -407,6 +407,27 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
                     routing.capture(mbs, "routes_used", used=True):
                 run_pass(built, mbs, groups, "used_logp")
             used_rows = gather_rows(batch_bf16, mbs, groups, "routes_used")  # the experts the layers ran
+            train = {}
+            if mode == "r3_partial":  # a training pass: the unrouted rows replay the old pass's routes
+                # an "update" of the routers first (the same on every rank), so live routing would differ
+                from moe_rl.routing.capture import moe_routers
+
+                routing.metrics(mbs)  # takes the replay counters of the passes above
+                gen = torch.Generator().manual_seed(7)
+                with torch.no_grad():
+                    for _, router in moe_routers([built.module]):
+                        router.weight.add_(torch.randn(router.weight.shape, generator=gen) * router.weight.std())
+                with routing.train_pass(mbs), routing.capture(mbs, "routes_train", used=True):
+                    run_pass(built, mbs, groups, "train_logp")
+                tm = routing.metrics(mbs)
+                train_rows = gather_rows(batch_bf16, mbs, groups, "routes_train")
+                train = {"train_fallback": tm["routing/replay_fallback_frac"],
+                         "train_mismatch": tm["routing/replay_mismatch_frac"],
+                         "train_missing_vs_old_diff": sets_equal_frac(
+                             {i: train_rows[i][1] for i in missing}, {i: rows[i][1] for i in missing}, layer_ids),
+                         "train_routed_vs_engine_diff": sets_equal_frac(
+                             {i: train_rows[i][1] for i in train_rows if i not in missing},
+                             engine_routes_table(samples_bf16, layer_ids), layer_ids)}
             ref_rows = gather_rows(batch_bf16, ref_mbs, groups, "routes_old")
             old = torch.zeros_like(batch_bf16.rollout_logp_BT)
             for i, (lp, _) in rows.items():
@@ -426,7 +447,7 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
 
                          "used_routes_vs_engine_diff": sets_equal_frac(
                              {i: used_rows[i][1] for i in used_rows if i not in missing},
-                             engine_routes_table(samples_bf16, layer_ids), layer_ids)}
+                             engine_routes_table(samples_bf16, layer_ids), layer_ids), **train}
             routing.close()
             ref_routing.close()
         rec["r3"] = out

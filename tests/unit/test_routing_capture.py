@@ -11,7 +11,7 @@ from moe_rl.rollout.types import FinishReason, Sample
 from moe_rl.routing import RoutingConfig
 from moe_rl.routing.capture import experts_from_map
 from moe_rl.routing.layout import (OLD, ROLLOUT, VALID, Routes, attach_engine_routes, attach_positions,
-                                   index_dtype, to_router_order)
+                                   fill_missing, index_dtype, to_router_order)
 
 
 def _sample(prompt, response, routes):
@@ -94,6 +94,23 @@ def test_routes_select_layers_and_compact_dtype():
     attach_positions([mb], [3, 5])
     assert mb[VALID].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
     assert OLD == "routes_old"
+
+
+def test_r3_training_routes_fill_only_unrouted_tokens_from_the_old_pass():
+    # engine routes for layers 1, 3, 5; the old pass (this pipeline stage) has layers 3 and 5
+    eng = torch.tensor([[[[0, 1], [2, 3], [4, 5]], [[-1, -1], [-1, -1], [-1, -1]], [[6, 7], [-1, -1], [1, 2]]]],
+                       dtype=torch.int8)  # [B=1, S=3, L=3, K=2]
+    old = torch.tensor([[[[7, 6], [5, 4]], [[3, 2], [1, 0]], [[0, 2], [-1, -1]]]], dtype=torch.int8)
+    out = fill_missing(Routes([1, 3, 5], eng), Routes([3, 5], old)).experts_BSLK
+    want = eng.clone()
+    want[0, 1, 1] = old[0, 1, 0]  # position 1, layer 3: the engine gave none -> the old pass's
+    want[0, 1, 2] = old[0, 1, 1]  # position 1, layer 5
+    want[0, 2, 1] = old[0, 2, 0]  # position 2, layer 3
+    # layer 1 (not in the old pass, another stage) stays -1; position 2 layer 5 keeps the engine's
+    assert torch.equal(out, want) and out[0, 1, 0].tolist() == [-1, -1]
+    assert torch.equal(eng[0, 1, 1], torch.tensor([-1, -1], dtype=torch.int8))  # input untouched
+    with pytest.raises(ValueError, match="different tokens"):
+        fill_missing(Routes([1, 3, 5], eng), Routes([3, 5], old[:, :2]))
 
 
 def test_routing_config_validates():
