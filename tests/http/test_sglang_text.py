@@ -693,3 +693,71 @@ def test_in_place_pause_keeps_kv_so_the_update_flush_fails(server, model_dir, ot
     r = _post(server, "/update_weights_from_disk", {"model_path": model_dir, "weight_version": v0})
     assert r.status_code == 200
     assert httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"] == model_dir
+
+
+def test_requests_arriving_during_a_pause_wait_for_continue(server):
+    """tokenizer_manager.py: a request that arrives while paused waits before the scheduler
+    (``is_pause_cond``), so the scheduler's ``abort_all`` (the default of /update_weight_version,
+    and /abort_request's) does not end it and a flush does not count it; /ready
+    (``is_ready``: not paused and healthy) is 503 meanwhile. After /continue_generation it runs
+    as if sent then."""
+    sp = {**GREEDY, "max_new_tokens": 6, "ignore_eos": True}
+    ref = gen(server, {"input_ids": [70, 71, 72], "sampling_params": sp})
+    v0 = httpx.get(server.url + "/model_info", timeout=10).json()["weight_version"]
+    out: list = []
+    assert _post(server, "/pause_generation").status_code == 200
+    try:
+        t = threading.Thread(target=lambda: out.append(httpx.post(
+            server.url + "/generate", json={"input_ids": [70, 71, 72], "sampling_params": sp}, timeout=120)))
+        t.start()
+        st = _until(server, lambda st: st["num_held_reqs"] == 1, "the request was not held")
+        assert (st["num_running_reqs"], st["num_waiting_reqs"]) == (0, 0)
+        assert httpx.get(server.url + "/ready", timeout=10).status_code == 503
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        r = _post(server, "/update_weight_version", {"new_version": "held-1"})  # abort_all_requests: true
+        assert r.status_code == 200 and r.json()["success"] is True, r.text
+        assert httpx.post(server.url + "/abort_request", json={"abort_all": True}, timeout=10).status_code == 200
+        r = _post(server, "/flush_cache")
+        assert r.status_code == 200 and r.text.startswith("Cache flushed.")
+        time.sleep(0.2)
+        assert not out and _states(server)["num_held_reqs"] == 1  # still waiting, not aborted
+    finally:
+        assert _post(server, "/continue_generation").status_code == 200
+        t.join(timeout=120)
+    got = out[0].json()
+    assert got["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
+    assert got["output_ids"] == ref["output_ids"] and got["meta_info"]["weight_version"] == "held-1"
+    assert httpx.get(server.url + "/ready", timeout=10).status_code == 200
+    assert _post(server, "/update_weight_version", {"new_version": v0}).status_code == 200
+    # a held request is still aborted by its own rid (a client that gave up)
+    assert _post(server, "/pause_generation").status_code == 200
+    try:
+        t = threading.Thread(target=lambda: out.append(httpx.post(server.url + "/generate", json={
+            "input_ids": [70, 71, 72], "rid": "held-rid", "sampling_params": sp}, timeout=120)))
+        t.start()
+        _until(server, lambda st: st["num_held_reqs"] == 1, "the request was not held")
+        assert httpx.post(server.url + "/abort_request", json={"rid": "held-rid"}, timeout=10).status_code == 200
+        t.join(timeout=120)
+        assert out[1].json()["meta_info"]["finish_reason"]["type"] == "abort"
+        assert _states(server)["num_held_reqs"] == 0
+    finally:
+        assert _post(server, "/continue_generation").status_code == 200
+
+
+def test_flush_cache_timeout_waits_for_idle(server):
+    """http_server.py flush_cache(timeout >= 0) and flush_wrapper.py: with a timeout the flush
+    waits for the running requests to finish; past it, "Timed out waiting for idle state."."""
+    for bad in ("-1", "abc", "inf"):
+        r = httpx.post(server.url + f"/flush_cache?timeout={bad}", timeout=10)
+        assert r.status_code == 400 and "timeout" in r.json()["message"], (bad, r.text)
+    out: list = []
+    body = {"input_ids": [[80, 81], [82, 83]], "sampling_params": {**GREEDY, "max_new_tokens": 30,
+                                                                    "ignore_eos": True}}
+    with _in_background(server, body, out):
+        _until(server, lambda st: st["num_running_reqs"] == 2, "the requests never ran")
+        r = httpx.post(server.url + "/flush_cache?timeout=0.05", timeout=10)
+        assert r.status_code == 400 and r.text.startswith("Timed out waiting for idle state."), r.text
+        r = httpx.post(server.url + "/flush_cache?timeout=60", timeout=70)
+        assert r.status_code == 200 and r.text.startswith("Cache flushed."), r.text
+        assert _states(server)["num_running_reqs"] == 0  # it answered once they finished
+    assert out[0].status_code == 200 and all(len(x["output_ids"]) == 30 for x in out[0].json())

@@ -17,6 +17,8 @@ type or outside a ``Literal``) is a ``SchemaError``: SGLang's ``ErrorResponse``,
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 
 from fastapi import APIRouter, Request
@@ -25,7 +27,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from moe_rl.rollout.embedded.http_context import ServerContext
 from moe_rl.rollout.embedded.protocol import RequestError, SchemaError, flag, max_req_input_len
 
-VERSION = "moe_rl-embedded-0.1 (sglang 0.5.23 protocol)"
+VERSION = "0.5.23"  # the SGLang release whose protocol this server speaks (clients parse it as a version)
+SERVER = "moe_rl-embedded-0.1"
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
@@ -66,10 +69,10 @@ def control_router(ctx: ServerContext) -> APIRouter:
             "max_req_input_len": max_req_input_len(engine.context_len),
             "enable_return_routed_experts": c.capture_routed_experts, "weight_version": ctx.version(),
             "internal_states": [{"num_running_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting,
-                                 "paused": engine.paused, "released": sorted(engine.released),
+                                 "num_held_reqs": engine.num_held, "paused": engine.paused, "released": sorted(engine.released),
                                  "kv_cache_bytes": engine.cache.nbytes(), "engine_error": engine.error,
                                  "num_generate_requests": ctx.num_generate_requests}],
-            "version": VERSION, "frontend": "python", "startup_time": ctx.startup_time,
+            "version": VERSION, "server": SERVER, "frontend": "python", "startup_time": ctx.startup_time,
         })
 
     def model_card(name: str) -> dict:
@@ -94,14 +97,31 @@ def control_router(ctx: ServerContext) -> APIRouter:
                                         "num_waiting_reqs": engine.num_waiting}], "weight_version": ctx.version()})
 
     @r.api_route("/flush_cache", methods=["GET", "POST"])
-    async def flush_cache():
-        # Requests that arrived while paused wait outside the scheduler (SGLang blocks them in
-        # the tokenizer manager), so they do not prevent a flush.
-        waiting = 0 if engine.paused else engine.num_waiting
-        if engine.num_running or waiting:
+    async def flush_cache(request: Request):
+        # ``?timeout=S`` (SGLang's, >= 0): wait up to S seconds for the engine to go idle, then
+        # flush, instead of refusing at once. Requests that arrived while paused are held
+        # outside the scheduler (``num_held``); a paused scheduler's waiting list does not count
+        # either (SGLang's ``is_fully_idle(ignore_waiting=paused)``).
+        raw = request.query_params.get("timeout", "0")
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = math.nan
+        if not timeout >= 0.0 or math.isinf(timeout):
+            raise SchemaError(f"timeout: Input should be a finite number greater than or equal to 0 "
+                              f"(got {raw!r:.80})")
+        deadline = time.monotonic() + timeout
+
+        def busy() -> tuple[int, int]:
+            return engine.num_running, 0 if engine.paused else engine.num_waiting
+
+        while any(busy()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        running, waiting = busy()
+        if running or waiting:
+            why = "Timed out waiting for idle state. " if timeout > 0 else ""
             return PlainTextResponse(
-                f"Cache not flushed: {engine.num_running} running, {waiting} waiting requests",
-                status_code=400)
+                f"{why}Cache not flushed: {running} running, {waiting} waiting requests", status_code=400)
         return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. "
                                  "(When there are running or waiting requests, the operation will not be performed.)")
 

@@ -61,6 +61,8 @@ its output); when admitted again it re-prefills its prompt and output but the la
 the weights then loaded, as SGLang recomputes the KV) and decodes on, so with unchanged weights
 it continues as if never paused. Its routed experts are those of that re-prefill (SGLang drops
 and recomputes them on retraction), and its result counts the retractions (``num_retractions``).
+Samples submitted during a pause are held outside the scheduler until :meth:`resume` (SGLang
+holds them in its tokenizer manager): ``abort_all`` and a flush do not see them.
 
 Weight versions: setting :attr:`weight_version` to a new value records, for every running (or
 retracted) sequence with output, how many tokens the old version produced, so a result carries SGLang's
@@ -230,6 +232,7 @@ class EmbeddedEngine:
 
         self._slots: list[_Seq | None] = [None] * cfg.max_running
         self._waiting: list[_Seq] = []
+        self._held: list[_Seq] = []  # arrived while paused: outside the scheduler until resumed
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._idle_commands: list[tuple[Callable[[], Any], cf.Future]] = []
@@ -357,7 +360,13 @@ class EmbeddedEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + self._inbox.qsize()
+        """Samples queued in the scheduler (not those held by a pause, :attr:`num_held`)."""
+        return len(self._waiting) + (0 if self.paused else self._inbox.qsize())
+
+    @property
+    def num_held(self) -> int:
+        """Samples that arrived during a pause and wait for ``/continue_generation``."""
+        return len(self._held) + (self._inbox.qsize() if self.paused else 0)
 
     def start(self) -> None:
         """Run the step loop in a daemon thread (for the HTTP server)."""
@@ -470,17 +479,22 @@ class EmbeddedEngine:
         return bool(self._waiting) or self.num_running > 0
 
     def _drain_inbox(self) -> None:
+        """Move submitted samples to the waiting list, or while paused to the held list: SGLang
+        blocks a request that arrives during a pause before it reaches the scheduler, so an
+        ``abort_all`` (e.g. the one of ``/update_weight_version``) does not end it, a flush
+        does not count it, and it runs after ``/continue_generation``."""
         while True:
             try:
-                self._waiting.append(self._inbox.get_nowait())
+                seq = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            (self._held if self.paused else self._waiting).append(seq)
 
     def _fail_all(self, message: str, status: int) -> None:
         self._drain_inbox()
-        for s in [s for s in self._slots if s is not None] + list(self._waiting):
+        for s in [s for s in self._slots if s is not None] + self._waiting + self._held:
             self._finish(s, {"type": "abort", "message": message, "status_code": status, "err_type": None})
-        self._waiting = []
+        self._waiting, self._held = [], []
 
     # ------------------------------------------------------------------- one step
     @torch.no_grad()
@@ -501,11 +515,16 @@ class EmbeddedEngine:
             rids, self._abort_rids = self._abort_rids, set()
         if msg_all is None and not rids:
             return
-        for s in [s for s in self._slots if s is not None] + list(self._waiting):
+        for s in [s for s in self._slots if s is not None] + self._waiting:
             if msg_all is not None or s.rid in rids:
                 self._finish(s, {"type": "abort", "message": msg_all or "Abort requested",
                                  "status_code": None, "err_type": None})
-        self._waiting = [s for s in self._waiting if s.future is not None and not s.future.done()]
+        for s in self._held:  # by rid only (a client that gave up): abort_all does not reach them
+            if s.rid in rids:
+                self._finish(s, {"type": "abort", "message": "Abort requested", "status_code": None, "err_type": None})
+        live = lambda s: s.future is not None and not s.future.done()  # noqa: E731
+        self._waiting = [s for s in self._waiting if live(s)]
+        self._held = [s for s in self._held if live(s)]
 
     def _admit(self) -> None:
         admitted: list[_Seq] = []
@@ -738,7 +757,11 @@ class EmbeddedEngine:
         self._waiting[:0] = running
 
     def resume(self) -> None:
+        """End a pause (on the engine thread): the held requests join the waiting list."""
+        self._drain_inbox()
         self.paused = False
+        self._waiting.extend(self._held)
+        self._held = []
         self._wake.set()
 
     def new_rid(self) -> str:

@@ -98,10 +98,18 @@ def generate_router(ctx: ServerContext) -> APIRouter:
         return JSONResponse(items[0] if req.single else items)
 
     @r.get("/health")
-    @r.get("/ready")
     async def health():
         if not engine.alive:
             return PlainTextResponse(f"unhealthy: {engine.error or 'engine not running'}", status_code=503)
+        return Response(status_code=200)
+
+    @r.get("/ready")
+    async def ready():
+        # SGLang's: whether the server should receive new requests (healthy and not paused)
+        if not engine.alive:
+            return PlainTextResponse(f"not ready: {engine.error or 'engine not running'}", status_code=503)
+        if engine.paused:
+            return PlainTextResponse("not ready: generation is paused", status_code=503)
         return Response(status_code=200)
 
     @r.get("/health_generate")
