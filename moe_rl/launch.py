@@ -10,7 +10,9 @@ does not answer, a checkpoint directory of another model. Then every rank builds
 there is one, and runs :class:`moe_rl.loop.RLLoop`. Re-running the same command resumes.
 
 Exit codes: 0 done, 2 bad input, 3 stopped by the loop (too many non-finite steps), 4 a rollout
-server of ``rollout.client.server_urls`` died (``moe_rl.parallel.watchdog``).
+server of ``rollout.client.server_urls`` died (``moe_rl.parallel.watchdog``), 5 a checkpoint was
+saved on ``checkpoint.save_on_signal`` (SIGUSR1: a time limit or preemption ahead) and the run
+stopped; the same command resumes (``moe_rl.parallel.stop_signal``).
 """
 
 from __future__ import annotations
@@ -150,6 +152,9 @@ def check_engine_answers(url: str, timeout_s: float) -> None:
 
 # --------------------------------------------------------------------------- the run
 def run(cfg) -> int:
+    from moe_rl.parallel.stop_signal import EXIT_SAVED_ON_SIGNAL, SavedOnSignal, StopSignal
+
+    stop = StopSignal(cfg.checkpoint.save_on_signal)  # first: a signal during the model build counts too
     import torch
     import torch.distributed as dist
     import transformers  # noqa: F401  (before the CPU substitutions: it inspects torch.cuda at import)
@@ -177,9 +182,12 @@ def run(cfg) -> int:
     watch = watchdog.start_for(cfg, dist.get_rank())  # a dead rollout server ends the run (exit 4)
     rc = 0
     try:
-        run_loop(cfg)
+        run_loop(cfg, stop)
         if dist.get_rank() == 0:
             summarize(cfg)
+    except SavedOnSignal as e:
+        report(f"[moe_rl] {e}")
+        rc = EXIT_SAVED_ON_SIGNAL
     except RunStopped as e:
         report(f"[moe_rl] stopped: {e}")
         rc = 3
@@ -227,13 +235,14 @@ def lock_output_dir(output_dir: str) -> tuple[int | None, str | None]:
     return fd, None
 
 
-def run_loop(cfg) -> list:
-    """Build the parts, run the loop, close the parts (collective); this rank's records."""
+def run_loop(cfg, stop=None) -> list:
+    """Build the parts, run the loop, close the parts (collective); this rank's records.
+    ``stop``: the :class:`~moe_rl.parallel.stop_signal.StopSignal` the loop checks each step."""
     from moe_rl.loop import RLLoop
 
     parts = build_parts(cfg)
     try:
-        return RLLoop(cfg, parts).run()
+        return RLLoop(cfg, parts, stop).run()
     finally:
         parts.rollout.close()
         parts.scorer.evaluator.close()

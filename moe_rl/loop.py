@@ -46,6 +46,7 @@ from moe_rl.data import train_batch as tb
 from moe_rl.observability import MetricWriter, StageTimer
 from moe_rl.observability.gpu import gpu_stats
 from moe_rl.observability.progress import progress_bar
+from moe_rl.parallel.stop_signal import SavedOnSignal, StopSignal
 from moe_rl.rewards.scoring import Scorer
 from moe_rl.routing import RoutingSession
 from moe_rl.train.trainer import SkipCounter, Trainer
@@ -54,8 +55,9 @@ from moe_rl.train.trainer import SkipCounter, Trainer
 class RLLoop:
     """Owns every component of a run (built by :mod:`moe_rl.launch`)."""
 
-    def __init__(self, cfg: RunConfig, parts: "Parts") -> None:
+    def __init__(self, cfg: RunConfig, parts: "Parts", stop: StopSignal | None = None) -> None:
         self.cfg, self.p = cfg, parts
+        self.stop = stop if stop is not None else StopSignal("")  # checkpoint.save_on_signal
         self.timer = StageTimer()
         self.version = parts.start_step  # policy version = loop steps done
         self.skips = SkipCounter(*parts.skipped, limit=cfg.loop.max_consecutive_skipped,
@@ -101,10 +103,15 @@ class RLLoop:
         self.version += 1
         with t("sync"):                                          # (7) weights -> engine(s)
             self.p.rollout.sync_weights(self.version)            #     (async: after the next batch is in)
+        saved = None
         if self._checkpoint_due(step):
             with t("checkpoint"):
-                self.save(step + 1)
-        return self.log(step, records, rollout_m, adv_m)
+                saved = self.save(step + 1)
+        out = self.log(step, records, rollout_m, adv_m)
+        if step + 1 < self.cfg.train.steps and self.stop.agreed():  # collective: any rank signalled
+            path = saved or self.save(step + 1)
+            raise SavedOnSignal(self.stop.signum.name, step + 1, path)
+        return out
 
     # ------------------------------------------------------------------ (1)-(3) collect
     def collect(self, step: int):

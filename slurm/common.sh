@@ -116,8 +116,10 @@ stop_steps() {
 }
 
 # Exit codes of the templates: 0 done, 2 bad input (too few nodes, no MODEL_PATH; before any step
-# starts), 4 a rollout server failed (startup deadline, or died), 143 SIGTERM (scancel, time
-# limit), otherwise the training step's own code.
+# starts), 4 a rollout server failed (startup deadline, or died), 5 the ranks saved a checkpoint
+# on SIGUSR1 and stopped (the time-limit warning of `#SBATCH --signal=B:USR1@300`, or
+# `scancel --signal=USR1 --batch JOBID`), 143 SIGTERM (scancel, time limit), otherwise the
+# training step's own code.
 # supervise: wait for the first step to end. Training ending with 0 is success (the servers are
 # then stopped); anything else ends the job at once with a non-zero exit code:
 #   the training step's own code when a rank failed (srun names the node and task above),
@@ -125,6 +127,9 @@ stop_steps() {
 supervise() {
   local rc i done_i
   trap 'log "SIGTERM (scancel, preemption or time limit): stopping; resubmitting the same command (or --requeue) resumes from the newest complete checkpoint"; stop_steps; exit 143' TERM
+  # SIGUSR1: srun passes it on to the training ranks, which save a checkpoint after the step
+  # they are in and exit 5 (checkpoint.save_on_signal); `wait -n` returns for the trap, no step ended
+  trap 'log "SIGUSR1 (time limit or preemption ahead): the training ranks save a checkpoint after this step and stop"; kill -USR1 "$train_pid" 2>/dev/null || true' USR1
   while :; do
     set +e
     wait -n
@@ -142,6 +147,11 @@ supervise() {
         stop_steps
         log "done: metrics in $OUTPUT_DIR/metrics.jsonl, checkpoints in $OUTPUT_DIR/checkpoints"
         exit 0
+      fi
+      if [ "$rc" = 5 ]; then
+        log "training saved a checkpoint on SIGUSR1 and stopped (see its last lines above); resubmitting the same command (or --requeue) resumes from it"
+        stop_steps
+        exit 5
       fi
       log "FAILED: training step ended with exit code $rc (the srun error above names the node and task that died); ending the job"
       stop_steps

@@ -11,18 +11,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-def torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """Launch ``script`` under torchrun on 127.0.0.1 with ``nproc`` ranks; with ``check``, a
-    non-zero exit fails the test with the launch's output."""
+def start_torchrun(script: str | Path, nproc: int, *args: str) -> subprocess.Popen:
+    """Start ``script`` under torchrun on 127.0.0.1 with ``nproc`` ranks (pipes for stdout and
+    stderr); :func:`finish` waits for it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1",
                MOE_RL_DIST_TIMEOUT_S="300")
     # --standalone: a private c10d rendezvous on a free local port (port 0 with the static
     # rendezvous is not propagated to the workers and hangs).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--max-restarts=0", str(script), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Launch ``script`` under torchrun on 127.0.0.1 with ``nproc`` ranks; with ``check``, a
+    non-zero exit fails the test with the launch's output."""
+    return finish(start_torchrun(script, nproc, *args), timeout=timeout, check=check)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Wait for a :func:`start_torchrun` launch (killing it and its ranks past ``timeout``)."""
+    cmd = proc.args
+    script, args = cmd[6], cmd[7:]  # after python -m torch.distributed.run and its 3 options
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

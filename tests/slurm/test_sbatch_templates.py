@@ -7,7 +7,10 @@ where the fault should hit:
 - a training rank (rank 1, on n2) is SIGKILLed after the first step's metrics are written;
 - a rollout server (on n2) is SIGKILLed after the first step's metrics are written;
 - a job is scancelled after its step-1 checkpoint is complete, then the same command is
-  submitted again and must resume from its newest complete checkpoint.
+  submitted again and must resume from its newest complete checkpoint;
+- a job's batch script gets SIGUSR1 (what ``--signal=B:USR1@N`` sends before the time limit)
+  after the first step's metrics: the ranks save a checkpoint after their step, the job ends
+  with exit code 5.
 The bound stated in README "Running on a cluster": a rank's or a server's death ends the job
 within FAIL_BOUND_S (detection is immediate through srun; the rest is STOP_GRACE_S for the
 other steps and Slurm's KillWait).
@@ -132,6 +135,13 @@ def _cancel_then_resubmit(suite: Suite, job: Job, env: dict) -> None:
         job.done.set()
 
 
+def _usr1_after_first_step(suite: Suite, job: Job) -> None:
+    _wait_for(lambda: len(_metrics(job.out_dir)) >= 1, JOB_TIMEOUT_S, f"{job.name}'s first metrics", job,
+              suite.cluster)
+    suite.cluster.client(["scancel", "--signal=USR1", "--batch", job.id])  # as Slurm's --signal=B:USR1@N
+    job.fault = {"signalled_at": time.monotonic()}
+
+
 def _convert_when_done(suite: Suite, job: Job) -> None:
     """The conversion job, submitted as soon as the run it converts has ended (a Slurm
     dependency would wait for the controller's next scheduling pass, up to a minute here)."""
@@ -165,11 +175,14 @@ def suite(cluster, tmp_path_factory):
                     args=["train.steps=40", "checkpoint.interval=0", "checkpoint.save_at_end=false"])
     server = s.submit("server_dies", "train_rollout.sbatch", env=s.env(os.path.join(work, "server_dies")),
                       args=["train.steps=40", "checkpoint.interval=0", "checkpoint.save_at_end=false"])
+    usr1 = s.submit("usr1", "train_rollout.sbatch", env=s.env(os.path.join(work, "usr1")),
+                    args=["train.steps=40", "checkpoint.interval=0", "checkpoint.save_at_end=false"])
     resume_env = s.env(os.path.join(work, "resume"))
     resume = s.submit("resume_1", "train_rollout.sbatch", out_dir=resume_env["OUTPUT_DIR"], env=resume_env)
     s.in_thread(_kill_after_first_step, s, rank, "moe_rl.launch", "1")
     s.in_thread(_kill_after_first_step, s, server, "moe_rl.rollout.embedded.server", "0")
     s.in_thread(_cancel_then_resubmit, s, resume, resume_env)
+    s.in_thread(_usr1_after_first_step, s, usr1)
     s.in_thread(_convert_when_done, s, a)
     return s
 
@@ -253,6 +266,19 @@ def test_scancel_then_resubmit_resumes_with_the_uninterrupted_metrics(suite):
         assert keys == compared(b) and len(keys) > 10, sorted(keys ^ compared(b))
         for k in sorted(keys):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k, a[k], b[k])
+
+
+def test_sigusr1_to_the_batch_script_saves_a_checkpoint_and_ends_with_5(suite):
+    job = suite.jobs["usr1"]
+    r = suite.result("usr1")
+    log = job.text()
+    assert "signalled_at" in job.fault, f"{suite.errors}\n{log[-4000:]}"
+    assert (r.state, r.exit_code) == ("FAILED", 5), f"{r.record}\n{log[-6000:]}"
+    steps = [m["step"] for m in _metrics(job.out_dir)]
+    assert steps == list(range(len(steps))) and 1 <= len(steps) < 40, steps
+    saved = os.path.join(job.out_dir, "checkpoints", f"step_{len(steps):08d}")
+    assert os.path.exists(os.path.join(saved, "COMPLETE")), log[-4000:]
+    assert f"SIGUSR1: saved checkpoint {saved}" in log and "training saved a checkpoint on SIGUSR1" in log
 
 
 def test_conversion_template_converts_the_run_checkpoint(suite):

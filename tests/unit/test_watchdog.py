@@ -126,3 +126,27 @@ def test_config_is_validated():
         WatchdogConfig(confirm=0)
     with pytest.raises(ValueError, match="stall_s"):
         WatchdogConfig(interval_s=5, confirm=3, stall_s=10)
+
+
+def test_save_on_signal_names_a_catchable_signal_and_the_handler_only_records_it():
+    import os
+    import signal
+
+    import pytest
+
+    from moe_rl.checkpoint.config import CheckpointConfig
+    from moe_rl.parallel.stop_signal import StopSignal, parse_signal
+
+    assert parse_signal("SIGUSR1") is parse_signal("usr1") is signal.SIGUSR1
+    assert parse_signal("") is None and not StopSignal("").agreed()
+    for bad in ("SIGKILL", "STOP", "SIGNOPE", "9"):
+        with pytest.raises(ValueError, match=rf"checkpoint.save_on_signal \({bad!r}\)"):
+            CheckpointConfig(save_on_signal=bad)
+    stop = StopSignal("SIGUSR2")
+    try:
+        assert not stop.agreed()  # no process group: this process alone decides
+        os.kill(os.getpid(), signal.SIGUSR2)  # would end the process without the handler
+        assert stop.received is signal.SIGUSR2 and stop.agreed()
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
