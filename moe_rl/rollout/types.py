@@ -15,8 +15,11 @@ import torch
 
 # SGLang's "all tokens" sentinel for top_k (api_types.py default).
 TOP_K_ALL = 1 << 30
-# torch.Generator.manual_seed takes seeds below 2**64.
-SEED_LIMIT = 1 << 64
+# SGLang's sampling_seed range, [-2**63, 2**63) (sampling_params.py verify). torch's
+# Generator.manual_seed takes a negative seed as seed mod 2**64, so distinct seeds stay distinct.
+SEED_MIN, SEED_LIMIT = -(1 << 63), 1 << 63
+# The largest finite float32: a logit bias beyond it is inf in the engine's fp32 logits.
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 MAX_STOP_COUNT = 32  # stop strings one request may carry (SGLang's sampling_params.py MAX_STOP_COUNT)
@@ -52,7 +55,8 @@ _UNSET: Any = object()
 def per_sample_seed(seed: int, index: int) -> int:
     """The RNG seed of sample ``index`` of a request seeded with ``seed``: ``seed`` itself for
     sample 0 (so ``n = 1`` is unchanged), a SplitMix64 mix of ``(seed, index)`` otherwise, so
-    the ``n`` samples of a seeded group are distinct draws. In ``[0, 2**63)``."""
+    the ``n`` samples of a seeded group are distinct draws. ``seed`` may be negative (SGLang's
+    range); torch's ``manual_seed`` takes it modulo 2**64."""
     if index == 0:
         return seed
     z = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
@@ -89,7 +93,7 @@ class SamplingParams:
     """Per-request sampling knobs; the subset of SGLang's ``sampling_params`` RL needs."""
 
     max_new_tokens: int = 128  # response budget in tokens
-    temperature: float = 1.0  # 0 = greedy; log-probs then use temperature 1
+    temperature: float = 1.0  # below 1e-6 (SGLang's epsilon) = greedy; log-probs then use temperature 1
     top_p: float = 1.0  # nucleus mass kept (1 = off)
     top_k: int = TOP_K_ALL  # keep the k most likely tokens (TOP_K_ALL = off)
     min_p: float = 0.0  # drop tokens below min_p * max prob (0 = off)
@@ -114,8 +118,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature ({self.temperature}) must be >= 0")
-        if self.sampling_seed is not None and not 0 <= self.sampling_seed < SEED_LIMIT:
-            raise ValueError(f"sampling_seed ({self.sampling_seed}) must be in [0, 2**64)")
+        if self.sampling_seed is not None and not SEED_MIN <= self.sampling_seed < SEED_LIMIT:
+            raise ValueError(f"sampling_seed must be in [-2**63, 2**63 - 1], got {self.sampling_seed}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
         if self.top_k < 1 and self.top_k != -1:
@@ -134,8 +138,9 @@ class SamplingParams:
             for k, v in self.logit_bias.items():
                 if not isinstance(k, int) or isinstance(k, bool) or k < 0:
                     raise ValueError(f"logit_bias key {k!r} must be a token id (an integer >= 0)")
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                    raise ValueError(f"logit_bias[{k}] ({v!r}) must be a finite number")
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or abs(v) > FP32_MAX or not math.isfinite(v):
+                    raise ValueError(f"logit_bias[{k}] ({v!r}) must be a finite number within float32's range "
+                                     f"(|bias| <= {FP32_MAX:.7g})")
             self.logit_bias = dict(self.logit_bias) or None  # {} is SGLang's "no bias"
         if self.top_k == -1 or self.top_k > TOP_K_ALL:  # more than any vocabulary: keep all
             self.top_k = TOP_K_ALL

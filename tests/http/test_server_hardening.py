@@ -29,7 +29,7 @@ from moe_rl.rollout.embedded.http_context import ServerOptions
 from moe_rl.rollout.embedded.server import parse_args
 from moe_rl.rollout.types import RolloutRequest, SamplingParams
 
-from embedded_servers import InProcessServer, free_port, start_embedded
+from embedded_servers import InProcessServer, free_port, post_generate, start_embedded
 
 LONG = {"max_new_tokens": 400, "temperature": 1.0, "ignore_eos": True}
 
@@ -125,7 +125,22 @@ BAD_VALUES = [
     (b'{"input_ids": [5, 6], "sampling_params": {"temperature": Infinity}}', "finite"),
     (b'{"input_ids": [5, 6], "sampling_params": {"top_p": NaN}}', "top_p"),
     (b'{"input_ids": [5, 6], "sampling_params": {"sampling_seed": 1180591620717411303424}}', "sampling_seed"),
-    (b'{"input_ids": [5, 6], "sampling_params": {"sampling_seed": -1}}', "sampling_seed"),
+    # SGLang's range, [-2**63, 2**63 - 1]
+    (b'{"input_ids": [5, 6], "sampling_params": {"sampling_seed": 9223372036854775808}}',
+     "sampling_seed must be in [-2**63, 2**63 - 1], got 9223372036854775808."),
+    (b'{"input_ids": [5, 6], "sampling_params": {"sampling_seed": -9223372036854775809}}',
+     "sampling_seed must be in [-2**63, 2**63 - 1], got -9223372036854775809."),
+    # finite in JSON, inf in fp32 (the row's logits would turn NaN)
+    (b'{"input_ids": [5, 6], "sampling_params": {"logit_bias": {"5": 1e300}}}', "logit_bias['5']=1e+300 (token 5)"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"logit_bias": {"7": -1e39}}}', "logit_bias['7']=-1e+39 (token 7)"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"logit_bias": {"7": 1' + b"0" * 400 + b'}}}', "(token 7)"),
+    (b'{"input_ids": [5, 6], "sampling_params": {"temperature": 1' + b"0" * 400 + b'}}', "temperature (1000"),
+    # SGLang's priority: an integer (its contract) in signed 64 bits (its tokenizer manager)
+    (b'{"input_ids": [5, 6], "priority": "x"}', "priority must be an integer"),
+    (b'{"input_ids": [5, 6], "priority": "5"}', "priority must be an integer"),
+    (b'{"input_ids": [5, 6], "priority": 1.5}', "priority must be an integer"),
+    (b'{"input_ids": [5, 6], "priority": true}', "priority must be an integer"),
+    (b'{"input_ids": [5, 6], "priority": 9223372036854775808}', "priority must be a signed 64-bit integer"),
     (b'{"input_ids": [5, 6], "sampling_params": {"ignore_eos": "false"}}', "ignore_eos must be a boolean"),
     (b'{"input_ids": [5, 6], "return_logprob": "yes"}', "return_logprob must be a boolean"),
     (b'{"input_ids": [5, 6], "return_logprob": [1]}', "return_logprob must be a boolean"),
@@ -156,6 +171,105 @@ def test_bad_values_are_400_and_never_touch_other_requests(two_servers):
     t.join(timeout=60)
     assert out and out[0].status_code == 200 and len(out[0].json()) == 2
     assert all(len(x["output_ids"]) == 60 for x in out[0].json())
+
+
+@pytest.mark.parametrize("key", ["temperature", "n", "top_k", "top_p", "min_p", "ignore_eos"])
+def test_sampling_params_type_errors_have_sglangs_flat_shape(two_servers, key):
+    """A sampling_params value of the wrong JSON type fails SGLang's API contract, which answers
+    400 ``{"error": "<text>"}`` (a string, not ``{"message": ...}``), naming the field and value."""
+    r = httpx.post(two_servers[0].url + "/generate", json={"input_ids": [5, 6], "sampling_params": {key: "x"}},
+                   timeout=30)
+    body = r.json()
+    assert r.status_code == 400 and set(body) - {"weight_version"} == {"error"}, r.text
+    assert isinstance(body["error"], str) and f"sampling_params.{key}" in body["error"] and "'x'" in body["error"]
+
+
+def test_priority_and_negative_seeds_are_served(two_servers):
+    """SGLang takes any signed 64-bit ``priority`` (ignored here) and ``sampling_seed``; a
+    negative seed samples reproducibly, and otherwise than its absolute value."""
+    url = two_servers[0].url
+    for priority in (7, -3, None, 2 ** 63 - 1, -(2 ** 63)):
+        post_generate(two_servers[0], {"input_ids": [5, 6], "priority": priority,
+                                       "sampling_params": {"max_new_tokens": 2}})
+    outs = {}
+    for seed in (-5, -5, 5, -(2 ** 63), 2 ** 63 - 1):
+        r = httpx.post(url + "/generate", json={"input_ids": [4, 5, 6], "sampling_params": {
+            "max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True, "sampling_seed": seed}}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert outs.setdefault(seed, r.json()["output_ids"]) == r.json()["output_ids"]
+    assert outs[-5] != outs[5]
+
+
+def test_tiny_temperature_is_greedy_at_temperature_one(two_servers):
+    """SGLang's rule: ``0 <= temperature < 1e-6`` is greedy, scored at temperature 1. So 1e-40
+    and 1e-7 answer what temperature 0 answers, with log-probs or not, plain or streamed (1e-40
+    used to divide the logits into NaN: a 500 with log-probs, garbage ids, a cut stream)."""
+    url = two_servers[0].url
+
+    def body(t, **kw):
+        return {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 6, "temperature": t,
+                                                            "ignore_eos": True}, **kw}
+
+    ref = post_generate(two_servers[0], body(0, return_logprob=True))
+    for t in (1e-40, 1e-7):
+        got = post_generate(two_servers[0], body(t, return_logprob=True))
+        assert got["output_ids"] == ref["output_ids"], t
+        for g, w in zip(got["meta_info"]["output_token_logprobs"], ref["meta_info"]["output_token_logprobs"]):
+            assert g[1] == w[1] and g[0] == pytest.approx(w[0], abs=1e-6), (t, g, w)
+        assert post_generate(two_servers[0], body(t))["output_ids"] == ref["output_ids"]
+        r = httpx.post(url + "/generate", json=body(t, stream=True, return_logprob=True), timeout=30)
+        assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n"), r.text
+        last = json.loads(r.content.split(b"\n\n")[-3].removeprefix(b"data: "))
+        assert last["output_ids"] == ref["output_ids"] and last["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_deeply_nested_body_is_a_400(two_servers):
+    """JSON nested past Python's recursion limit cannot be decoded: FastAPI's "There was an
+    error parsing the body" (an HTTPException, SGLang's ErrorResponse type "400"), not a 500.
+    Bodies nested just below the limit are refused as values of the wrong type."""
+    url = two_servers[0].url
+    raw = b'{"input_ids":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    r = httpx.post(url + "/generate", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert {k: r.json()[k] for k in ("object", "type", "code")} == {"object": "error", "type": "400", "code": 400}
+    assert "There was an error parsing the body" in r.json()["message"]
+    # an integer of more digits than Python's int() reads (4300) fails the parse the same way
+    raw = b'{"input_ids": [5], "sampling_params": {"sampling_seed": 1' + b"0" * 5000 + b"}}"
+    r = httpx.post(url + "/generate", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["type"] == "400", r.text
+    assert "There was an error parsing the body" in r.json()["message"]
+    for depth in (900, 980, 995, 999):
+        for field in ("input_ids", "rid", "priority", "sampling_params"):
+            raw = b'{"input_ids":[5],"' + field.encode() + b'":' + b"[" * depth + b"]" * depth + b"}"
+            r = httpx.post(url + "/generate", content=raw, headers={"content-type": "application/json"}, timeout=30)
+            assert r.status_code == 400, (field, depth, r.text[:200])
+
+
+def test_json_replies_write_non_finite_floats_as_null():
+    """SGLang's orjson writes NaN and +-Infinity as null; so does the embedded server's encoder,
+    in Starlette's compact format, and a reply with only finite floats is unchanged."""
+    from moe_rl.rollout.embedded.http_context import json_bytes
+
+    obj = {"a": [1.5, float("-inf"), (float("nan"), 2)], "b": {"c": float("inf"), "d": "é"}, "e": None}
+    assert json_bytes(obj) == '{"a":[1.5,null,[null,2]],"b":{"c":null,"d":"é"},"e":null}'.encode()
+    fine = {"x": [0.1, -3e38, 7], "y": "ü"}
+    assert json_bytes(fine) == json.dumps(fine, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def test_minus_inf_logprobs_are_null_not_a_500(two_servers):
+    """A token biased far below the rest, over temperature 0.5, has log-prob -inf in fp32; the
+    reply writes it as null, as SGLang's orjson does, plain and streamed, instead of failing
+    with "Out of range float values are not JSON compliant"."""
+    url = two_servers[0].url
+    body = {"input_ids": [5, 6, 7], "return_logprob": True, "token_ids_logprob": [9],
+            "sampling_params": {"max_new_tokens": 3, "temperature": 0.5, "ignore_eos": True,
+                                "logit_bias": {"9": -3e38}}}
+    got = post_generate(two_servers[0], body)
+    assert got["meta_info"]["output_token_ids_logprobs"] == [[[None, 9, None]]] * 3
+    r = httpx.post(url + "/generate", json={**body, "stream": True}, timeout=30)
+    assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n"), r.text
+    last = json.loads(r.content.split(b"\n\n")[-3].removeprefix(b"data: "))
+    assert last["meta_info"]["output_token_ids_logprobs"] == [[[None, 9, None]]] * 3
 
 
 def test_seeded_group_samples_differ_and_sample_zero_is_n1(two_servers):

@@ -235,3 +235,78 @@ def test_logit_bias_outside_vocab_and_sglang_keys(ckpt):
     plain = SamplingParams().to_sglang()
     assert not {"frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens",
                 "logit_bias"} & set(plain)
+
+
+@pytest.mark.parametrize("temp", [1e-40, 1e-7, 0.0])
+def test_temperature_below_sglang_eps_is_greedy_at_temperature_one(temp, ckpt, hf):
+    """SGLang's rule (``sampling_params.py``): ``0 <= temperature < 1e-6`` is greedy (temperature
+    1, top-k 1), its log-prob ``log_softmax`` of the unscaled logits. Alone in a batch (the
+    all-greedy path) and beside a sampled row (the mixed path), tokens and log-probs equal a
+    plain HF greedy forward's; no division by the tiny temperature (1e-40: inf, then NaN)."""
+    p = _prompts(1, seed=17)[0]
+    sp = SamplingParams(max_new_tokens=6, temperature=temp, ignore_eos=True)
+    ref, ref_lp = greedy_reference(hf, p, SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))
+    eng = _engine(ckpt)
+    alone = eng.generate([RolloutRequest(p, sp)])[0]
+    mixed = eng.generate([RolloutRequest(p, sp), RolloutRequest(p, SamplingParams(
+        max_new_tokens=6, temperature=1.0, ignore_eos=True, sampling_seed=1), group_id=1)])[0]
+    for s in (alone, mixed):
+        assert s.response_ids == ref, temp
+        torch.testing.assert_close(s.rollout_logprobs_T, torch.tensor(ref_lp), atol=1e-5, rtol=0)
+
+
+def test_temperature_at_sglang_eps_is_sampled(ckpt, hf):
+    """1e-6 itself is not below SGLang's eps: it samples at temperature 1e-6, the log-prob is
+    ``log_softmax(logits / 1e-6)`` (about 0 for the all-but-certain top token)."""
+    p = _prompts(1, seed=18)[0]
+    s = _engine(ckpt).generate([RolloutRequest(p, SamplingParams(max_new_tokens=3, temperature=1e-6,
+                                                                   ignore_eos=True, sampling_seed=2))])[0]
+    for j, tok in enumerate(s.response_ids):
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + s.response_ids[:j]])).logits[0, -1].double()
+        assert tok == int(logits.argmax())
+        expect = float(torch.log_softmax(logits / 1e-6, -1)[tok])
+        assert abs(float(s.rollout_logprobs_T[j]) - expect) < 1e-5
+        assert abs(float(s.rollout_logprobs_T[j]) - float(torch.log_softmax(logits, -1)[tok])) > 1e-3
+
+
+def test_logit_bias_beyond_float32_is_refused_and_huge_ones_never_nan(ckpt):
+    """A bias that is inf in fp32 (1e300) is refused, naming the token. A finite fp32 bias near
+    the limit, over temperature 0.5, overflows fp32 (3e38 / 0.5): it is held at the largest
+    float32, so the row never turns NaN. Expected, from the rule in exact (float64) arithmetic:
+    ``(l + 3e38) / 0.5`` dwarfs every other logit, so every token is 7 with log-prob 0."""
+    with pytest.raises(ValueError, match=r"logit_bias\[5\] \(1e\+300\) must be a finite number within float32"):
+        SamplingParams(logit_bias={5: 1e300})
+    with pytest.raises(ValueError, match=r"logit_bias\[5\]"):
+        SamplingParams(logit_bias={5: -3.5e38})
+    SamplingParams(logit_bias={5: -3.4e38})  # within float32's range
+    p = _prompts(1, seed=19)[0]
+    sp = SamplingParams(max_new_tokens=5, temperature=0.5, ignore_eos=True, n=2, sampling_seed=4,
+                        logit_bias={7: 3e38, 9: -3e38})
+    for s in _engine(ckpt).generate([RolloutRequest(p, sp)]):
+        assert s.response_ids == [7] * 5
+        assert s.rollout_logprobs_T.tolist() == [0.0] * 5
+
+
+@pytest.mark.parametrize("seed", [-5, -(2 ** 63), 2 ** 63 - 1])
+def test_sampling_seed_range_is_sglangs(seed, ckpt, hf):
+    """SGLang's [-2**63, 2**63 - 1]: one past either end is refused; a negative seed is served
+    reproducibly, its draws those of a torch generator seeded with ``seed mod 2**64`` (written
+    out here: Gumbel-max over an HF forward's ``log_softmax``, one ``rand(V)`` per token)."""
+    for bad in (-(2 ** 63) - 1, 2 ** 63):
+        with pytest.raises(ValueError, match=r"sampling_seed must be in \[-2\*\*63, 2\*\*63 - 1\], got "
+                                             + str(bad)):
+            SamplingParams(sampling_seed=bad)
+    p = _prompts(1, seed=20)[0]
+    eng = _engine(ckpt)
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, ignore_eos=True, sampling_seed=seed)
+    a, b = (eng.generate([RolloutRequest(p, sp)])[0] for _ in range(2))
+    assert a.response_ids == b.response_ids
+    g = torch.Generator().manual_seed(seed & ((1 << 64) - 1))
+    out: list[int] = []
+    for _ in range(6):
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([p + out])).logits[0, -1].float(), -1)
+        u = torch.rand(lp.shape[-1], generator=g).clamp(1e-20, 1.0 - 1e-7)
+        out.append(int((lp - torch.log(-torch.log(u))).argmax()))
+    assert a.response_ids == out

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from moe_rl.rollout.embedded.engine import EngineFailed, SeqResult
 from moe_rl.rollout.embedded.generate_stream import error_stream, stream_response
-from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable, wait_or_gone
+from moe_rl.rollout.embedded.http_context import SafeJSONResponse, ServerContext, Unavailable, wait_or_gone
 from moe_rl.rollout.embedded.items import response_item
 from moe_rl.rollout.embedded.protocol import ParsedGenerate, RequestError, parse_generate
 from moe_rl.rollout.embedded.stop_strings import StopStrings
@@ -95,7 +95,7 @@ def generate_router(ctx: ServerContext) -> APIRouter:
                                 status_code=fin["status_code"])
         n = req.params[0].n
         items = [response_item(ctx, req, i // n, x, time.monotonic() - t0) for i, x in enumerate(results)]
-        return JSONResponse(items[0] if req.single else items)
+        return SafeJSONResponse(items[0] if req.single else items)  # -inf log-probs as null
 
     @r.get("/health")
     async def health():

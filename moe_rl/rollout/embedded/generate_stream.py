@@ -39,7 +39,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 
 from moe_rl.rollout.embedded.engine import SeqResult, TokenEvent
-from moe_rl.rollout.embedded.http_context import ServerContext
+from moe_rl.rollout.embedded.http_context import ServerContext, json_bytes
 from moe_rl.rollout.embedded.items import response_item
 from moe_rl.rollout.embedded.output_text import IncrementalText
 from moe_rl.rollout.embedded.protocol import ParsedGenerate
@@ -50,8 +50,8 @@ IDLE_POLL_S = 0.25  # while no token comes, look this often whether the client i
 
 
 def sse(obj: Any) -> bytes:
-    """One event, JSON written as the non-streamed reply writes it."""
-    return b"data: " + json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode() + b"\n\n"
+    """One event, JSON written as the non-streamed reply writes it (non-finite floats as null)."""
+    return b"data: " + json_bytes(obj) + b"\n\n"
 
 
 class SSEResponse(StreamingResponse):

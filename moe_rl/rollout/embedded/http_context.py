@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures as cf
 import dataclasses
 import json
+import math
 import secrets
 import threading
 from typing import Any, Callable
@@ -24,6 +25,36 @@ from fastapi.responses import JSONResponse
 
 from moe_rl.rollout.embedded.engine import EmbeddedEngine, EngineFailed
 from moe_rl.rollout.embedded.protocol import SchemaError
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as compact UTF-8 JSON (Starlette's ``JSONResponse`` format), with NaN and
+    +-Infinity written as ``null``, as SGLang's orjson responses write them: a legitimate
+    ``-inf`` log-prob (a masked token's) must not fail the reply. The common case, every float
+    finite, is one ``json.dumps``; only a reply holding a non-finite float is walked."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:  # "Out of range float values are not JSON compliant"
+        text = json.dumps(_finite_or_null(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8")
+
+
+def _finite_or_null(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by None (dicts, lists and tuples walked)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    return x
+
+
+class SafeJSONResponse(JSONResponse):
+    """A ``JSONResponse`` written by :func:`json_bytes` (non-finite floats as ``null``)."""
+
+    def render(self, content: Any) -> bytes:
+        return json_bytes(content)
 
 
 @dataclasses.dataclass
@@ -109,6 +140,9 @@ class ServerContext:
                               f"({e.reason} at byte {e.start})", "400") from e
         except json.JSONDecodeError as e:
             raise SchemaError(f"malformed JSON: JSON decode error: {e}") from e
+        except (RecursionError, ValueError) as e:  # nested too deeply, an integer of over 4300 digits:
+            # FastAPI answers any other parse failure with HTTPException(400), as for UTF-8
+            raise SchemaError(f"There was an error parsing the body: {e}", "400") from e
         if not isinstance(body, dict):
             raise SchemaError(f"request body: input should be a JSON object, got {type(body).__name__}")
         return body

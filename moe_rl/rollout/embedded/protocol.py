@@ -23,8 +23,9 @@ when absent, no bound for null; then lowered to the prompt's capped budget, as t
 does), ``logit_bias`` keys integer strings in [0, vocab) (a key ``int()`` cannot read is
 Python's ValueError text, as in SGLang; ``"1"`` and ``"01"`` name one token, the last wins).
 As with SGLang without a tokenizer, ``min_new_tokens > 0`` is a 400 on a server whose model
-directory has none. Unlike SGLang, a non-finite bias is refused (JSON has no infinities, and
-Python's ``Infinity`` would turn a row's probabilities into NaN). What SGLang ignores is
+directory has none. Unlike SGLang, a bias not finite in float32 is refused, naming the token:
+``Infinity`` or a JSON number beyond float32's range (``1e300``) becomes ``inf`` in SGLang's
+fp32 bias tensor, and the row's probabilities NaN. What SGLang ignores is
 ignored here too: ``logprob_start_len``, ``top_logprobs_num`` and ``token_ids_logprob`` of a
 prompt without ``return_logprob``; an empty grammar string (SGLang treats ``""`` as unset).
 
@@ -39,6 +40,9 @@ Streaming: ``stream: true`` is served as SGLang's Server-Sent Events (``generate
 ``sampling_params.stream_interval`` (an integer, default 1) sets how many new tokens a chunk
 waits for. With ``stream: true`` a :class:`RequestError` is not a 400 but an error event of an
 HTTP 200 stream, as SGLang raises those inside the stream it has already started.
+
+``priority`` is accepted and ignored (no priority scheduling), but checked as SGLang checks it:
+an integer or null, within signed 64 bits. ``sampling_seed`` is SGLang's ``[-2**63, 2**63)``.
 
 What SGLang refuses with a 400 is refused here with its message: duplicate ``rid`` values (within the
 request, or one still in flight: ``generate_api.py``), a list-valued logprob field with
@@ -67,7 +71,7 @@ import math
 from typing import Any
 
 from moe_rl.rollout.embedded.logprobs import LogprobSpec
-from moe_rl.rollout.types import (TOP_K_ALL, SamplingParams, check_penalties, check_stop_strings,
+from moe_rl.rollout.types import (FP32_MAX, TOP_K_ALL, SamplingParams, check_penalties, check_stop_strings,
                                   logit_bias_range_error)
 
 # SGLang api_types.py SamplingParams fields (the "unknown keys rejected" gate).
@@ -203,8 +207,9 @@ def _parse_logit_bias(sp: dict, vocab_size: int) -> dict[int, float] | None:
             raise RequestError(str(e)) from e
         if not 0 <= token < vocab_size:
             raise RequestError(logit_bias_range_error(k, vocab_size))
-        if not math.isfinite(v):
-            raise RequestError(f"sampling_params.logit_bias[{k!r}]={v} must be a finite number")
+        if abs(v) > FP32_MAX or not math.isfinite(v):  # abs first: math.isfinite(10**400) overflows
+            raise RequestError(f"sampling_params.logit_bias[{k!r}]={v} (token {token}) must be a finite number "
+                               f"within float32's range (|bias| <= {FP32_MAX:.7g})")
         out[token] = float(v)
     return out or None
 
@@ -254,7 +259,10 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool, vocab_size: int) -> ParsedSa
             raise ContractError(f"invalid type: sampling_params.{key} must be an integer, got {v!r}")
         if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ContractError(f"invalid type: sampling_params.{key} must be a number, got {v!r}")
-        return kind(v)
+        try:
+            return kind(v)
+        except OverflowError as e:  # a JSON integer beyond any float (10**400)
+            raise RequestError(f"sampling_params: {key} ({v!r:.40}...) must be a finite number") from e
 
     stop = _parse_stop(sp, has_tokenizer=has_tokenizer)
     text = TextOptions(
@@ -278,8 +286,10 @@ def parse_sampling(sp: Any, *, has_tokenizer: bool, vocab_size: int) -> ParsedSa
             max_new_tokens=UNLIMITED_NEW_TOKENS if requested is None else requested,
             temperature=num("temperature", 1.0, float),
             top_p=num("top_p", 1.0, float), top_k=num("top_k", TOP_K_ALL, int), min_p=num("min_p", 0.0, float),
-            stop=stop, stop_token_ids=list(stop_ids), ignore_eos=flag(sp, "ignore_eos"), n=num("n", 1, int),
-            sampling_seed=seed, logit_bias=logit_bias, **penalties)
+            stop=stop, stop_token_ids=list(stop_ids), ignore_eos=flag(sp, "ignore_eos", where="sampling_params."),
+            n=num("n", 1, int), sampling_seed=seed, logit_bias=logit_bias, **penalties)
+    except ContractError:  # a value of the wrong JSON type (num, flag): SGLang's flat {"error": "..."}
+        raise
     except ValueError as e:
         raise RequestError(f"sampling_params: {e}") from e
     interval = num("stream_interval", 0, int)
@@ -381,6 +391,7 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
     """A ``/generate`` body -> what the engine runs, or the first of SGLang's errors for it."""
     _check_body_types(body)
     stream = flag(body, "stream")
+    _check_priority(body.get("priority"))
     if body.get("input_embeds") is not None:
         raise RequestError("input_embeds is not supported by the embedded engine")
     prompts, single = _prompts(body, tokenizer)
@@ -444,6 +455,19 @@ def parse_generate(body: Any, *, context_len: int, vocab_size: int, tokenizer=No
                           return_routed_experts=flag(body, "return_routed_experts"),
                           routed_experts_start_len=start, single=single and ns[0] == 1, logprobs=specs,
                           stream=stream, stream_intervals=[s.stream_interval for s in parsed])
+
+
+def _check_priority(v: Any) -> None:
+    """``priority`` (unused: this engine has no priority scheduling) as SGLang checks it: an
+    integer or null (its contract's ``Optional[int]``: ``"5"``, ``5.0`` and ``true`` are type
+    errors), within signed 64 bits (the tokenizer manager's check, its message)."""
+    if v is None:
+        return
+    if not _is_int(v):
+        raise ContractError(f"invalid type: priority must be an integer, got {v!r:.80}")
+    if not -(1 << 63) <= v < (1 << 63):
+        raise RequestError(f"priority must be a signed 64-bit integer between -9223372036854775808 and "
+                           f"9223372036854775807, got {v}")
 
 
 def _per_prompt(body: dict, key: str, default: Any, B: int, n: int) -> list:

@@ -5,9 +5,16 @@ Legend: B rows, V vocab.
 The log-prob of a sampled token is ``log_softmax(logits / temperature)`` in fp32, over the
 full vocabulary: top-k/top-p/min-p only restrict *which* tokens can be drawn, they do not
 renormalise the reported log-prob (the trainer has no truncation, so renormalising would
-make the rollout and training log-probs disagree). Temperature 0 means greedy, scored with
-temperature 1. A row with SGLang's penalties or ``logit_bias`` arrives here with its logits
-already processed (``penalties.py``), so its draw and log-prob come from those, as in SGLang.
+make the rollout and training log-probs disagree). A temperature below :data:`SAMPLING_EPS`
+(0 included) means greedy, scored with temperature 1: SGLang turns any ``0 <= temperature <
+1e-6`` into temperature 1 with top-k 1 (``sampling_params.py``), so dividing by a tiny
+temperature (which overflows to inf, then NaN) never happens there either. A row with
+SGLang's penalties or ``logit_bias`` arrives here with its logits already processed
+(``penalties.py``), so its draw and log-prob come from those, as in SGLang.
+
+A scaled logit that overflows fp32 (a ``logit_bias`` near the float32 limit, divided by a
+temperature below 1) is held at the largest finite float32: ``log_softmax`` of a row holding
+``+inf`` is NaN, which could only be drawn as a garbage token. ``-inf`` (a masked token) stays.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import dataclasses
 
 import torch
 
-from moe_rl.rollout.types import TOP_K_ALL
+from moe_rl.rollout.types import FP32_MAX, TOP_K_ALL
+
+# SGLang's _SAMPLING_EPS: a temperature below it is greedy.
+SAMPLING_EPS = 1e-6
 
 
 @dataclasses.dataclass
@@ -40,9 +50,9 @@ def sample_tokens_with_logprobs(logits_BV: torch.Tensor, p: RowParams, engine_ge
     """Returns ``(token_B int64, logprob_B fp32, logprobs_BV fp32)``: the full rows the sampled
     log-probs were read from (for top-k / chosen-id log-probs, at no extra softmax)."""
     logits_BV = logits_BV.float()
-    greedy_B = p.temperature_B == 0
+    greedy_B = p.temperature_B < SAMPLING_EPS
     temp_B = torch.where(greedy_B, torch.ones_like(p.temperature_B), p.temperature_B)
-    logprobs_BV = torch.log_softmax(logits_BV / temp_B[:, None], dim=-1)
+    logprobs_BV = torch.log_softmax((logits_BV / temp_B[:, None]).clamp_(max=FP32_MAX), dim=-1)
 
     if bool(greedy_B.all()):
         tok_B = logits_BV.argmax(-1)
