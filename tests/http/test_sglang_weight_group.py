@@ -16,6 +16,11 @@ imported whole on CPU; its functions are taken out by name and run as they are):
 
 The trainer side is this process as a whole training job (one rank), pushing an HF
 checkpoint through ``WeightSync`` with the distributed transport to two engines of TP 2.
+
+The last tests turn it round: the embedded server receives what a trainer sends as SGLang
+would (SGLang's own ``FlattenedTensorBucket`` packs the ``flattened_bucket`` format), and a
+receive that fails, a refused bucket, or a join that cannot complete each get a clear answer
+in time, with the group closed where its members fell out of step.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import threading
+import time
 import typing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -302,3 +308,204 @@ def test_distributed_sync_into_sglang_ranks(structs, tiny_ckpts, tmp_path):
             sync.close()
         for e in engines:
             e.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded server's side of the group: SGLang's receive formats, failures and deadlines.
+
+TENSOR_BUCKET = os.path.join(SGL, "weight_sync", "tensor_bucket.py")
+Q = "model.layers.0.self_attn.q_proj.weight"
+K = "model.layers.0.self_attn.k_proj.weight"
+QN = "model.layers.0.self_attn.q_norm.weight"
+
+
+def sglang_flattened_tensor_bucket() -> type:
+    """SGLang's ``FlattenedTensorBucket``, the installed wheel's file run as it is (its package
+    cannot be imported on CPU)."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location("_sglang_tensor_bucket", TENSOR_BUCKET)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod.FlattenedTensorBucket
+
+
+@pytest.fixture
+def served(tiny_ckpts):
+    """``served(**server_options)``: an embedded server in this process over the tiny model."""
+    from embedded_servers import InProcessServer
+
+    from moe_rl.rollout.config import EmbeddedEngineConfig
+    from moe_rl.rollout.embedded.engine import EmbeddedEngine
+    from moe_rl.rollout.embedded.http_context import ServerOptions
+
+    servers = []
+
+    def make(**options):
+        engine = EmbeddedEngine(EmbeddedEngineConfig(model_path=tiny_ckpts["v0"], max_running=4))
+        engine.start()
+        servers.append(InProcessServer(engine, ServerOptions(**options)))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def _post(srv, path: str, body: dict, timeout: float = 60):
+    import httpx
+
+    return httpx.post(srv.url + path, json=body, timeout=timeout)
+
+
+def _join(srv, timeout_s: float = 30):
+    """This process as the trainer (rank 0) and the server (rank 1) join a group of two."""
+    from embedded_servers import free_port
+
+    from moe_rl.rollout.broadcast_group import WeightBroadcastGroup
+
+    port = free_port()
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(_post(srv, "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2, "backend": "gloo"})))
+    t.start()
+    trainer = WeightBroadcastGroup("127.0.0.1", port, 0, 2, timeout_s=timeout_s)
+    t.join(timeout=60)
+    assert out and out[0].status_code == 200, out and out[0].text
+    return trainer
+
+
+def _announce(named, **extra) -> dict:
+    return {"names": [n for n, _ in named], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in named],
+            "shapes": [list(t.shape) for _, t in named], **extra}
+
+
+def _param(srv, name: str) -> torch.Tensor:
+    return srv.engine.model.get_parameter(name).detach().clone()
+
+
+def _update_in_thread(srv, body: dict) -> tuple[threading.Thread, list]:
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(_post(srv, "/update_weights_from_distributed", body)))
+    t.start()
+    return t, out
+
+
+def test_flattened_bucket_is_received_as_sglang_packs_it(served):
+    """``load_format: "flattened_bucket"``: one broadcast of SGLang's packed uint8 tensor (mixed
+    dtypes, back to back); a load_format the engine does not implement is refused before
+    anything is received, naming it, instead of waiting for broadcasts that never come."""
+    srv = served(join_timeout_s=20)
+    trainer = _join(srv)
+    try:
+        g = torch.Generator().manual_seed(3)
+        named = [(Q, torch.randn(64, 64, generator=g)), (QN, torch.randn(16, generator=g).bfloat16()),
+                 (K, torch.randn(32, 64, generator=g))]
+        bucket = sglang_flattened_tensor_bucket()(named_tensors=named)
+        t, out = _update_in_thread(srv, _announce(named, load_format="flattened_bucket", weight_version="f1"))
+        trainer.broadcast([bucket.get_flattened_tensor()])
+        t.join(timeout=30)
+        assert out[0].status_code == 200 and out[0].json()["success"] is True, out[0].text
+        for name, want in named:
+            assert torch.equal(_param(srv, name), want.float()), name
+        assert srv.engine.weight_version == "f1"
+
+        before = _param(srv, Q)
+        t0 = time.monotonic()
+        r = _post(srv, "/update_weights_from_distributed", _announce(named[:1], load_format="bogus",
+                                                                     weight_version="f2"))
+        assert time.monotonic() - t0 < 5
+        assert r.status_code == 400 and r.json()["success"] is False, r.text
+        assert "load_format 'bogus' is not accepted" in r.json()["message"], r.text
+        assert torch.equal(_param(srv, Q), before) and srv.engine.weight_version == "f1"
+    finally:
+        trainer.close()
+
+
+def test_failed_receive_is_sglangs_400_and_closes_the_group(served):
+    """A broadcast that fails (here: rank 0 never sends it, so it times out) is SGLang's
+    failed update, 400 ``Failed to receive weights: ...``, not a 500; weights and version stay;
+    the group is closed, so the next call says so at once and rank 0's next broadcast fails
+    fast; a new join works."""
+    srv = served(join_timeout_s=2)
+    trainer = _join(srv)
+    named = [(Q, torch.full((64, 64), 0.5))]
+    before = _param(srv, Q)
+    try:
+        r = _post(srv, "/update_weights_from_distributed", _announce(named, weight_version="lost"))
+        assert r.status_code == 400, r.text
+        assert r.json()["success"] is False and r.json()["message"].startswith("Failed to receive weights: ")
+        assert "Timed out" in r.json()["message"] and "join a new one" in r.json()["message"], r.text
+        assert torch.equal(_param(srv, Q), before) and srv.engine.weight_version == "default"
+
+        t0 = time.monotonic()
+        r = _post(srv, "/update_weights_from_distributed", _announce(named, weight_version="next"))
+        assert r.status_code == 400 and "is closed, its members out of step" in r.json()["message"], r.text
+        assert "a broadcast failed" in r.json()["message"]
+        with pytest.raises(RuntimeError):
+            trainer.broadcast([named[0][1]])
+        assert time.monotonic() - t0 < 5 and srv.engine.weight_version == "default"  # not the trainer's 30 s
+    finally:
+        trainer.close()
+    trainer = _join(srv)  # a broken group may be joined anew under its name
+    try:
+        t, out = _update_in_thread(srv, _announce(named, weight_version="again"))
+        trainer.broadcast([named[0][1]])
+        t.join(timeout=30)
+        assert out[0].status_code == 200, out[0].text
+        assert torch.equal(_param(srv, Q), named[0][1]) and srv.engine.weight_version == "again"
+    finally:
+        trainer.close()
+
+
+def test_refused_bucket_closes_the_group(served):
+    """A bucket refused before it is received leaves rank 0's broadcast of it without a
+    receiver: the reply says the group is now out of step and closed, and rank 0's broadcast
+    fails at once instead of waiting for its timeout (30 s here)."""
+    srv = served(join_timeout_s=30)
+    trainer = _join(srv)
+    try:
+        bad = _announce([(Q, torch.zeros(64, 64))])
+        bad["shapes"] = [[64, 65]]
+        t0 = time.monotonic()
+        r = _post(srv, "/update_weights_from_distributed", bad)
+        assert r.status_code == 400 and "does not match" in r.json()["message"], r.text
+        assert "out of step and now closed" in r.json()["message"], r.text
+        with pytest.raises(RuntimeError):
+            trainer.broadcast([torch.zeros(64, 65)])
+        assert time.monotonic() - t0 < 5
+        r = _post(srv, "/update_weights_from_distributed", _announce([(Q, torch.zeros(64, 64))]))
+        assert r.status_code == 400 and "a bucket was refused" in r.json()["message"], r.text
+        assert srv.engine.weight_version == "default"
+    finally:
+        trainer.close()
+
+
+def test_join_gives_up_at_its_timeout_and_does_not_block_disk_updates(served, tiny_ckpts):
+    """A join whose rank 0 never listens answers at ``join_timeout_s`` (torch's store client
+    alone retries past it), naming the address and the seconds; while joins wait, a load from
+    disk is not refused for want of a worker."""
+    from embedded_servers import free_port
+
+    srv = served(join_timeout_s=1.5, max_joins=2, weight_roots=[os.path.dirname(tiny_ckpts["v1"])])
+    dead = free_port()
+    body = {"master_address": "127.0.0.1", "master_port": dead, "rank_offset": 1, "world_size": 2,
+            "backend": "gloo"}
+    t0 = time.monotonic()
+    r = _post(srv, "/init_weights_update_group", body)
+    took = time.monotonic() - t0
+    assert r.status_code == 400 and r.json()["success"] is False, r.text
+    assert f"127.0.0.1:{dead}" in r.json()["message"] and "1.5s" in r.json()["message"], r.text
+    assert 1.4 < took < 3.0, took  # torch alone: ~1.5 s more
+
+    joins = [threading.Thread(target=_post, args=(srv, "/init_weights_update_group", {**body, "group_name": f"g{i}"}))
+             for i in range(2)]
+    for t in joins:
+        t.start()
+    time.sleep(0.3)
+    r = _post(srv, "/update_weights_from_disk", {"model_path": tiny_ckpts["v1"], "weight_version": "disk"})
+    assert r.status_code == 200 and r.json()["success"] is True, r.text
+    assert srv.engine.weight_version == "disk"
+    for t in joins:
+        t.join(timeout=30)

@@ -39,3 +39,25 @@ def test_torchrun_standalone_localhost_stays_ipv4_loopback(monkeypatch):
                  "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(k, v)
     assert group_address(WeightSyncConfig()) == "127.0.0.1"
+
+
+def test_joining_the_group_gives_up_at_its_timeout():
+    """Both ends of a rendezvous that never completes fail at ``timeout_s``, naming the address
+    and the seconds (torch's store client alone retries past its timeout)."""
+    import socket
+    import time
+
+    import pytest
+
+    from moe_rl.rollout.broadcast_group import WeightBroadcastGroup
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    for rank, error, text in ((1, TimeoutError, "no store answered within 1s"),
+                              (0, RuntimeError, "rank 0 of 2 failed to join (timeout 1s)")):
+        t0 = time.monotonic()
+        with pytest.raises(error) as e:
+            WeightBroadcastGroup("127.0.0.1", port, rank, 2, "g", timeout_s=1.0)
+        assert f"'g' at 127.0.0.1:{port}" in str(e.value) and text in str(e.value), str(e.value)
+        assert time.monotonic() - t0 < 2.5

@@ -8,7 +8,21 @@ allocate is bounded: ``/update_weights_from_disk`` reads only below the configur
 roots, ``/update_weights_from_distributed`` announces only the model's own tensors, with
 the model's own shapes, before any buffer is allocated, and ``/update_weights_from_tensor``
 takes only safetensors bytes (``load_format: "safetensors"``): nothing that arrives over HTTP
-is unpickled. Rendezvous and broadcasts run on their own bounded executor with a deadline.
+is unpickled. Rendezvous and broadcasts run on their own bounded executor with a deadline
+(``join_timeout_s``: a join gives up then, naming the address); loads from disk run apart from
+them, so a join waiting for its trainer does not hold up ``/update_weights_from_disk``.
+
+``/update_weights_from_distributed`` receives as SGLang 0.5.23's model runner does: one
+broadcast per tensor (``load_format`` absent or null) or, with ``load_format:
+"flattened_bucket"``, one broadcast of a uint8 tensor holding the tensors' bytes back to back
+(:func:`flattened_bucket`); any other ``load_format`` is refused before anything is received.
+Rank 0 broadcasts every bucket it announces, so a call that does not receive its broadcast (a
+refused announcement, a failed or timed-out broadcast) leaves the group's members out of step:
+the group is closed then (a peer's pending broadcast fails at once instead of at its timeout)
+and every later update on it is refused, saying so, until ``/init_weights_update_group``
+joins a new one. A failed receive is SGLang's ``{"success": false, "message": "Failed to
+receive weights: ..."}`` (400); the weights and the version stay as they were. (SGLang keeps
+such a group, whose next broadcast then pairs with the wrong one.)
 
 Replies have SGLang's shapes. A body SGLang's pydantic models refuse (a required field missing
 or of the wrong type) is a ``SchemaError``: SGLang's ``ErrorResponse``, HTTP 400. Every other
@@ -47,14 +61,17 @@ Beyond SGLang (``moe_rl.weights`` uses them when ``GET /weight_sync_info`` answe
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import math
 import os
+import threading
 from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
 
-from moe_rl.rollout.broadcast_group import WeightBroadcastGroup
+from moe_rl.rollout.broadcast_group import WeightBroadcastGroup, error_text
 from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable
 from moe_rl.rollout.embedded.protocol import SchemaError
 from moe_rl.rollout.embedded.weight_update import (
@@ -95,9 +112,30 @@ def _str_field(body: dict, key: str) -> str | None:
 
 
 GROUP = "weight_update_group"  # SGLang's default group_name
+FLATTENED = "flattened_bucket"  # SGLang's load_format of one broadcast per bucket
 
 
-def _field(body: dict, key: str, default: Any, typ: type, what: str) -> Any:
+def flattened_bucket(names: list[str], specs: list[tuple[list[int], torch.dtype]]
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """SGLang's ``flattened_bucket`` receive buffer (``FlattenedTensorBucket.empty``,
+    ``sglang/srt/weight_sync/tensor_bucket.py``): one uint8 tensor holding the announced tensors'
+    bytes back to back, in ``names`` order, without padding. Returns it and each tensor as a
+    view of it. Refused where SGLang's raises: an empty bucket, or a tensor whose byte offset
+    is not a multiple of its dtype's size."""
+    spans, offset = [], 0
+    for name, (shape, dt) in zip(names, specs):
+        if offset % dt.itemsize:
+            raise Refused(f"Failed to receive weights: load_format {FLATTENED!r}: unaligned tensor {name}: "
+                          f"byte offset {offset} is not a multiple of {dt}'s size {dt.itemsize}")
+        spans.append((offset, math.prod(shape) * dt.itemsize, shape, dt))
+        offset += spans[-1][1]
+    if not spans:
+        raise Refused(f"Failed to receive weights: load_format {FLATTENED!r} with no names (an empty bucket)")
+    flat = torch.empty(offset, dtype=torch.uint8)
+    return flat, [flat[start:start + size].view(dt).view(shape) for start, size, shape, dt in spans]
+
+
+def _field(body: dict, key: str, default: Any, typ: type | tuple[type, ...], what: str) -> Any:
     """``body[key]`` (``default`` when absent); of another type it is SGLang's schema error."""
     v = body.get(key, default)
     if not isinstance(v, typ):
@@ -136,6 +174,21 @@ def weights_router(ctx: ServerContext) -> APIRouter:
     staged: dict[str, StagedUpdate] = {}  # at most one: a new stage_id replaces the old one
     staged_from: dict[str, set] = {}  # stage_id -> the disk paths its buckets came from (None: not disk)
     session = {"open": False}  # SGLang's weight-update session (begin/end)
+    disk_slots = threading.BoundedSemaphore(ctx.options.max_joins)  # loads from disk at once
+
+    async def load_from_disk(fn):
+        """Run a disk load on the loop's default executor, at most ``max_joins`` at once, apart
+        from the weight-group joins (a rendezvous may wait ``join_timeout_s`` for its trainer)."""
+        if not disk_slots.acquire(blocking=False):
+            raise Unavailable(f"load from disk: {ctx.options.max_joins} loads from disk already running")
+
+        def run():
+            try:
+                return fn()
+            finally:
+                disk_slots.release()
+
+        return await asyncio.get_running_loop().run_in_executor(None, run)
 
     def fields(body: dict) -> tuple[str | None, str | None, bool]:
         """(weight_version, stage_id, flush_cache) of an update body, checked before anything is read."""
@@ -222,7 +275,7 @@ def weights_router(ctx: ServerContext) -> APIRouter:
         if not under_roots(path, roots):
             raise Refused(f"model_path {path!r} is outside the server's weight roots {roots} (--weight-roots)")
         try:
-            named = await ctx.blocking_join(lambda: load_checkpoint_state(path, engine.model), "load from disk")
+            named = await load_from_disk(lambda: load_checkpoint_state(path, engine.model))
         except WeightUpdateError as e:
             raise Refused(f"Failed to update weights: {e}") from e
         return reply(*await apply(request, named, body, complete=True, source=path), disk=True)
@@ -308,6 +361,11 @@ def weights_router(ctx: ServerContext) -> APIRouter:
         session["open"] = False
         return reply(True, "Success")
 
+    def live_group(name: str) -> bool:
+        """A group of that name exists and is not broken (a broken one may be joined anew)."""
+        g = ctx.groups.get(name)
+        return g is not None and g.broken is None
+
     @r.post("/init_weights_update_group")
     @refusals_replied()
     async def init_group(request: Request):
@@ -325,7 +383,7 @@ def weights_router(ctx: ServerContext) -> APIRouter:
         if backend != "gloo":
             raise Refused(f"backend {backend!r}: this engine runs on CPU and joins weight-update groups "
                           "over gloo only (send backend 'gloo')")
-        if name in ctx.groups:
+        if live_group(name):
             raise Refused(f"group {name!r} already exists")
         timeout = ctx.options.join_timeout_s
         try:
@@ -336,10 +394,10 @@ def weights_router(ctx: ServerContext) -> APIRouter:
             raise
         except Exception as e:  # noqa: BLE001 - rendezvous failure is reported, server keeps serving
             return reply(False, f"Failed to init group: {type(e).__name__}: {e}")
-        if name in ctx.groups:  # a concurrent join of the same name won
+        if live_group(name):  # a concurrent join of the same name won
             g.close()
             return reply(False, f"group {name!r} already exists")
-        ctx.groups[name] = g
+        ctx.groups[name] = g  # (replaces a broken one, closed already)
         return ctx.ok({"success": True, "message": "Succeeded to initialize custom process group."})
 
     @r.post("/destroy_weights_update_group")
@@ -352,24 +410,58 @@ def weights_router(ctx: ServerContext) -> APIRouter:
         g.close()
         return ctx.ok({"success": True, "message": "Succeeded to destroy custom process group."})
 
+    def receive_buffers(names: list, dtypes: list, shapes: list, fmt: str | None
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Check an announcement whole before anything is received; return the buffers the
+        broadcast fills (one per tensor, or the one flattened bucket) and the tensors."""
+        if fmt not in (None, FLATTENED):
+            raise Refused(f"Failed to receive weights: load_format {fmt!r:.80} is not accepted: send none (one "
+                          f"broadcast per tensor) or {FLATTENED!r} (one broadcast of the whole bucket)")
+        try:
+            specs = check_announced(engine.model, names, dtypes, shapes)
+        except WeightUpdateError as e:
+            raise Refused(f"Failed to receive weights: bad announcement: {e}") from e
+        if fmt == FLATTENED:
+            flat, tensors = flattened_bucket(names, specs)
+            return [flat], tensors
+        tensors = [torch.empty(shape, dtype=dt) for shape, dt in specs]
+        return tensors, tensors
+
+    def out_of_step(name: str) -> str:
+        """What a call that did not receive its broadcast did to the group (it closed it)."""
+        return (f"Rank 0 broadcasts every bucket it announces, so weight update group {name!r:.80} is out of "
+                "step and now closed: join a new one with /init_weights_update_group")
+
     @r.post("/update_weights_from_distributed")
     @refusals_replied()
     async def update_from_distributed(request: Request):
         body = await ctx.read_json(request)
         names, dtypes, shapes = (_required(body, k, list, "a list") for k in ("names", "dtypes", "shapes"))
         name = _field(body, "group_name", GROUP, str, "string")
-        fields(body)
+        fmt = _field(body, "load_format", None, (str, type(None)), "string")
         g = ctx.groups.get(name)
-        if g is None:
-            raise Refused(f"Failed to receive weights: no weight update group {name!r:.80}; call "
-                          "/init_weights_update_group first")
         try:
-            specs = check_announced(engine.model, names, dtypes, shapes)
-        except WeightUpdateError as e:
-            raise Refused(f"Failed to receive weights: bad announcement: {e}") from e
-        bufs = [torch.empty(shape, dtype=dt) for shape, dt in specs]
-        # receive everything the trainer broadcasts (keeps the collective in step), then validate
-        await ctx.blocking_join(lambda: g.broadcast(bufs), "update_weights_from_distributed")
-        return reply(*await apply(request, list(zip(names, bufs)), body))
+            fields(body)
+            if g is None:
+                raise Refused(f"Failed to receive weights: no weight update group {name!r:.80}; call "
+                              "/init_weights_update_group first")
+            wire, tensors = receive_buffers(names, dtypes, shapes, fmt)
+        except Refused as e:
+            if g is not None:  # refused early all the same (safer than receiving what does not fit)
+                g.mark_broken(f"a bucket was refused: {e}")
+                e.args = (f"{e}. {out_of_step(name)}",)  # the same refusal, saying what it did
+            raise
+        if g.broken is not None:
+            raise Refused(f"Failed to receive weights: weight update group {name!r:.80} is closed, its members "
+                          f"out of step ({g.broken}); join a new one with /init_weights_update_group")
+        try:
+            await ctx.blocking_join(lambda: g.broadcast(wire), "update_weights_from_distributed")
+        except Unavailable as e:  # too busy to receive: the broadcast has no receiver here
+            g.mark_broken(f"a bucket was not received: {e}")
+            raise Unavailable(f"{e}. {out_of_step(name)}", e.status) from e
+        except Exception as e:  # noqa: BLE001 - SGLang's failed receive; nothing applied
+            g.mark_broken(f"a broadcast failed: {error_text(e)}")
+            raise Refused(f"Failed to receive weights: {error_text(e)}. {out_of_step(name)}") from e
+        return reply(*await apply(request, list(zip(names, tensors)), body))
 
     return r
