@@ -140,6 +140,7 @@ class RLLoop:
             groups, n_rounds, filled = one_round(0), 1, 0
         batch = self.p.scorer.to_batch(groups)
         m = rollout_metrics(batch.rewards_B, batch.group_ids_B, batch.lengths_B, batch.truncated_B).compute()
+        m.update({f"rollout/reward_mean/{n}": float(v.mean()) for n, v in batch.named_rewards.items()})
         m.update({"rollout/tokens_per_s": tokens / max(t.seconds.get("rollout", 0.0), 1e-9),
                   "rollout/rounds": float(n_rounds), "rollout/filled_groups": float(filled)})
         with t("rewards"):

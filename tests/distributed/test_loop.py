@@ -59,6 +59,31 @@ def test_sync_run_logs_every_metric_and_starts_on_policy(loop_runs):
     assert list((work / "sync" / "tb").glob("events.out.tfevents.*"))
 
 
+def test_every_logged_metric_is_documented(loop_runs):
+    """docs/metrics.md names (in backticks) every key any run of the launch logged; per-layer
+    keys as ``.../layer_<i>``, per-reward ones as ``rollout/reward_mean/<name>``."""
+    import re
+
+    def records(x):
+        if isinstance(x, dict):
+            if "policy_version" in x:  # a loop record
+                yield x
+            else:
+                for v in x.values():
+                    yield from records(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from records(v)
+
+    recs = list(records(loop_runs[1]))
+    keys = {re.sub(r"^rollout/reward_mean/.+$", "rollout/reward_mean/<name>", re.sub(r"layer_\d+$", "layer_<i>", k))
+            for r in recs for k in r}
+    assert len(recs) > 40 and any(k.startswith("routing/") for k in keys), (len(recs), sorted(keys))
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    missing = sorted(k for k in keys if f"`{k}`" not in doc)
+    assert not missing, f"{len(missing)} logged metric(s) not in docs/metrics.md: {missing}"
+
+
 def _moe_layers(run_dir):
     """The MoE layers of the run's tiny Qwen3-MoE, by HF's rule: every ``decoder_sparse_step``-th
     layer that ``mlp_only_layers`` does not name."""
