@@ -761,3 +761,24 @@ def test_flush_cache_timeout_waits_for_idle(server):
         assert r.status_code == 200 and r.text.startswith("Cache flushed."), r.text
         assert _states(server)["num_running_reqs"] == 0  # it answered once they finished
     assert out[0].status_code == 200 and all(len(x["output_ids"]) == 30 for x in out[0].json())
+
+
+def test_abort_request_matches_rid_prefixes_with_sglangs_messages(server):
+    """scheduler.py abort_request: a rid ends every request whose rid STARTS with it (so a
+    request's rid ends its ``rid_i`` samples), FINISH_ABORT's "Aborted" for a running one,
+    the tokenizer manager's "Abort in waiting queue" for one not started; other rids run on."""
+    # a batch with one string rid: its prompts are rid_0, rid_1, ... (io_struct.py)
+    out: list = []
+    sp = {**GREEDY, "max_new_tokens": 40, "ignore_eos": True}
+    n = len(server.engine._slots) + 1  # every slot runs one sample, the last one waits
+    with _in_background(server, {"input_ids": [PROMPT] * n, "rid": "grp", "sampling_params": sp}, out):
+        _until(server, lambda st: st["num_running_reqs"] == n - 1 and st["num_waiting_reqs"] == 1,
+               "every slot running, one sample waiting")
+        assert httpx.post(server.url + "/abort_request", json={"rid": "grp"}, timeout=10).status_code == 200
+    other = gen(server, {"input_ids": PROMPT, "rid": "grpx-not-aborted-later", "sampling_params": {
+        **sp, "max_new_tokens": 3}})
+    got = {x["meta_info"]["id"]: x["meta_info"]["finish_reason"] for x in out[0].json()}
+    assert set(got) == {f"grp_{i}" for i in range(n)}
+    assert [f["type"] for f in got.values()] == ["abort"] * n
+    assert sorted(f["message"] for f in got.values()) == ["Abort in waiting queue"] + ["Aborted"] * (n - 1)
+    assert other["meta_info"]["finish_reason"] == {"type": "length", "length": 3}  # a prefix abort is not sticky

@@ -146,7 +146,7 @@ def control_router(ctx: ServerContext) -> APIRouter:
         rid = body.get("rid", "") or ""
         if not isinstance(rid, str):
             raise SchemaError(f"rid must be a string, got {rid!r:.80}")
-        engine.abort(rid=rid, abort_all=flag(body, "abort_all"))
+        engine.abort(rid=rid, abort_all=flag(body, "abort_all"), prefix=True)
         return Response(status_code=200)
 
     @r.api_route("/release_memory_occupation", methods=["GET", "POST"])
@@ -183,7 +183,7 @@ def control_router(ctx: ServerContext) -> APIRouter:
         if not isinstance(new, (str, int)) or isinstance(new, bool) or new == "":
             raise RequestError(f"new_version must be a non-empty string, got {new!r:.80}")
         if flag(body, "abort_all_requests", True):
-            engine.abort(abort_all=True, message="Abort by weight version update")
+            engine.abort(abort_all=True)
 
         def set_version():
             engine.weight_version = str(new)

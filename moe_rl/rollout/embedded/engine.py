@@ -238,7 +238,8 @@ class EmbeddedEngine:
         self._idle_commands: list[tuple[Callable[[], Any], cf.Future]] = []
         self._abort_lock = threading.Lock()
         self._abort_rids: set[str] = set()
-        self._abort_all: str | None = None
+        self._abort_prefixes: set[str] = set()
+        self._abort_all = False
         self.paused = False
         self.released: set[str] = set()  # released memory tags
         self._wake = threading.Event()
@@ -311,12 +312,17 @@ class EmbeddedEngine:
         self._wake.set()
         return futs
 
-    def abort(self, rid: str = "", abort_all: bool = False, message: str = "Abort requested") -> None:
+    def abort(self, rid: str = "", abort_all: bool = False, *, prefix: bool = False) -> None:
+        """End every request (``abort_all``) or those of ``rid``: exactly that sample, or with
+        ``prefix`` every sample whose rid starts with it, as SGLang's scheduler matches
+        ``/abort_request`` (so a request's rid also ends its ``rid_i`` samples). Their finish
+        reasons carry SGLang's texts: "Aborted" for a running sample, "Abort in waiting queue"
+        for one not started (or retracted). An empty rid without ``abort_all`` does nothing."""
         with self._abort_lock:
             if abort_all:
-                self._abort_all = message
+                self._abort_all = True
             elif rid:
-                self._abort_rids.add(rid)
+                (self._abort_prefixes if prefix else self._abort_rids).add(rid)
         self._wake.set()
 
     def submit_call(self, fn: Callable[[], Any], *, when_idle: bool = False) -> cf.Future:
@@ -472,7 +478,7 @@ class EmbeddedEngine:
 
     def _has_work(self) -> bool:
         self._drain_inbox()
-        if self._abort_all is not None or self._abort_rids:
+        if self._abort_all or self._abort_rids or self._abort_prefixes:
             return True
         if self.paused or "weights" in self.released or "kv_cache" in self.released:
             return False
@@ -511,17 +517,27 @@ class EmbeddedEngine:
 
     def _apply_aborts(self) -> None:
         with self._abort_lock:
-            msg_all, self._abort_all = self._abort_all, None
+            everything, self._abort_all = self._abort_all, False
             rids, self._abort_rids = self._abort_rids, set()
-        if msg_all is None and not rids:
+            prefixes, self._abort_prefixes = self._abort_prefixes, set()
+        if not (everything or rids or prefixes):
             return
-        for s in [s for s in self._slots if s is not None] + self._waiting:
-            if msg_all is not None or s.rid in rids:
-                self._finish(s, {"type": "abort", "message": msg_all or "Abort requested",
-                                 "status_code": None, "err_type": None})
+
+        def named(s: _Seq) -> bool:
+            return s.rid in rids or any(s.rid.startswith(p) for p in prefixes)
+
+        def end(s: _Seq, message: str) -> None:
+            self._finish(s, {"type": "abort", "message": message, "status_code": None, "err_type": None})
+
+        for s in [s for s in self._slots if s is not None]:
+            if everything or named(s):
+                end(s, "Aborted")
+        for s in self._waiting:
+            if everything or named(s):
+                end(s, "Abort in waiting queue")
         for s in self._held:  # by rid only (a client that gave up): abort_all does not reach them
-            if s.rid in rids:
-                self._finish(s, {"type": "abort", "message": "Abort requested", "status_code": None, "err_type": None})
+            if named(s):
+                end(s, "Abort in waiting queue")
         live = lambda s: s.future is not None and not s.future.done()  # noqa: E731
         self._waiting = [s for s in self._waiting if live(s)]
         self._held = [s for s in self._held if live(s)]
@@ -737,7 +753,7 @@ class EmbeddedEngine:
         ``retract``: move the running sequences back to the waiting list, slots freed;
         ``in_place``: leave them in their slots."""
         if mode == "abort":
-            self.abort(abort_all=True, message="Generation paused (abort)")
+            self.abort(abort_all=True)
             self._apply_aborts()
         elif mode == "retract":
             self._retract_running()

@@ -85,7 +85,7 @@ def generate_router(ctx: ServerContext) -> APIRouter:
             raise Unavailable(str(e), status=500) from e
         if not await wait_or_gone(request, futs, None):  # the client hung up
             for rid in rids:
-                engine.abort(rid=rid, message="client disconnected")
+                engine.abort(rid=rid)
             return Response(status_code=499)
         results: list[SeqResult] = [f.result() for f in futs]
         failed = [x for x in results if (x.finish.get("status_code") or 0) >= 500]

@@ -175,7 +175,7 @@ def stream_response(ctx: ServerContext, request: Request, req: ParsedGenerate, t
                                   on_token=lambda ev, base=base: put(("token", base + ev.index, ev)))
     except BaseException:
         for s in samples[: len(futs)]:
-            engine.abort(rid=s.rid, message="request failed")
+            engine.abort(rid=s.rid)
         raise
     for k, f in enumerate(futs):
         f.add_done_callback(lambda _f, k=k: put(("done", k, None)))
@@ -183,7 +183,7 @@ def stream_response(ctx: ServerContext, request: Request, req: ParsedGenerate, t
     def close() -> None:
         for s, f in zip(samples, futs):
             if not f.done():
-                engine.abort(rid=s.rid, message="client disconnected")
+                engine.abort(rid=s.rid)
         ctx.rids_in_flight.difference_update(held_rids)
 
     def chunk(k: int) -> bytes:

@@ -222,7 +222,7 @@ def weights_router(ctx: ServerContext) -> APIRouter:
             staged_from.setdefault(stage_id, set()).add(source)
             return True, f"Staged {len(plan)} tensors ({len(staged[stage_id])} in {stage_id!r}).", received
         if abort_all:
-            engine.abort(abort_all=True, message="Abort by weight update")
+            engine.abort(abort_all=True)
 
         def do() -> bool:
             apply_update(engine.model, plan)
