@@ -524,10 +524,14 @@ class RolloutClient:
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]], *,
                                         weight_version: str | None = None,
                                         group_name: str = "weight_update_group", stage_id: str | None = None,
-                                        checksums: dict[str, str] | None = None) -> list[cf.Future]:
-        """Announce one bucket to every server; the trainer broadcasts it meanwhile. One future,
-        of the replies in server order."""
+                                        checksums: dict[str, str] | None = None,
+                                        load_format: str | None = None) -> list[cf.Future]:
+        """Announce one bucket to every server; the trainer broadcasts it meanwhile (one
+        broadcast per tensor, or with ``load_format="flattened_bucket"`` one of the whole
+        bucket). One future, of the replies in server order."""
         body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name}
+        if load_format is not None:
+            body["load_format"] = load_format
         if weight_version is not None:
             body["weight_version"] = str(weight_version)
         body = _weight_ext(body, stage_id, checksums)

@@ -22,6 +22,7 @@ class WeightSyncConfig:
     group_name: str = "moe_rl_weights"  # distributed transport: the weight-update group's name
     engine_ranks: int = 1  # distributed transport: ranks each engine joins with (its TP size)
     timeout_s: float = 300.0  # rendezvous and broadcast deadline of the distributed transport
+    flatten_buckets: bool = True  # distributed transport: one broadcast per bucket (SGLang's flattened_bucket), not per tensor
     verify_checksums: bool = True  # per-tensor CRC-32 checked by the engine (where it can; the embedded engine does)
     probe: bool = True  # after every sync, compare the engines' log-probs on a fixed batch with the trainer's
     probe_interval: int = 1  # probe after every N-th sync only (the first one always); 1 = every sync

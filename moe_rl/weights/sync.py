@@ -63,7 +63,7 @@ def make_transport(cfg: WeightSyncConfig, client: RolloutClient, *, staging: boo
     from moe_rl.weights.transport.distributed import DistributedTransport
 
     return DistributedTransport(client, address=group_address(cfg), port=cfg.group_port, group_name=cfg.group_name,
-                                engine_ranks=cfg.engine_ranks, timeout_s=cfg.timeout_s,
+                                engine_ranks=cfg.engine_ranks, timeout_s=cfg.timeout_s, flatten=cfg.flatten_buckets,
                                 backend="gloo" if staging else None)  # the embedded engine joins over gloo
 
 

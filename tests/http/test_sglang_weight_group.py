@@ -95,11 +95,12 @@ def sglang_structs() -> dict[str, type]:
 
 
 def sglang_group_functions() -> dict[str, typing.Any]:
-    """SGLang's ``init_custom_process_group`` and ``receive_weights_from_distributed``."""
-    ns = {"torch": torch, "Optional": typing.Optional,
+    """SGLang's ``init_custom_process_group``, ``receive_weights_from_distributed`` and its
+    ``flattened_bucket`` receive (over SGLang's own ``FlattenedTensorBucket``)."""
+    ns = {"torch": torch, "Optional": typing.Optional, "FlattenedTensorBucket": sglang_flattened_tensor_bucket(),
           "torch_release": tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])}
     srcs = {**_source_of(COMMON, {"init_custom_process_group"}),
-            **_source_of(UPDATER, {"receive_weights_from_distributed"})}
+            **_source_of(UPDATER, {"receive_weights_from_distributed", "_receive_bucketed_weights_from_distributed"})}
     for src in srcs.values():
         exec(src.replace("self: WeightUpdater", "self"), ns)  # noqa: S102 - sglang's own code
     return {k: ns[k] for k in srcs}
@@ -119,6 +120,8 @@ def tp_rank_main(conn, address: str, port: int, rank: int, world: int, group_nam
         return
     conn.send(("ok", rank))
     runner = types.SimpleNamespace(device="cpu", _model_update_group={group_name: pg})
+    runner._receive_bucketed_weights_from_distributed = types.MethodType(
+        fns["_receive_bucketed_weights_from_distributed"], runner)
     while True:
         msg = conn.recv()
         if msg is None:
@@ -260,7 +263,8 @@ def test_the_schemas_are_strict(structs):
 def test_distributed_sync_into_sglang_ranks(structs, tiny_ckpts, tmp_path):
     """Two engines of TP 2: the group is trainer rank 0 + ranks 1-2 (engine 0) and 3-4
     (engine 1); every call passes SGLang's schema; every update sits in a session; every
-    engine rank receives exactly the checkpoint's tensors, over two syncs."""
+    engine rank receives exactly the checkpoint's tensors, over two syncs, each bucket as one
+    flattened broadcast read by SGLang's own receive code (``weights.flatten_buckets``)."""
     from moe_rl.models.hf_checkpoint import HFCheckpoint
     from moe_rl.parallel import ParallelConfig, ParallelDims
     from moe_rl.rollout.client import RolloutClient
@@ -302,7 +306,8 @@ def test_distributed_sync_into_sglang_ranks(structs, tiny_ckpts, tmp_path):
             assert one[-3:] == ["/end_weight_update", "/update_weight_version", "/continue_generation"], one
             assert set(one[3:-3]) == {"/update_weights_from_distributed"}
             bodies = [b for p, b in e.calls if p == "/update_weights_from_distributed"]
-            assert all(set(b) == {"names", "dtypes", "shapes", "group_name"} for b in bodies), bodies[0].keys()
+            assert all(set(b) == {"names", "dtypes", "shapes", "group_name", "load_format"} for b in bodies), bodies[0]
+            assert {b["load_format"] for b in bodies} == {"flattened_bucket"}  # received by SGLang's own code
     finally:
         if sync is not None:
             sync.close()

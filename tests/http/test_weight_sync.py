@@ -89,18 +89,30 @@ def _corrupt(t):
     return t
 
 
-@pytest.mark.parametrize("transport", ["tensor", "distributed", "disk"])
+@pytest.mark.parametrize("transport", ["tensor", "distributed", "distributed-per-tensor", "disk"])
 def test_push_over_each_transport_then_a_corrupted_bucket_is_refused(servers, tiny_ckpts, refs, tmp_path,
                                                                      transport, monkeypatch):
     """A checkpoint pushed through the transport reaches both engines (greedy = transformers,
     new version); then a bucket damaged on the way is refused by the engines naming the
-    tensor, and both keep serving that version."""
+    tensor, and both keep serving that version. ``distributed`` sends each bucket as one
+    flattened broadcast (SGLang's ``flattened_bucket``), ``distributed-per-tensor`` one
+    broadcast per tensor."""
     srv = servers(2)
     urls = [s.url for s in srv]
-    sync, client = one_rank_sync(urls, transport, tmp_path)
+    flat = transport == "distributed"
+    transport = transport.removesuffix("-per-tensor")
+    sync, client = one_rank_sync(urls, transport, tmp_path, flatten_buckets=flat)
     assert sync.staging and sync.verify
+    from moe_rl.rollout.broadcast_group import WeightBroadcastGroup
+
+    sent = []  # tensors per broadcast call of the sender (the in-process servers receive through the same class)
+    real_bcast = WeightBroadcastGroup.broadcast
+    monkeypatch.setattr(WeightBroadcastGroup, "broadcast",
+                        lambda self, ts: (self.rank == 0 and sent.append(len(ts)), real_bcast(self, ts)))
     m = push(sync, tiny_ckpts["v1"], "1")
     assert m["weights/tensors"] == 135 and m["weights/buckets"] > 1, m
+    if transport == "distributed":  # one collective per bucket, or one per tensor
+        assert sum(sent) == (m["weights/buckets"] if flat else 135) and len(sent) == m["weights/buckets"], sent
     for u in urls:
         assert greedy(u) == (refs["v1"], "1")
     victim = "model.layers.2.mlp.experts.5.up_proj.weight"
@@ -111,6 +123,24 @@ def test_push_over_each_transport_then_a_corrupted_bucket_is_refused(servers, ti
         real = mod.encode_safetensors
         monkeypatch.setattr(mod, "encode_safetensors",
                             lambda named: real([(n, _corrupt(t) if n == victim else t) for n, t in named]))
+    elif transport == "distributed" and flat:
+        import moe_rl.weights.transport.distributed as mod
+
+        real_flatten = mod.flatten_bucket
+
+        def damaged(self, b, rnd):  # checksums are taken inside; damage the bytes the group then sends
+            if victim not in b.names:
+                return real(self, b, rnd)
+            ptr = b.tensors[b.names.index(victim)].data_ptr()
+            monkeypatch.setattr(mod, "flatten_bucket", lambda ts: real_flatten(
+                [_corrupt(t) if t.data_ptr() == ptr else t for t in ts]))
+            try:
+                return real(self, b, rnd)
+            finally:
+                monkeypatch.setattr(mod, "flatten_bucket", real_flatten)
+
+        real = mod.DistributedTransport._broadcast
+        monkeypatch.setattr(mod.DistributedTransport, "_broadcast", damaged)
     elif transport == "distributed":
         import moe_rl.weights.transport.distributed as mod
 

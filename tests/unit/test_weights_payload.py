@@ -111,3 +111,30 @@ def test_probe_runs_after_the_first_sync_and_every_interval_th():
     # the sync passes the engines' version string
     assert [v for v in map(str, range(25)) if WeightSyncConfig(probe_interval=10).probe_due(v)] == ["0", "1", "10", "20"]
     assert WeightSyncConfig(probe_interval=10).probe_due("v7-hotfix")
+
+
+def test_flattened_bucket_is_what_the_receiver_reads_back_bitwise():
+    """The sender's layout against the receiver's own view of it (the embedded server's
+    ``flattened_bucket``, SGLang's ``FlattenedTensorBucket`` layout): a bucket that mixes
+    fp32, bf16 and odd sizes goes widest first, so no offset is unaligned, and every tensor
+    comes back bit for bit."""
+    import torch
+
+    from moe_rl.rollout.embedded.weights_api import flattened_bucket
+    from moe_rl.weights.transport.distributed import flatten_bucket
+
+    g = torch.Generator().manual_seed(0)
+    named = [("a.bf16", torch.randn(3, 5, generator=g).to(torch.bfloat16)),  # 30 bytes: would misalign fp32
+             ("b.fp32", torch.randn(7, generator=g)),
+             ("c.bf16", torch.randn(1, generator=g).to(torch.bfloat16)),
+             ("d.fp32", torch.randn(2, 3, generator=g)[:, 1]),  # not contiguous
+             ("e.i64", torch.arange(3))]
+    tensors = [t for _, t in named]
+    order, flat = flatten_bucket(tensors)
+    assert [named[i][0] for i in order] == ["e.i64", "b.fp32", "d.fp32", "a.bf16", "c.bf16"]
+    assert flat.dtype == torch.uint8 and flat.numel() == sum(t.numel() * t.element_size() for t in tensors)
+    buf, views = flattened_bucket([named[i][0] for i in order], [(list(tensors[i].shape), tensors[i].dtype)
+                                                                for i in order])
+    buf.copy_(flat)  # what the broadcast delivers
+    for i, v in zip(order, views):
+        assert v.dtype == tensors[i].dtype and torch.equal(v.view(torch.uint8), tensors[i].contiguous().view(torch.uint8))

@@ -10,9 +10,15 @@ The calls, as SGLang 0.5.23 takes them (``sglang/srt/managers/io_struct.py``):
   rank of a server joins as ``rank_offset + tp_rank``; SGLang refuses data-parallel replicas
   here). The backend is NCCL when the trainer has GPUs, gloo otherwise, and always gloo for
   engines that stage (the embedded one).
-- per bucket ``/update_weights_from_distributed {names, dtypes, shapes, group_name}`` (dtype
-  names as torch spells them: "bfloat16"), then one broadcast per tensor in ``names`` order.
-  The group's store layout is SGLang's own (``rollout/broadcast_group.py``).
+- per bucket ``/update_weights_from_distributed {names, dtypes, shapes, group_name,
+  load_format}`` (dtype names as torch spells them: "bfloat16"), then with ``load_format:
+  "flattened_bucket"`` (``weights.flatten_buckets``, the default) ONE broadcast of a uint8
+  tensor holding the bucket's tensors' bytes back to back in ``names`` order
+  (:func:`flatten_bucket`, SGLang's ``FlattenedTensorBucket`` layout), otherwise one broadcast
+  per tensor. One collective per bucket instead of hundreds: each broadcast has a fixed cost
+  (a NCCL launch, a gloo round trip), and the buckets of a MoE hold many small tensors. The
+  price is one more bucket's bytes on rank 0 while it broadcasts. The group's store layout is
+  SGLang's own (``rollout/broadcast_group.py``).
 - ``/destroy_weights_update_group {group_name}`` on close.
 
 The other sender ranks relay their buckets to rank 0 one at a time (point-to-point in the
@@ -36,6 +42,19 @@ from moe_rl.weights.transport import SyncRound, Transport, raise_if_failed
 from moe_rl.weights.verify import SyncError, check_replies
 
 
+FLATTENED = "flattened_bucket"  # SGLang's load_format of one broadcast per bucket
+
+
+def flatten_bucket(tensors: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    """The bucket as SGLang's receiver takes a ``flattened_bucket``: ``(order, flat)``, the
+    tensors' bytes back to back without padding, tensor ``order[0]`` first. The receiver
+    refuses a tensor whose byte offset is not a multiple of its dtype's size, so the widest
+    dtype goes first (stable otherwise): every offset is then a sum of sizes of elements at
+    least as wide, hence aligned."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+    return order, torch.cat([tensors[i].contiguous().reshape(-1).view(torch.uint8) for i in order])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -46,8 +65,9 @@ class DistributedTransport(Transport):
     name = "distributed"
 
     def __init__(self, client: RolloutClient, *, address: str, port: int = 0, group_name: str = "moe_rl_weights",
-                 engine_ranks: int = 1, timeout_s: float = 300.0, backend: str | None = None) -> None:
-        self.client, self.address, self.port = client, address, port
+                 engine_ranks: int = 1, timeout_s: float = 300.0, backend: str | None = None,
+                 flatten: bool = True) -> None:
+        self.client, self.address, self.port, self.flatten = client, address, port, flatten
         self.group_name, self.engine_ranks, self.timeout_s = group_name, engine_ranks, timeout_s
         self.backend = backend or default_backend()
         self.group: WeightBroadcastGroup | None = None
@@ -118,15 +138,21 @@ class DistributedTransport(Transport):
     def _broadcast(self, b: ExportedBucket, rnd: SyncRound) -> None:
         tensors = [t.detach().to(self.group.device).contiguous() for t in b.tensors]
         sums = checksum.checksums(zip(b.names, [t.cpu() for t in tensors])) if rnd.verify else None
+        names, send = b.names, tensors
+        if self.flatten:  # announced in the flat buffer's order
+            order, flat = flatten_bucket(tensors)
+            names, tensors, send = [b.names[i] for i in order], [tensors[i] for i in order], [flat]
         futs = self.client.update_weights_from_distributed(
-            b.names, [str(t.dtype).removeprefix("torch.") for t in tensors], [list(t.shape) for t in tensors],
-            group_name=self.group_name, stage_id=rnd.stage_id, checksums=sums)
+            names, [str(t.dtype).removeprefix("torch.") for t in tensors], [list(t.shape) for t in tensors],
+            group_name=self.group_name, stage_id=rnd.stage_id, checksums=sums,
+            load_format=FLATTENED if self.flatten else None)
         fut = futs[0]
         try:  # an engine that refused the announcement will not join the broadcast
             fut.result(timeout=0.05)
         except cf.TimeoutError:
             pass
-        self.group.broadcast(tensors)
+        self.group.broadcast(send)
+        del send
         replies = fut.result(timeout=self.timeout_s)
         if sums is not None:
             check_replies([s.url for s in self.client.servers], replies, sums, f"bucket {b.index}")
