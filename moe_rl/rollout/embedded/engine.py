@@ -532,10 +532,10 @@ class EmbeddedEngine:
         for s in [s for s in self._slots if s is not None]:
             if everything or named(s):
                 end(s, "Aborted")
-        for s in self._waiting:
+        for s in list(self._waiting):  # _finish takes it out of the list
             if everything or named(s):
                 end(s, "Abort in waiting queue")
-        for s in self._held:  # by rid only (a client that gave up): abort_all does not reach them
+        for s in list(self._held):  # by rid only (a client that gave up): abort_all does not reach them
             if named(s):
                 end(s, "Abort in waiting queue")
         live = lambda s: s.future is not None and not s.future.done()  # noqa: E731
