@@ -39,6 +39,7 @@ import time
 import torch
 import torch.distributed as dist
 
+FLATTENED = "flattened_bucket"  # SGLang's load_format of one broadcast per bucket (sender and receiver)
 BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}  # the first device torch's helper registers
 
 

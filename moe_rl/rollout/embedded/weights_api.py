@@ -71,7 +71,7 @@ from typing import Any
 import torch
 from fastapi import APIRouter, Request
 
-from moe_rl.rollout.broadcast_group import WeightBroadcastGroup, error_text
+from moe_rl.rollout.broadcast_group import FLATTENED, WeightBroadcastGroup, error_text
 from moe_rl.rollout.embedded.http_context import ServerContext, Unavailable
 from moe_rl.rollout.embedded.protocol import SchemaError
 from moe_rl.rollout.embedded.weight_update import (
@@ -112,7 +112,6 @@ def _str_field(body: dict, key: str) -> str | None:
 
 
 GROUP = "weight_update_group"  # SGLang's default group_name
-FLATTENED = "flattened_bucket"  # SGLang's load_format of one broadcast per bucket
 
 
 def flattened_bucket(names: list[str], specs: list[tuple[list[int], torch.dtype]]

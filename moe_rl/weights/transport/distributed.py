@@ -34,15 +34,12 @@ import socket
 import torch
 import torch.distributed as dist
 
-from moe_rl.rollout.broadcast_group import WeightBroadcastGroup, default_backend
+from moe_rl.rollout.broadcast_group import FLATTENED, WeightBroadcastGroup, default_backend
 from moe_rl.rollout.client import RolloutClient
 from moe_rl.weights import checksum, job
 from moe_rl.weights.export import ExportedBucket
 from moe_rl.weights.transport import SyncRound, Transport, raise_if_failed
 from moe_rl.weights.verify import SyncError, check_replies
-
-
-FLATTENED = "flattened_bucket"  # SGLang's load_format of one broadcast per bucket
 
 
 def flatten_bucket(tensors: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
