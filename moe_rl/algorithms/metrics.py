@@ -102,7 +102,8 @@ class Metrics:
         """Flat float64 tensors: ``sum`` (numerators then denominators) to all-reduce SUM,
         ``min`` with MIN, ``max`` with MAX."""
         n = self.names()
-        cat = lambda xs: torch.stack(xs) if xs else torch.zeros(0, dtype=torch.float64)  # noqa: E731
+        # one device for the stack: a value computed on the host may sit beside GPU ones
+        cat = lambda xs: torch.stack([x.to(xs[0].device) for x in xs]) if xs else torch.zeros(0, dtype=torch.float64)  # noqa: E731
         return {
             "sum": cat([self.num[k] for k in n["sum"]] + [self.den[k] for k in n["den"]]),
             "min": cat([self.min[k] for k in n["min"]]),

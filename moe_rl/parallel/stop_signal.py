@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from moe_rl.parallel.collectives import all_reduce
+
 EXIT_SAVED_ON_SIGNAL = 5  # moe_rl.launch's exit code after a checkpoint saved on the signal
 
 UNCATCHABLE = ("SIGKILL", "SIGSTOP")
@@ -61,12 +63,7 @@ class StopSignal:
             return False
         t = torch.tensor([1 if self.received is not None else 0], dtype=torch.int64)
         if dist.is_available() and dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                dev = t.to(torch.device("cuda", torch.cuda.current_device()))
-                dist.all_reduce(dev, op=dist.ReduceOp.MAX)
-                t = dev.cpu()
-            else:
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            t = all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
     def close(self) -> None:

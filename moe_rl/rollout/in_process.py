@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from moe_rl.config.run import RunConfig
 from moe_rl.observability.progress import progress_bar
+from moe_rl.parallel.collectives import comm_device
 from moe_rl.parallel.work_split import gather_lists, my_share
 from moe_rl.rollout.embedded.tokenizer import TOKENIZER_FILES, has_tokenizer, load_tokenizer
 from moe_rl.rollout.requests import make_requests
@@ -69,7 +70,7 @@ class InProcessRollout:
         tr = self.trainer
         mine = iter(list(export_buckets(self.plan, tr.built, tr.groups)))
         named: List[tuple] = []
-        rank = dist.get_rank()
+        rank, dev = dist.get_rank(), comm_device()  # the engine's copy_ takes the bytes to its own device
         for b in self.plan.buckets:
             sent = next(mine).tensors if b.sender == rank else None
             # one flat message per dtype in the bucket (an fp32 expert bias beside bf16 weights)
@@ -77,9 +78,9 @@ class InProcessRollout:
                 idx = [i for i, s in enumerate(b.tensors) if s.dtype == dt]
                 specs = [b.tensors[i] for i in idx]
                 if sent is not None:
-                    flat = torch.cat([sent[i].reshape(-1).to(getattr(torch, dt)) for i in idx])
+                    flat = torch.cat([sent[i].reshape(-1).to(getattr(torch, dt)) for i in idx]).to(dev)
                 else:
-                    flat = torch.empty(sum(math.prod(s.shape) for s in specs), dtype=getattr(torch, dt))
+                    flat = torch.empty(sum(math.prod(s.shape) for s in specs), dtype=getattr(torch, dt), device=dev)
                 dist.broadcast(flat, src=b.sender)
                 for s, part in zip(specs, torch.split(flat, [math.prod(s.shape) for s in specs])):
                     named.append((s.name, part.view(s.shape)))

@@ -27,22 +27,13 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from moe_rl.parallel.collectives import all_reduce
 from moe_rl.routing import metrics as M
 from moe_rl.routing.capture import RouteCapture, moe_routers
 from moe_rl.routing.config import RoutingConfig
 from moe_rl.routing.layout import (NEW, OLD, R3_TRAIN, ROLLOUT, VALID, attach_engine_routes, attach_positions,
                                    fill_missing)
 from moe_rl.routing.replay import ModelReplay
-
-
-def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
-    """All-reduce a small CPU tensor, through the GPU when the group's backend is NCCL."""
-    if dist.get_backend(group) == "nccl":
-        dev = t.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(dev, op=op, group=group)
-        return dev.cpu()
-    dist.all_reduce(t, op=op, group=group)
-    return t
 
 
 class RoutingSession:
@@ -221,7 +212,7 @@ class RoutingSession:
             out.update(self._load(mbs))
         if self.replayer is not None:
             c = self.replayer.take_counts()
-            t = _all_reduce(torch.tensor([c.tokens, c.fallback, c.mismatch], dtype=torch.int64))
+            t = all_reduce(torch.tensor([c.tokens, c.fallback, c.mismatch], dtype=torch.int64))
             tokens, fallback, mismatch = t.tolist()
             out["routing/replay_fallback_frac"] = fallback / tokens if tokens else 0.0
             out["routing/replay_mismatch_frac"] = mismatch / tokens if tokens else 0.0
@@ -271,7 +262,7 @@ class RoutingSession:
             masks.append(mask_T)
         flip_T = torch.cat(flips).to(torch.int32)
         if g.dims.pp > 1:  # a token flips if it flips in a layer of any stage
-            flip_T = _all_reduce(flip_T, op=dist.ReduceOp.MAX, group=g.pp_group)
+            flip_T = all_reduce(flip_T, op=dist.ReduceOp.MAX, group=g.pp_group)
         mask_T = torch.cat(masks)
         scal = torch.tensor([int(mask_T.sum()), int((flip_T.bool() & mask_T).sum())], dtype=torch.int64)
         if not self._counted():
@@ -280,9 +271,9 @@ class RoutingSession:
         if not (self._counted() and g.pp_rank == 0):
             scal.zero_()
         packed = torch.cat([ints.reshape(-1), scal])
-        packed = _all_reduce(packed)
+        packed = all_reduce(packed)
         if with_kl:
-            kl = _all_reduce(kl)
+            kl = all_reduce(kl)
         ints, scal = packed[:-2].reshape(4, L_all), packed[-2:]
         counts = {"tokens_L": ints[0], "flips_L": ints[1], "overlap_L": ints[2], "slots_L": ints[3],
                   "tokens": scal[0], "any_layer_flips": scal[1]}
@@ -301,5 +292,5 @@ class RoutingSession:
                 mask_T = mb[VALID].reshape(-1).cpu() if VALID in mb else None
                 load[pos] += M.load_counts(r.experts_BSLK.reshape(B * S, len(local), -1).cpu(), self.num_experts,
                                            mask_T)
-        load = _all_reduce(load)
+        load = all_reduce(load)
         return M.finalize_load(load, all_ids)

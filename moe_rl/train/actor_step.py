@@ -23,6 +23,7 @@ import torch.distributed as dist
 from moe_rl.algorithms.actor_loss import actor_loss
 from moe_rl.algorithms.config import AlgorithmConfig
 from moe_rl.algorithms.metrics import Metrics
+from moe_rl.parallel.collectives import all_reduce
 from moe_rl.parallel.groups import Groups, pipeline_first_last_ranks
 from moe_rl.train.global_counts import count_global
 from moe_rl.train.model import BuiltModel
@@ -62,7 +63,7 @@ def _reduce(merged: Metrics, groups: Groups) -> dict[str, float]:
         packed = merged.pack()
         if groups.dims.dp > 1:
             for key, op in (("sum", dist.ReduceOp.SUM), ("min", dist.ReduceOp.MIN), ("max", dist.ReduceOp.MAX)):
-                dist.all_reduce(packed[key], op=op, group=groups.dp_group)
+                packed[key] = all_reduce(packed[key], op=op, group=groups.dp_group)
         values = merged.unpack(packed).compute()
     if groups.dims.pp > 1:
         box = [values]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moe_rl.parallel.collectives import all_reduce
 from moe_rl.parallel.context_parallel import gather_sequence, slice_sequence
 from moe_rl.parallel.groups import Groups
 from moe_rl.train.schedule import LossFn
@@ -40,8 +41,8 @@ def step_loss(metrics: list[dict], groups: Groups, key: str = "loss") -> float:
     ``metrics`` is what ``forward_backward`` returned (filled on the last pipeline stage)."""
     local = torch.tensor([sum(float(m[key]) for m in metrics)], dtype=torch.float64)
     if groups.is_last_stage:
-        dist.all_reduce(local, group=groups.dp_group)
+        local = all_reduce(local, group=groups.dp_group)
     else:
         local.fill_(float("-inf"))
-    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    local = all_reduce(local, op=dist.ReduceOp.MAX)
     return float(local)

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe_rl.parallel.collectives import all_reduce
+
 # B responses, T tokens
 
 
@@ -59,7 +61,7 @@ def count_global(masks_BT: Sequence[Tensor], *, dp_group: Optional[dist.ProcessG
         local[0] += m.sum()
         local[1] += m.shape[0]
     if dp_group is not None:
-        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=dp_group)
+        local = all_reduce(local, op=dist.ReduceOp.SUM, group=dp_group)
     tokens, seqs = local.tolist()
     return GlobalCounts(num_tokens=int(tokens), num_seqs=int(seqs))
 
@@ -76,8 +78,6 @@ def dp_batch_sum(dp_group: Optional[dist.ProcessGroup]) -> Callable[[Tensor], Te
     def batch_sum(x: Tensor) -> Tensor:
         if dp_group is None:
             return x
-        out = x.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=dp_group)
-        return out
+        return all_reduce(x.detach().clone(), op=dist.ReduceOp.SUM, group=dp_group)
 
     return batch_sum

@@ -10,8 +10,8 @@ import time
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
+from moe_rl.parallel.collectives import max_over_world
 from moe_rl.parallel.context_parallel import gather_sequence
 from moe_rl.parallel.groups import Groups
 from moe_rl.train.model import BuiltModel, build_model, load_hf_weights
@@ -33,12 +33,6 @@ def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tens
     model (that is ``moe_rl.rollout.embedded.sampler.sample_tokens``)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
-
-
-def _max_over_world(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 @torch.no_grad()
@@ -78,8 +72,8 @@ def logit_parity(hf_model, hf_dir: str, groups: Groups, *, batch: int = 2, seq: 
             ref = hf_model(t.to(hf_model.device)).logits.float().cpu()
             diff = max(diff, (o.cpu() - ref).abs().max().item())
             ref_max = max(ref_max, ref.abs().max().item())
-    return {"max_abs_diff": _max_over_world(diff), "max_abs_logit": _max_over_world(ref_max),
-            "build_load_s": t_build, "max_read_fraction": _max_over_world(read_fraction)}
+    return {"max_abs_diff": max_over_world(diff), "max_abs_logit": max_over_world(ref_max),
+            "build_load_s": t_build, "max_read_fraction": max_over_world(read_fraction)}
 
 
 def logprob_parity(hf_model, hf_dir: str, groups: Groups, *, temperature: float = 0.7, batch: int = 2,
@@ -116,5 +110,5 @@ def logprob_parity(hf_model, hf_dir: str, groups: Groups, *, temperature: float 
         logp, ent = torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
         d_logp = (logp - ref.gather(-1, targets[..., None])[..., 0]).abs().max().item()
         d_ent = (ent - (-(ref.exp() * ref).sum(-1))).abs().max().item()
-    return {"logp_max_abs_diff": _max_over_world(d_logp), "entropy_max_abs_diff": _max_over_world(d_ent),
+    return {"logp_max_abs_diff": max_over_world(d_logp), "entropy_max_abs_diff": max_over_world(d_ent),
             "reference_frozen": frozen}

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from moe_rl.algorithms.kl import kl_estimate
 from moe_rl.config.run import RunConfig
 from moe_rl.data import train_batch as tb
+from moe_rl.parallel.collectives import all_reduce
 
 
 def check_microbatching(cfg: RunConfig, dims) -> None:
@@ -99,7 +100,7 @@ class Trainer:
             counts = torch.tensor([max(len(tb.plan_microbatches([lens[i] for i in rows],
                                                                 token_budget=t.micro_batch * t.seq_len,
                                                                 max_rows=t.micro_batch)) for rows in shards)])
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # every rank runs as many forwards (EP exchanges tokens)
+            counts = all_reduce(counts, op=dist.ReduceOp.MAX)  # every rank runs as many forwards (EP exchanges tokens)
         out = []
         for rows in shards:
             if g.dims.vpp > 1:  # equal row counts, in batch order

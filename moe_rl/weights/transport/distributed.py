@@ -34,6 +34,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from moe_rl.parallel.collectives import comm_device
 from moe_rl.rollout.broadcast_group import FLATTENED, WeightBroadcastGroup, default_backend
 from moe_rl.rollout.client import RolloutClient
 from moe_rl.weights import checksum, job
@@ -124,7 +125,7 @@ class DistributedTransport(Transport):
     @staticmethod
     def _receive(spec) -> ExportedBucket:
         names, tensors = [], []
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        device = comm_device()
         for t in spec.tensors:
             buf = torch.empty(t.shape, dtype=getattr(torch, t.dtype), device=device)
             dist.recv(buf, src=spec.sender)

@@ -1,0 +1,42 @@
+"""Small collectives on host tensors, on whichever backend the group uses.
+
+Counts, metrics and flags are built on the CPU (``torch.tensor([...])``). On gloo they can go
+to ``dist.all_reduce`` as they are; on NCCL (every GPU run: the world group and Megatron's
+groups are NCCL only, no gloo fallback) a CPU tensor is refused ("No backend type associated
+with device type cpu"), so it has to travel through the current GPU. Every host-side
+collective of the project goes through here, so the CPU tests and a GPU run take the same
+code path and differ only in the device the bytes cross.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device ``group``'s backend reduces on: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """``t`` all-reduced over ``group`` (default: the world), returned on ``t``'s device.
+
+    ``t`` itself is reduced in place when it is already on the backend's device; otherwise a
+    copy crosses and the result is a new tensor. Use the return value."""
+    dev = comm_device(group)
+    if t.device == dev:
+        dist.all_reduce(t, op=op, group=group)
+        return t
+    wire = t.to(dev)
+    dist.all_reduce(wire, op=op, group=group)
+    return wire.to(t.device)
+
+
+def max_over_world(x: float) -> float:
+    """The largest ``x`` of all ranks (every rank calls it at the same point)."""
+    return float(all_reduce(torch.tensor([x], dtype=torch.float64), op=dist.ReduceOp.MAX).item())
