@@ -141,6 +141,10 @@ class RLLoop:
         batch = self.p.scorer.to_batch(groups)
         m = rollout_metrics(batch.rewards_B, batch.group_ids_B, batch.lengths_B, batch.truncated_B).compute()
         m.update({f"rollout/reward_mean/{n}": float(v.mean()) for n, v in batch.named_rewards.items()})
+        err_m, err_msg = self.p.scorer.error_metrics(groups)
+        m.update(err_m)
+        if err_msg:
+            report(f"[moe_rl] step {step}: {err_msg}")
         m.update({"rollout/tokens_per_s": tokens / max(t.seconds.get("rollout", 0.0), 1e-9),
                   "rollout/rounds": float(n_rounds), "rollout/filled_groups": float(filled)})
         with t("rewards"):

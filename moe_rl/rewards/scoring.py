@@ -33,7 +33,7 @@ class Scorer:
                               label=prompts[samples[i].group_id].record.label, prompt=prompts[samples[i].group_id].text,
                               metadata=prompts[samples[i].group_id].record.metadata) for i in share]
         rb = self.evaluator.evaluate(inputs, desc="rewards") if inputs else None
-        local = [(float(rb.total()[k]), rb.values[k]) for k in range(len(inputs))] if rb else []
+        local = [(float(rb.total()[k]), rb.values[k], rb.errors[k]) for k in range(len(inputs))] if rb else []
         scored = gather_lists(local)
         groups = []
         for g in range(len(prompts)):
@@ -42,8 +42,26 @@ class Scorer:
             groups.append({"samples": [samples[i] for i in rows], "round": rnd,
                            "rewards": torch.tensor([scored[i][0] for i in rows], dtype=torch.float32),
                            "named": {n: torch.tensor([scored[i][1][n] for i in rows], dtype=torch.float32)
-                                     for n in scored[rows[0]][1]}})
+                                     for n in scored[rows[0]][1]},
+                           "errors": [scored[i][2] for i in rows]})  # [G] name -> text (on_error=zero)
         return groups
+
+    def error_metrics(self, groups: List[Dict[str, Any]]) -> tuple[Dict[str, float], str]:
+        """``rollout/reward_error_frac/<name>`` over the step's groups (responses whose reward
+        ``name`` raised, was not finite or timed out, and so scored 0 under ``on_error=zero``),
+        and a one-line summary naming the first failure ('' when none failed)."""
+        errs = [e for g in groups for e in g["errors"]]
+        n = max(len(errs), 1)
+        out = {f"rollout/reward_error_frac/{spec.name}": sum(spec.name in e for e in errs) / n
+               for spec in self.cfg.rewards.rewards}
+        failed = {name: sum(name in e for e in errs) for name in dict.fromkeys(k for e in errs for k in e)}
+        if not failed:
+            return out, ""
+        first_name = next(iter(failed))
+        first = next(e[first_name] for e in errs if first_name in e)
+        counts = ", ".join(f"{name!r} on {k} of {len(errs)}" for name, k in failed.items())
+        return out, (f"rewards failed and scored 0 (rewards.on_error=zero): {counts} responses; "
+                     f"first, {first_name!r}: {first[:300]}")
 
     def to_batch(self, groups: List[Dict[str, Any]]) -> tb.TrainBatch:
         samples, rewards, named = [], [], {}

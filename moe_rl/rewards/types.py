@@ -50,12 +50,3 @@ class RewardBatch:
         for n, t in self.by_name().items():
             out += self.weights[n] * t
         return out
-
-    def metrics(self) -> Dict[str, float]:
-        """Mean of each named reward and the error count (``reward/<name>_mean``)."""
-        out: Dict[str, float] = {}
-        B = max(len(self.values), 1)
-        for n, t in self.by_name().items():
-            out[f"reward/{n}_mean"] = float(t.sum()) / B
-        out["reward/errors"] = float(sum(len(e) for e in self.errors))
-        return out

@@ -42,6 +42,7 @@ def test_sync_run_logs_every_metric_and_starts_on_policy(loop_runs):
         bad = {k: v for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)}
         assert not bad, bad
         assert r["rollout/staleness_mean"] == 0.0 and r["rollout/weight_version_min"] == r["policy_version"]
+        assert r["rollout/reward_error_frac/correct"] == 0.0  # a reward that never fails
         assert any(k.startswith("timing/") for k in r)
     # every sync of the in-process engines ends with the log-prob probe on each rank's engine
     synced = [r for r in recs if "weights/sync_s" in r]
@@ -61,7 +62,8 @@ def test_sync_run_logs_every_metric_and_starts_on_policy(loop_runs):
 
 def test_every_logged_metric_is_documented(loop_runs):
     """docs/metrics.md names (in backticks) every key any run of the launch logged; per-layer
-    keys as ``.../layer_<i>``, per-reward ones as ``rollout/reward_mean/<name>``."""
+    keys as ``.../layer_<i>``, per-reward ones as ``rollout/reward_mean/<name>`` (and
+    ``reward_error_frac``)."""
     import re
 
     def records(x):
@@ -76,8 +78,8 @@ def test_every_logged_metric_is_documented(loop_runs):
                 yield from records(v)
 
     recs = list(records(loop_runs[1]))
-    keys = {re.sub(r"^rollout/reward_mean/.+$", "rollout/reward_mean/<name>", re.sub(r"layer_\d+$", "layer_<i>", k))
-            for r in recs for k in r}
+    per_reward = r"^rollout/(reward_mean|reward_error_frac)/.+$"
+    keys = {re.sub(per_reward, r"rollout/\1/<name>", re.sub(r"layer_\d+$", "layer_<i>", k)) for r in recs for k in r}
     assert len(recs) > 40 and any(k.startswith("routing/") for k in keys), (len(recs), sorted(keys))
     doc = (ROOT / "docs" / "metrics.md").read_text()
     missing = sorted(k for k in keys if f"`{k}`" not in doc)

@@ -101,7 +101,6 @@ def test_multi_reward_batch(executor, user_module):
     assert set(t) == {"acc", "fmt", "len"} and t["acc"].dtype == torch.float32
     expected = torch.tensor([a + 0.5 * f + 2.0 * n for a, f, n in zip(acc, fmt, length)])
     torch.testing.assert_close(batch.total(), expected)
-    assert batch.metrics()["reward/acc_mean"] == pytest.approx(2 / 3)
 
 
 def test_process_executor_and_async(user_module, monkeypatch):
@@ -125,7 +124,7 @@ def test_errors_raise_or_score_zero(user_module):
     batch = ev.evaluate([RewardInput(response="x")] * 2)
     assert batch.values == [{"b": 0.0, "n": 0.0}] * 2
     assert "boom" in batch.errors[1]["b"] and "nan" in batch.errors[0]["n"]
-    assert batch.metrics()["reward/errors"] == 4.0
+    assert [sorted(e) for e in batch.errors] == [["b", "n"], ["b", "n"]]
     with pytest.raises(ValueError, match="cannot import"):
         RewardEvaluator(RewardConfig(rewards=[RewardSpec(name="x", fn="nope_mod:f")]))
 
