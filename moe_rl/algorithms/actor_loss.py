@@ -41,6 +41,21 @@ from moe_rl.algorithms.ratio import clamped_ratio
 # B responses, T tokens
 
 
+# verl's geo_mean loss: the log of a zero weight (icepop's out-of-band tokens) is taken at this floor
+GMPO_LOG_WEIGHT_EPS = 1e-10
+
+
+def gmpo_sequence_weight(weight_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """GMPO's mismatch weight: the geometric mean of the response's token weights, on every token
+    of the response, W_i = exp(sum_t m log(w + 1e-10) / (sum_t m + 1e-8)), as verl's
+    compute_policy_loss_geo_mean (a geometric-mean objective takes a geometric-mean weight; a
+    sequence mode's weight, one value per response, comes out the same up to the epsilons)."""
+    m = mask_BT.to(weight_BT.dtype)
+    log_w = torch.where(mask_BT, torch.log(weight_BT + GMPO_LOG_WEIGHT_EPS), torch.zeros_like(weight_BT))
+    W_B = torch.exp(log_w.sum(-1) / (m.sum(-1) + 1e-8))
+    return W_B[:, None].expand_as(weight_BT)
+
+
 def actor_loss(
     cfg: AlgorithmConfig,
     logp_BT: Tensor,
@@ -92,6 +107,8 @@ def actor_loss(
         if fold else None,
     )
     loss_BT = out.loss_BT
+    if weight_BT is not None and cfg.policy_loss == "gmpo":
+        weight_BT = gmpo_sequence_weight(weight_BT, m)
     if weight_BT is not None and not fold:
         loss_BT = loss_BT * weight_BT
 

@@ -315,6 +315,37 @@ def test_actor_loss_sequence_level_metrics_and_requirements():
                    num_global_tokens=13, num_global_seqs=B)
 
 
+@pytest.mark.parametrize("mismatch", ["tis", "icepop", "seq-tis"])
+def test_gmpo_takes_the_geometric_mean_of_the_mismatch_weights_as_verl(mismatch):
+    """verl compute_policy_loss_geo_mean with rollout_is_weights, written out per response:
+    l_i = -A_i r_i W_i, W_i = exp(sum_t log(w_t + 1e-10) / (n_i + 1e-8)), loss = mean_i l_i."""
+    logp, logp_pad, old, adv, mask = _data(spread=0.3)
+    g = torch.Generator().manual_seed(7)
+    roll = old + 0.8 * torch.randn(B, T, generator=g, dtype=D)  # wide: icepop masks some tokens
+    cfg = AlgorithmConfig(preset="gmpo", mismatch=mismatch)
+    loss, _ = actor_loss(cfg, logp_pad, old, adv, mask, num_global_tokens=int(mask.sum()), num_global_seqs=B,
+                         rollout_logp_BT=roll)
+    seq = ref_seq_losses("gmpo", logp, old, adv, mask, 0.4, 0.4)
+    ref = 0
+    masked = 0
+    for i, n in enumerate(LENS):
+        lw = [old[i, t].item() - roll[i, t].item() for t in range(n)]
+        if mismatch == "tis":
+            w = [min(math.exp(x), 2.0) for x in lw]
+        elif mismatch == "icepop":
+            w = [math.exp(x) if 0.5 <= math.exp(x) <= 5.0 else 0.0 for x in lw]
+            masked += w.count(0.0)
+        else:
+            w = [min(math.exp(sum(lw)), 2.0)] * n
+        W = math.exp(sum(math.log(x + 1e-10) for x in w) / (n + 1e-8))
+        ref = ref + seq[i] * W
+    ref = ref / B
+    if mismatch == "icepop":
+        assert masked > 0  # the case where a geometric and an arithmetic mean part ways
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    assert torch.allclose(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(ref, logp)[0], atol=1e-12)
+
+
 def test_metrics_merge_is_exact_not_mean_of_means():
     vals = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0])]
     ms = [Metrics().add_masked("x", v, torch.ones_like(v, dtype=torch.bool), min_name="x_min", max_name="x_max")
