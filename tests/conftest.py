@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny HF checkpoints of every family, the gpu marker.
+"""Shared fixtures: tiny HF checkpoints of every family, a 1-rank process group, the gpu marker.
 Multi-process launch helpers live in ``tests/launcher.py``."""
 
 from __future__ import annotations
@@ -27,3 +27,15 @@ def tiny_hf_dirs(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("tiny_hf")
     return {f: save_tiny_hf(f, base / f, seed=0) for f in TINY_FAMILIES}
+
+
+@pytest.fixture
+def one_rank_world(tmp_path):
+    """A 1-rank gloo process group in this process (for code that calls collectives)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg_store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

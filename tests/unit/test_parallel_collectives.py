@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -76,15 +75,6 @@ def test_comm_device_is_the_current_gpu_on_nccl_and_the_host_otherwise(monkeypat
     assert collectives.comm_device() == torch.device("cuda", 3)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     assert collectives.comm_device() == torch.device("cpu")
-
-
-@pytest.fixture
-def one_rank_world(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_all_reduce_and_max_over_world_on_gloo(one_rank_world):

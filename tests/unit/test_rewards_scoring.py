@@ -32,15 +32,6 @@ def picky(sample, **_):
     return float("nan") if d == 9 else float(d % 2 == 0)
 
 
-@pytest.fixture
-def one_rank_world(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _sample(gid, k, digit):
     return Sample(group_id=gid, sample_index=k, prompt_ids=[1], response_ids=[digit],
                   rollout_logprobs_T=torch.zeros(1), routed_experts_NLK=None, finish_reason="stop",
