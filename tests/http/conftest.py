@@ -19,7 +19,7 @@ def tiny_ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_servers(tiny_ckpts, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    servers = [start_embedded(tiny_ckpts["v0"], logs, name=f"s{i}") for i in range(2)]
+    servers = [start_embedded(tiny_ckpts["v0"], logs, name=f"s{i}", extra=("--enable-metrics",)) for i in range(2)]
     try:
         for s in servers:
             s.wait_healthy()

@@ -60,10 +60,11 @@ class ServerProc:
         self._log.close()
 
 
-def start_embedded(model_dir: str, log_dir, *, max_running: int = 4, name: str = "srv") -> ServerProc:
+def start_embedded(model_dir: str, log_dir, *, max_running: int = 4, name: str = "srv",
+                   extra: tuple[str, ...] = ()) -> ServerProc:
     port = free_port()
     argv = [sys.executable, "-m", "moe_rl.rollout.embedded.server", "--model", str(model_dir), "--port",
-            str(port), "--max-running", str(max_running), "--num-threads", "1"]
+            str(port), "--max-running", str(max_running), "--num-threads", "1", *extra]
     return ServerProc(argv, f"http://127.0.0.1:{port}", os.path.join(str(log_dir), f"{name}-{port}.log"))
 
 

@@ -52,3 +52,29 @@ def test_generate_through_router(router, two_servers):
     assert httpx.post(router.url + "/pause_generation", json={}, timeout=10).status_code == 404
     client.pause()
     client.continue_generation()
+
+
+def test_router_engine_metrics_aggregates_every_worker(router, two_servers):
+    """sglang-router's ``/engine_metrics`` scrapes each worker's ``/metrics`` and relabels it
+    (``worker_addr``, ':' -> '_'); its parser refuses what it cannot read, so every series of
+    both workers showing up is the format check. The request counts are the workers' own."""
+    import re
+
+    assert httpx.post(router.url + "/generate", json={"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}},
+                      timeout=60).status_code == 200
+    r = httpx.get(router.url + "/engine_metrics", timeout=30)
+    assert r.status_code == 200 and r.text, "the router parsed no worker's /metrics"
+    seen = {}
+    for line in r.text.splitlines():
+        m = re.match(r'^sglang_num_requests_total\{(.*)\} (\S+)$', line)
+        if m:
+            labels = dict(re.findall(r'([a-z_]+)="([^"]*)"', m.group(1)))
+            seen[(labels["worker_addr"], labels["is_streaming"])] = float(m.group(2))
+    for s in two_servers:
+        own = httpx.get(s.url + "/metrics", timeout=30).text
+        mine = sum(float(x) for x in re.findall(r'^sglang:num_requests_total\{[^}]*\} (\S+)$', own, re.M))
+        assert seen[(s.url, "false")] + seen[(s.url, "true")] == mine
+    assert sum(seen.values()) >= 1  # at least the request above
+    for family in ("sglang_num_running_reqs", "sglang_token_usage", "sglang_generation_tokens_total"):
+        assert sum(f'worker_addr="{s.url}"' in line for line in r.text.splitlines()
+                   if line.startswith(family + "{") for s in two_servers) >= 2, family

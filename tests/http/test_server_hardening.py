@@ -433,6 +433,7 @@ def test_api_key_and_bind_policy(tiny_ckpts, tmp_path):
         assert httpx.post(srv.url + "/generate", json=gen, timeout=30,
                           headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.get(srv.url + "/health", timeout=30).status_code == 200  # probes stay open
+        assert httpx.get(srv.url + "/metrics", timeout=30).status_code == 404  # open, but off without the flag
     finally:
         srv.close()
 

@@ -155,6 +155,16 @@ class _Group:
         return self.logprobs is not None and self.logprobs.input_start is not None
 
 
+@dataclasses.dataclass
+class RequestCounts:
+    """Finished samples since the engine started (SGLang's ``num_requests_total``,
+    ``prompt_tokens_total`` and ``generation_tokens_total``; a prompt counts once per sample)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
 class _Seq:
     def __init__(self, rid: str, group: _Group, params: SamplingParams, future: cf.Future | None,
                  seed: int | None = None, stop: StopStrings | None = None, index: int = 0,
@@ -166,6 +176,7 @@ class _Seq:
         self.stop = stop
         self.index = index
         self.on_token = on_token
+        self.streamed = on_token is not None  # for the request counters (on_token is dropped if it fails)
         spec = group.logprobs
         self.out_top: list[TopEntry | None] | None = [] if spec is not None and spec.top_k > 0 else None
         self.out_chosen: list[list[float] | None] | None = [] if spec is not None and spec.token_ids is not None \
@@ -250,6 +261,9 @@ class EmbeddedEngine:
         self.error: str | None = None  # why the loop ended; None while it serves
         self._rid_counter = itertools.count()
         self.num_generated_tokens = 0
+        # finished samples since start, by streamed or not ("true"/"false", SGLang's is_streaming label)
+        self.finished_counts = {"false": RequestCounts(), "true": RequestCounts()}
+        self.num_aborted_requests = 0
         check_engine_contract(self)
 
     # ---------------------------------------------------------------- public, any thread
@@ -368,6 +382,11 @@ class EmbeddedEngine:
     def num_waiting(self) -> int:
         """Samples queued in the scheduler (not those held by a pause, :attr:`num_held`)."""
         return len(self._waiting) + (0 if self.paused else self._inbox.qsize())
+
+    @property
+    def num_used_tokens(self) -> int:
+        """Tokens (prompt + output so far) of the running samples: what their KV slots hold."""
+        return sum(s.prompt_len + len(s.out_ids) for s in list(self._slots) if s is not None)
 
     @property
     def num_held(self) -> int:
@@ -724,6 +743,12 @@ class EmbeddedEngine:
             self._finish(s, {"type": "length", "length": len(s.out_ids)})
 
     def _finish(self, s: _Seq, finish: dict[str, Any]) -> None:
+        c = self.finished_counts["true" if s.streamed else "false"]
+        c.requests += 1
+        c.prompt_tokens += s.prompt_len
+        c.generation_tokens += len(s.out_ids)
+        if finish["type"] == "abort":
+            self.num_aborted_requests += 1
         if s.slot >= 0:
             self._slots[s.slot] = None
             s.slot = -1

@@ -69,6 +69,7 @@ class ServerOptions:
     max_joins: int = 2  # weight-group joins/broadcasts running at once; more get 503
     max_samples_per_request: int = 4096  # prompts x n one /generate may ask
     health_timeout_s: float = 20.0  # /health_generate's one-token generate must finish by then
+    enable_metrics: bool = False  # serve GET /metrics (Prometheus text), as SGLang's --enable-metrics
 
 
 class Unavailable(RuntimeError):

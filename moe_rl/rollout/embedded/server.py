@@ -7,8 +7,8 @@ the control endpoints the RL loop and sglang-router use. The flags are SGLang's 
 meaning here are accepted where their value is harmless and refused otherwise.
 
 The app is assembled from one router per concern: ``generate_api.py`` (generate, health),
-``control_api.py`` (info, pause/continue, abort, memory, version) and ``weights_api.py``
-(weight updates); ``http_context.py`` holds what they share. Every response carries the
+``control_api.py`` (info, pause/continue, abort, memory, version), ``weights_api.py``
+(weight updates) and, with ``--enable-metrics``, ``metrics_api.py`` (Prometheus ``/metrics``); ``http_context.py`` holds what they share. Every response carries the
 weight version: ``meta_info.weight_version`` in generate items, a ``weight_version`` key in
 JSON control replies, and an ``X-Weight-Version`` header on all.
 
@@ -34,6 +34,7 @@ from moe_rl.rollout.embedded.control_api import control_router
 from moe_rl.rollout.embedded.engine import EmbeddedEngine
 from moe_rl.rollout.embedded.generate_api import generate_router
 from moe_rl.rollout.embedded.http_context import ServerContext, ServerMiddleware, ServerOptions, Unavailable
+from moe_rl.rollout.embedded.metrics_api import metrics_router
 from moe_rl.rollout.embedded.protocol import ContractError, RequestError, SchemaError
 from moe_rl.rollout.embedded.tokenizer import load_tokenizer
 from moe_rl.rollout.embedded.weights_api import weights_router
@@ -64,7 +65,10 @@ def build_app(engine: EmbeddedEngine, options: ServerOptions | None = None, *, t
         return JSONResponse({"error": {"message": str(exc)}, "weight_version": ctx.version()},
                             status_code=exc.status)
 
-    for router in (generate_router(ctx), control_router(ctx), weights_router(ctx)):
+    routers = [generate_router(ctx), control_router(ctx), weights_router(ctx)]
+    if ctx.options.enable_metrics:
+        routers.append(metrics_router(ctx))
+    for router in routers:
         app.include_router(router)
     app.add_middleware(ServerMiddleware, ctx=ctx)
     ctx.startup_time = time.time()
@@ -113,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.add_argument(flag_name, type=int, default=1, dest=f"sgl_{flag_name.lstrip('-').replace('-', '_')}")
     ap.add_argument("--mem-fraction-static", type=float, default=None, help="ignored (no GPU memory pool)")
     ap.add_argument("--base-gpu-id", type=int, default=0, help="ignored (no GPU)")
-    for flag_name in ("--skip-server-warmup", "--enable-metrics", "--enable-memory-saver",
+    ap.add_argument("--enable-metrics", action="store_true", help="serve GET /metrics (Prometheus text format)")
+    for flag_name in ("--skip-server-warmup", "--enable-memory-saver",
                       "--enable-weights-cpu-backup"):
         ap.add_argument(flag_name, action="store_true", help="ignored (no effect on the CPU engine)")
     a = ap.parse_args(argv)
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     model_path = os.path.abspath(a.model_path)
     roots = a.weight_roots if a.weight_roots is not None else [os.path.dirname(model_path)]
     options = ServerOptions(model_path=model_path, api_key=a.api_key, weight_roots=[os.path.abspath(r) for r in roots],
-                            control_timeout_s=a.control_timeout, max_samples_per_request=a.max_samples_per_request)
+                            control_timeout_s=a.control_timeout, max_samples_per_request=a.max_samples_per_request,
+                            enable_metrics=a.enable_metrics)
     app = build_app(engine, options, tokenizer=tokenizer)
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                                            timeout_graceful_shutdown=5))
