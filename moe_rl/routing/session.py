@@ -133,8 +133,8 @@ class RoutingSession:
         ``routes_rollout``, where a token has no engine route (a sample the engine returned
         without routes) the old policy's route from the old pass, so the ratio's numerator and
         denominator route those tokens alike (live routing there would drift with every
-        update; without ``routing.capture`` there is no ``routes_old`` and they route live);
-        without replay it does nothing."""
+        update; R3 records ``routes_old`` whatever ``routing.capture`` says); without replay it
+        does nothing."""
         with contextlib.ExitStack() as stack:
             if self.active and self.cfg.replay == "r2":
                 stack.enter_context(self.replay(mbs, OLD))

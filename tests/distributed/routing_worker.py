@@ -387,13 +387,14 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
         rec["registry_before_session"] = _registry_size()
         routes_B = [s.routed_experts_NLK for s in samples_bf16]
         out = {}
-        for mode in ("none", "r3", "r3_partial"):
-            routing = RoutingSession(RoutingConfig(replay=mode[:2] if mode != "none" else mode), [built.module],
+        for mode in ("none", "r3", "r3_partial", "r3_partial_nocapture"):
+            routing = RoutingSession(RoutingConfig(replay=mode[:2] if mode != "none" else mode,
+                                                   capture=not mode.endswith("nocapture")), [built.module],
                                      groups, hf.config)
             ref_routing = RoutingSession(RoutingConfig(replay="none"), [ref.module], groups, hf.config)
             rec[f"registry_with_{mode}_session"] = _registry_size()
             mbs = microbatches(batch_bf16, groups)
-            missing = [0, 5] if mode == "r3_partial" else []  # rows the engine gave no routes for
+            missing = [0, 5] if mode.startswith("r3_partial") else []  # rows the engine gave no routes for
             attach_engine_routes(mbs, [None if i in missing else r for i, r in enumerate(routes_B)],
                                  batch_bf16.seq_lengths, layer_ids, num_experts=fam.num_experts(hf.config))
             ref_mbs = microbatches(batch_bf16, groups)
@@ -408,7 +409,7 @@ def r3_checks(hf, hf_dir, batch_bf16, samples_bf16, rec):
                 run_pass(built, mbs, groups, "used_logp")
             used_rows = gather_rows(batch_bf16, mbs, groups, "routes_used")  # the experts the layers ran
             train = {}
-            if mode == "r3_partial":  # a training pass: the unrouted rows replay the old pass's routes
+            if mode.startswith("r3_partial"):  # a training pass: the unrouted rows replay the old pass's routes
                 # an "update" of the routers first (the same on every rank), so live routing would differ
                 from moe_rl.routing.capture import moe_routers
 

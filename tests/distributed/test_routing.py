@@ -118,14 +118,15 @@ def test_r3_end_to_end_at_ep2(results):
     # the policy's replay is its own: the reference, run inside it, routed live both times
     assert none["ref_routes"] == r3["ref_routes"]
     # R3 with two rows the engine gave no routes for: exactly their tokens fall back to live routing
-    part = rec["r3"]["r3_partial"]
-    print(f"R3 with 2 of 16 rows unrouted: replay_fallback_frac {part['fallback']:.4f} "
-          f"(their share of tokens {part['fallback_expected']:.4f})")
-    assert part["fallback"] == pytest.approx(part["fallback_expected"], abs=1e-12) and part["fallback"] > 0
-    assert part["mismatch"] == 0.0 and part["used_routes_vs_engine_diff"] == 0.0  # the routed rows replayed
-    # ... and in a training pass those rows replay the old pass's routes (not live), the others the engine's
-    assert part["train_fallback"] == 0.0 and part["train_mismatch"] == 0.0
-    assert part["train_missing_vs_old_diff"] == 0.0 and part["train_routed_vs_engine_diff"] == 0.0
+    for mode in ("r3_partial", "r3_partial_nocapture"):  # the second with routing.capture=false
+        part = rec["r3"][mode]
+        print(f"R3 with 2 of 16 rows unrouted ({mode}): replay_fallback_frac {part['fallback']:.4f} "
+              f"(their share of tokens {part['fallback_expected']:.4f})")
+        assert part["fallback"] == pytest.approx(part["fallback_expected"], abs=1e-12) and part["fallback"] > 0
+        assert part["mismatch"] == 0.0 and part["used_routes_vs_engine_diff"] == 0.0  # the routed rows replayed
+        # ... and in a training pass those rows replay the old pass's routes (not live), the others the engine's
+        assert part["train_fallback"] == 0.0 and part["train_mismatch"] == 0.0, mode
+        assert part["train_missing_vs_old_diff"] == 0.0 and part["train_routed_vs_engine_diff"] == 0.0, mode
     assert rec["registry_before_session"] == 8 and rec["registry_with_none_session"] == 8
     assert rec["registry_with_r3_session"] == 4  # the policy's 4 routers left Megatron's global list
 
