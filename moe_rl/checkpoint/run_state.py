@@ -189,7 +189,8 @@ def capture_rng() -> Dict[str, Any]:
     out = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
            "megatron": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
     if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+        # this rank's own device only: a resume may see another number of GPUs per process
+        out["cuda"] = torch.cuda.get_rng_state()
     return out
 
 
@@ -201,7 +202,11 @@ def restore_rng(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     get_cuda_rng_tracker().set_states(state["megatron"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # saved by get_rng_state_all (every visible device)
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # --------------------------------------------------------------------------- save

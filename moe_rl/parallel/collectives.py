@@ -37,6 +37,18 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group: Optional[dist.Proce
     return wire.to(t.device)
 
 
+def broadcast(t: torch.Tensor, src: int, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """``t`` of global rank ``src`` on every rank of ``group``, returned on ``t``'s device (the
+    same rule as :func:`all_reduce`: use the return value)."""
+    dev = comm_device(group)
+    if t.device == dev:
+        dist.broadcast(t, src=src, group=group)
+        return t
+    wire = t.to(dev)
+    dist.broadcast(wire, src=src, group=group)
+    return wire.to(t.device)
+
+
 def max_over_world(x: float) -> float:
     """The largest ``x`` of all ranks (every rank calls it at the same point)."""
     return float(all_reduce(torch.tensor([x], dtype=torch.float64), op=dist.ReduceOp.MAX).item())

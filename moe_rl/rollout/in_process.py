@@ -4,6 +4,7 @@ stream into each engine."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -68,11 +69,14 @@ class InProcessRollout:
 
         t0 = time.perf_counter()
         tr = self.trainer
-        mine = iter(list(export_buckets(self.plan, tr.built, tr.groups)))
+        # every export collective first, in plan order on every rank (the broadcasts below have
+        # other senders); each bucket is dropped once sent
+        mine = collections.deque(export_buckets(self.plan, tr.built, tr.groups))
         named: List[tuple] = []
-        rank, dev = dist.get_rank(), comm_device()  # the engine's copy_ takes the bytes to its own device
+        rank, dev = dist.get_rank(), comm_device()
+        engine_dev = next(self.engine.model.parameters()).device
         for b in self.plan.buckets:
-            sent = next(mine).tensors if b.sender == rank else None
+            sent = mine.popleft().tensors if b.sender == rank else None
             # one flat message per dtype in the bucket (an fp32 expert bias beside bf16 weights)
             for dt in dict.fromkeys(s.dtype for s in b.tensors):
                 idx = [i for i, s in enumerate(b.tensors) if s.dtype == dt]
@@ -82,6 +86,7 @@ class InProcessRollout:
                 else:
                     flat = torch.empty(sum(math.prod(s.shape) for s in specs), dtype=getattr(torch, dt), device=dev)
                 dist.broadcast(flat, src=b.sender)
+                flat = flat.to(engine_dev)  # on NCCL it crossed on the GPU; the engine's copy lives there
                 for s, part in zip(specs, torch.split(flat, [math.prod(s.shape) for s in specs])):
                     named.append((s.name, part.view(s.shape)))
         apply_update(self.engine.model, plan_update(self.engine.model, named))

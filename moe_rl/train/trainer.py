@@ -23,7 +23,7 @@ import torch.distributed as dist
 from moe_rl.algorithms.kl import kl_estimate
 from moe_rl.config.run import RunConfig
 from moe_rl.data import train_batch as tb
-from moe_rl.parallel.collectives import all_reduce
+from moe_rl.parallel.collectives import all_reduce, broadcast
 
 
 def check_microbatching(cfg: RunConfig, dims) -> None:
@@ -141,7 +141,8 @@ class Trainer:
         if self.groups.dims.pp > 1:
             from moe_rl.parallel.groups import pipeline_first_last_ranks
 
-            dist.broadcast(out, src=pipeline_first_last_ranks(self.groups)[1], group=self.groups.pp_group)
+            # host rows (response_values): through the GPU on NCCL
+            out = broadcast(out, src=pipeline_first_last_ranks(self.groups)[1], group=self.groups.pp_group)
         return out
 
     def kl_penalty(self, batch: tb.TrainBatch, beta: float) -> torch.Tensor:

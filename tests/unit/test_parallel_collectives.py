@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # moe_rl.parallel.collectives. Keyed by file and enclosing function, so a host-tensor reduction
 # added beside a listed one is still caught.
 DEVICE_TENSOR_SITES = {
-    "moe_rl/parallel/collectives.py::all_reduce": "the helper itself",
+    "moe_rl/parallel/collectives.py::all_reduce": "the helpers themselves",
+    "moe_rl/parallel/collectives.py::broadcast": "the helpers themselves",
     "moe_rl/train/logprobs.py::forward": "vocab-parallel logits (max, sums) on the model's device",
     "moe_rl/train/logprobs.py::backward": "the hidden-state gradient",
     "moe_rl/models/cp_attention.py::forward": "attention activations",
@@ -34,7 +35,6 @@ DEVICE_TENSOR_SITES = {
     "moe_rl/weights/transport/distributed.py::ship": "exported weight tensors (parameters' device)",
     "moe_rl/weights/transport/distributed.py::_receive": "receive buffers allocated on comm_device()",
     "moe_rl/weights/probe.py::trainer_logprobs": "log-probs allocated on the trainer's device",
-    "moe_rl/train/trainer.py::score_batch": "response log-probs of the model (pipeline broadcast)",
     "moe_rl/rollout/in_process.py::sync_weights": "weight buckets moved to comm_device()",
 }
 TENSOR_COLLECTIVES = {"all_reduce", "broadcast", "all_gather", "gather", "scatter", "reduce", "reduce_scatter",
@@ -77,10 +77,11 @@ def test_comm_device_is_the_current_gpu_on_nccl_and_the_host_otherwise(monkeypat
     assert collectives.comm_device() == torch.device("cpu")
 
 
-def test_all_reduce_and_max_over_world_on_gloo(one_rank_world):
+def test_all_reduce_broadcast_and_max_over_world_on_gloo(one_rank_world):
     t = torch.tensor([2, 5], dtype=torch.int64)
     out = collectives.all_reduce(t, op=dist.ReduceOp.MAX)
     assert out.device == t.device and out.tolist() == [2, 5]
+    assert collectives.broadcast(torch.tensor([3.5]), src=0).tolist() == [3.5]
     assert collectives.max_over_world(1.5) == 1.5
     assert collectives.comm_device() == torch.device("cpu")
 
