@@ -107,14 +107,19 @@ class Shards:
 
 
 def model_shards(hf_config, groups, dtype: torch.dtype) -> Shards:
-    """Build the family's model on ``meta`` and read its sharded state dict."""
+    """Build the family's model on ``meta`` and read its sharded state dict.
+
+    Always with Megatron's local specs, GPU or not: the checkpoint keys are the same as under
+    Transformer Engine (Megatron maps the fused-norm and grouped-expert names onto the local
+    ones), only TE's ``_extra_state`` objects are absent (our loader never asks for them); and
+    TE layers allocate on an explicit device, which a ``meta`` build cannot give them."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
     from moe_rl.train.model import build_model
 
     with torch.device("meta"):
         built = build_model(hf_config, groups, params_dtype=dtype, perform_initialization=False,
-                            use_cpu_initialization=True)
+                            use_cpu_initialization=True, use_te=False)
     sd = built.module.sharded_state_dict()
     apply_factories(sd)
     per_param, objects, where = {}, {}, {}

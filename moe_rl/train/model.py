@@ -76,7 +76,9 @@ def megatron_config(hf_config, dims: ParallelDims, *, params_dtype=torch.float32
 
 
 def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, moe_aux_loss_coeff: float = 0.0,
-                **config_overrides) -> BuiltModel:
+                use_te: bool | None = None, **config_overrides) -> BuiltModel:
+    """The family's Megatron model at ``groups``' layout. ``use_te``: Transformer Engine specs
+    (default: when installed and CUDA is present), else Megatron's local specs."""
     from megatron.core.models.gpt import GPTModel
 
     family = family_for(hf_config)
@@ -90,7 +92,7 @@ def build_model(hf_config, groups: Groups, *, params_dtype=torch.float32, moe_au
         vp_stage = vp if dims.vpp > 1 else None
         model = GPTModel(
             config=tc,
-            transformer_layer_spec=decoder_block_spec(tc, pp_rank=groups.pp_rank, vp_stage=vp_stage,
+            transformer_layer_spec=decoder_block_spec(tc, use_te=use_te, pp_rank=groups.pp_rank, vp_stage=vp_stage,
                                                       out_bias=family.attention_out_bias(hf_config)),
             vocab_size=padded,
             pre_process=groups.is_first_stage and vp == 0,
