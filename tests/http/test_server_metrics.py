@@ -119,3 +119,69 @@ def test_paused_and_aborted_requests_show(server):
     m = _scrape(server)
     assert value(m, "sglang:num_paused_reqs") == 0.0
     assert value(m, "sglang:num_aborted_requests_total") == before + 1
+
+
+def sglang_load_snapshot():
+    """SGLang's ``LoadSnapshot`` and its section structs, run from the installed wheel's source
+    (``sglang/srt/managers/load_snapshot.py``; the module itself imports the GPU runtime)."""
+    import ast
+    import importlib.util
+    import os
+    import sys
+    import types
+    import typing
+
+    msgspec = pytest.importorskip("msgspec")
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("sglang wheel not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "srt", "managers", "load_snapshot.py")
+    text = open(path).read()
+    wanted = {"MemoryMetrics", "SpeculativeMetrics", "LoRAMetrics", "DisaggregationMetrics", "QueueMetrics",
+              "LoadSnapshot", "_SECTION_FIELDS", "_CORE_KEYS"}
+    mod = types.ModuleType("_sglang_load_snapshot")
+    sys.modules[mod.__name__] = mod
+    ns = mod.__dict__
+    ns.update({"msgspec": msgspec, **{n: getattr(typing, n) for n in typing.__all__}})
+    found = set()
+    for node in ast.parse(text).body:  # in file order: the sections before the snapshot
+        names = ({node.name} if isinstance(node, ast.ClassDef)
+                 else {t.id for t in node.targets if isinstance(t, ast.Name)} if isinstance(node, ast.Assign) else set())
+        if names & wanted:
+            exec(ast.get_source_segment(text, node), ns)  # noqa: S102 - the installed wheel's own declarations
+            found |= names & wanted
+    assert found == wanted, f"{path} no longer defines {wanted - found}"
+    return ns, msgspec
+
+
+def test_v1_loads_is_sglangs_load_snapshot(server):
+    """Each load parses as SGLang's ``LoadSnapshot`` (msgspec, strict types) and SGLang's own
+    ``to_dict`` of it gives back exactly what the server sent, for each ``include``."""
+    ns, msgspec = sglang_load_snapshot()
+    snap_cls, sections = ns["LoadSnapshot"], {"memory": ns["MemoryMetrics"], "queues": ns["QueueMetrics"]}
+    auth = {"Authorization": "Bearer k"}
+    assert httpx.post(server.url + "/generate", headers=auth, timeout=120, json={
+        "input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "n": 2}}).status_code == 200
+    for include in (None, "core", "queues", "core,memory", "all"):
+        body = httpx.get(server.url + "/v1/loads", params={"include": include} if include else {}, headers=auth,
+                         timeout=30).json()
+        assert set(body) >= {"timestamp", "version", "accelerator", "num_accelerators", "loads"}
+        (load,) = body["loads"]
+        core = {k: load[k] for k in ns["_CORE_KEYS"]}
+        parsed = msgspec.convert(core, snap_cls)
+        for name, cls in sections.items():
+            if name in load:
+                setattr(parsed, name, msgspec.convert(list(load[name].values()), cls))
+        wanted = set(include.split(",")) if include else None
+        assert parsed.to_dict(wanted) == load, include
+        if include == "core":
+            assert set(load) == set(ns["_CORE_KEYS"])
+    assert load["max_total_num_tokens"] == httpx.get(server.url + "/server_info", headers=auth,
+                                                     timeout=30).json()["max_total_num_tokens"]
+    bad = httpx.get(server.url + "/v1/loads", params={"include": "core,bogus"}, headers=auth, timeout=30)
+    assert bad.status_code == 400 and "Invalid include sections: {'bogus'}" in bad.json()["message"]
+    assert httpx.get(server.url + "/v1/loads", params={"dp_rank": 1}, headers=auth, timeout=30).json()["loads"] == []
+    prom = httpx.get(server.url + "/v1/loads", params={"format": "prometheus", "include": "core"},
+                     headers=auth, timeout=30).text
+    m = parse(prom)
+    assert value(m, "sglang_max_running_requests", dp_rank="0") == 4.0

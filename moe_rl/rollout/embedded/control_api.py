@@ -1,5 +1,5 @@
 """Information and scheduling control endpoints of the embedded server (SGLang 0.5.23 names):
-model/server info and loads, the OpenAI model list, flush, pause/continue, abort, memory
+model/server info, the OpenAI model list, flush, pause/continue, abort, memory
 release/resume, weight version. Every change runs on the engine thread between two steps
 (``ServerContext.on_engine``).
 
@@ -90,11 +90,6 @@ def control_router(ctx: ServerContext) -> APIRouter:
                                            "type": "invalid_request_error", "param": "model",
                                            "code": "model_not_found"}}, status_code=404)
         return JSONResponse(model_card(model))
-
-    @r.get("/v1/loads")
-    async def loads():
-        return JSONResponse({"loads": [{"dp_rank": 0, "num_running_reqs": engine.num_running,
-                                        "num_waiting_reqs": engine.num_waiting}], "weight_version": ctx.version()})
 
     @r.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache(request: Request):

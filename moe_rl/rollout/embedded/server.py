@@ -8,7 +8,8 @@ meaning here are accepted where their value is harmless and refused otherwise.
 
 The app is assembled from one router per concern: ``generate_api.py`` (generate, health),
 ``control_api.py`` (info, pause/continue, abort, memory, version), ``weights_api.py``
-(weight updates) and, with ``--enable-metrics``, ``metrics_api.py`` (Prometheus ``/metrics``); ``http_context.py`` holds what they share. Every response carries the
+(weight updates) and ``metrics_api.py`` (``/v1/loads``, and with ``--enable-metrics`` Prometheus
+``/metrics``); ``http_context.py`` holds what they share. Every response carries the
 weight version: ``meta_info.weight_version`` in generate items, a ``weight_version`` key in
 JSON control replies, and an ``X-Weight-Version`` header on all.
 
@@ -34,7 +35,7 @@ from moe_rl.rollout.embedded.control_api import control_router
 from moe_rl.rollout.embedded.engine import EmbeddedEngine
 from moe_rl.rollout.embedded.generate_api import generate_router
 from moe_rl.rollout.embedded.http_context import ServerContext, ServerMiddleware, ServerOptions, Unavailable
-from moe_rl.rollout.embedded.metrics_api import metrics_router
+from moe_rl.rollout.embedded.metrics_api import loads_router, metrics_router
 from moe_rl.rollout.embedded.protocol import ContractError, RequestError, SchemaError
 from moe_rl.rollout.embedded.tokenizer import load_tokenizer
 from moe_rl.rollout.embedded.weights_api import weights_router
@@ -65,7 +66,7 @@ def build_app(engine: EmbeddedEngine, options: ServerOptions | None = None, *, t
         return JSONResponse({"error": {"message": str(exc)}, "weight_version": ctx.version()},
                             status_code=exc.status)
 
-    routers = [generate_router(ctx), control_router(ctx), weights_router(ctx)]
+    routers = [generate_router(ctx), control_router(ctx), weights_router(ctx), loads_router(ctx)]
     if ctx.options.enable_metrics:
         routers.append(metrics_router(ctx))
     for router in routers:
