@@ -44,9 +44,10 @@ echo "[install] moe_rl${extras:+[$extras]}"
 "${pip[@]}" "${constraints[@]}" -e "$root${extras:+[$extras]}"
 if [ "$extras" = "dev" ] && [ -f "$root/tests/requirements-test.txt" ]; then
   "${pip[@]}" "${constraints[@]}" -r "$root/tests/requirements-test.txt"
-  # SGLang's own request schema, to validate every body our client sends. Only the wheel's
-  # pure-Python files are used; its dependencies (CUDA kernels) are not installed.
-  "${pip[@]}" "${constraints[@]}" --no-deps "sglang==0.5.23"
+  # SGLang's own request schema, to validate every body our client sends; verl's and TRL's own
+  # loss and advantage functions, to check our algorithms against. Only the wheels' pure-Python
+  # source is read by the tests; their dependencies (CUDA kernels, ray) are not installed.
+  "${pip[@]}" "${constraints[@]}" --no-deps "sglang==0.5.23" "verl==0.9.1" "trl==1.16.0"
 fi
 if [ "$use_lock" != "0" ]; then
   # Anything installed at another version than the lock (an older .venv) is a failed install.

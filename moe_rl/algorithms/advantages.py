@@ -24,8 +24,8 @@ Differences from the papers and peers, and why:
 - reinforce_pp / reinforce_pp_baseline: whitening is token-weighted over all valid tokens
   (as verl): mean and unbiased variance over tokens, (A - mean) * rsqrt(var + WHITEN_EPS).
   reinforce_pp discounts with ``gamma`` counting valid tokens only (a masked position carries
-  the return unchanged; verl restarts it at every masked position, which differs only on
-  interior holes of a mask). reinforce_pp_baseline: a group of one has baseline 0 (A = r_i
+  the return unchanged, as verl 0.9.1; earlier verl restarted it at every masked position,
+  which differs only on interior holes of a mask). reinforce_pp_baseline: a group of one has baseline 0 (A = r_i
   before the whitening), as verl.
 - gdpo: the final batch whitening is over responses (one weight per response), using the
   same rsqrt(var + WHITEN_EPS) form; the paper normalizes over the batch without saying how
