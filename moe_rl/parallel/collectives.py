@@ -23,30 +23,30 @@ def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
     return torch.device("cpu")
 
 
+def _crossing(t: torch.Tensor, group, collective) -> torch.Tensor:
+    """Run ``collective`` (in place) on ``t`` on the device ``group``'s backend takes, and
+    return the result on ``t``'s device."""
+    dev = comm_device(group)
+    if t.device == dev:
+        collective(t)
+        return t
+    wire = t.to(dev)
+    collective(wire)
+    return wire.to(t.device)
+
+
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """``t`` all-reduced over ``group`` (default: the world), returned on ``t``'s device.
 
     ``t`` itself is reduced in place when it is already on the backend's device; otherwise a
     copy crosses and the result is a new tensor. Use the return value."""
-    dev = comm_device(group)
-    if t.device == dev:
-        dist.all_reduce(t, op=op, group=group)
-        return t
-    wire = t.to(dev)
-    dist.all_reduce(wire, op=op, group=group)
-    return wire.to(t.device)
+    return _crossing(t, group, lambda x: dist.all_reduce(x, op=op, group=group))
 
 
 def broadcast(t: torch.Tensor, src: int, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """``t`` of global rank ``src`` on every rank of ``group``, returned on ``t``'s device (the
     same rule as :func:`all_reduce`: use the return value)."""
-    dev = comm_device(group)
-    if t.device == dev:
-        dist.broadcast(t, src=src, group=group)
-        return t
-    wire = t.to(dev)
-    dist.broadcast(wire, src=src, group=group)
-    return wire.to(t.device)
+    return _crossing(t, group, lambda x: dist.broadcast(x, src=src, group=group))
 
 
 def max_over_world(x: float) -> float:
