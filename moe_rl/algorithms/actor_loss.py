@@ -15,7 +15,8 @@ ranks (``metrics.py``):
   taken; gmpo: when its own log-ratio was clipped); ``actor/seq_clipfrac``: fraction of
   responses with a clipped branch taken, over every response, empty ones included
   (sequence-level surrogates only); sapo and vespo clip nothing (all 0);
-- ``mismatch/*`` when ``rollout_logp_BT`` is given.
+- ``mismatch/*`` when ``rollout_logp_BT`` is given; ``mismatch/opsm_masked_frac`` with
+  ``off_policy_mask`` (DeepSeek-V3.2's off-policy sequence mask).
 
 Advantages may be per token [B, T] or per response [B]. With ``with_token_loss=True`` the
 per-token loss matrix comes back too: the surrogate times the mismatch weight plus
@@ -34,7 +35,7 @@ from moe_rl.algorithms.aggregation import aggregate
 from moe_rl.algorithms.config import SEQUENCE_MISMATCH_MODES, AlgorithmConfig
 from moe_rl.algorithms.kl import kl_estimate
 from moe_rl.algorithms.metrics import Metrics
-from moe_rl.algorithms.mismatch import mismatch_weights
+from moe_rl.algorithms.mismatch import mismatch_weights, off_policy_sequence_mask
 from moe_rl.algorithms.policy_loss import policy_loss, vespo_is_log_weight
 from moe_rl.algorithms.ratio import clamped_ratio
 
@@ -111,6 +112,12 @@ def actor_loss(
         weight_BT = gmpo_sequence_weight(weight_BT, m)
     if weight_BT is not None and not fold:
         loss_BT = loss_BT * weight_BT
+    if cfg.off_policy_mask > 0:  # after the surrogate and its weight, before the KL (as TRL)
+        if rollout_logp_BT is None:
+            raise ValueError("off_policy_mask needs rollout_logp_BT (the engine's log-probs)")
+        keep_BT, om = off_policy_sequence_mask(logp_BT, rollout_logp_BT, adv_BT, m, cfg.off_policy_mask)
+        loss_BT = loss_BT * keep_BT
+        metrics.merge(om)
 
     pg = aggregate(loss_BT, m, cfg.loss_agg, **denoms)
     total = pg

@@ -78,6 +78,7 @@ BASE_DEFAULTS: Dict[str, Any] = {
     "icepop_high": 5.0,
     "seq_mis_low": 0.5,
     "seq_mis_high": 2.0,
+    "off_policy_mask": 0.0,
 }
 
 
@@ -136,6 +137,7 @@ class AlgorithmConfig:
     icepop_high: Optional[float] = None  # icepop / seq-icepop: weight 0 where w (seq: W_i) > icepop_high
     seq_mis_low: Optional[float] = None  # seq-mis: drop responses whose geometric-mean w < this
     seq_mis_high: Optional[float] = None  # seq-mis: drop responses whose geometric-mean w > this
+    off_policy_mask: Optional[float] = None  # DeepSeek-V3.2 OPSM delta: drop A<0 responses whose mean log(pi_rollout/pi_theta) > delta; 0 = off
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -182,8 +184,9 @@ class AlgorithmConfig:
 
     @property
     def needs_rollout_logp(self) -> bool:
-        """Whether the engine's own log-probs are needed (mismatch correction on)."""
-        return self.mismatch != "none"
+        """Whether the engine's own log-probs are needed (mismatch correction or the off-policy
+        sequence mask on)."""
+        return self.mismatch != "none" or self.off_policy_mask > 0
 
     @property
     def sequence_level(self) -> bool:
@@ -205,7 +208,7 @@ class AlgorithmConfig:
         _choice("mismatch", self.mismatch, MISMATCH_MODES)
         _choice("gfpo_metric", self.gfpo_metric, GFPO_METRICS)
         for name in ("std_eps", "clip_low", "clip_high", "kl_beta", "dual_clip_c", "vespo_k_pos", "vespo_lambda_pos",
-                     "vespo_k_neg", "vespo_lambda_neg"):
+                     "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"algorithm.{name} ({v}) must be finite and >= 0")

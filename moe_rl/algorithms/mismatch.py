@@ -19,6 +19,11 @@ not "not there". That keeps the global counts independent of old_logp, which is 
 known after the old-policy pass. For sequence-level surrogates the per-token weight
 multiplies the broadcast response loss, i.e. a token-weighted correction of l_i.
 
+The off-policy sequence mask of DeepSeek-V3.2 (``off_policy_sequence_mask``, TRL's
+``off_policy_mask_threshold``) is not a weight of this family: it drops whole responses with a
+negative advantage whose mean log(pi_rollout / pi_theta) under the *current* policy exceeds
+delta, i.e. those the update has already moved far from what was sampled.
+
 Metrics (rollout vs trainer, on valid tokens): ``mismatch/k1`` = mean(rollout - old)
 (estimates KL(pi_rollout || pi_old)), ``mismatch/k3`` = mean(w - log w - 1),
 ``mismatch/is_weight_mean|max`` (token w), ``mismatch/masked_frac`` (tokens whose weight is
@@ -91,3 +96,23 @@ def mismatch_weights(
     metrics.add_masked("mismatch/masked_frac", (weight == 0).to(w.dtype), m)
     metrics.add_masked("mismatch/extreme_frac", (log_w.abs() > EXTREME_LOG_W).to(w.dtype), m)
     return weight, metrics
+
+
+def off_policy_sequence_mask(
+    logp_BT: Tensor, rollout_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, delta: float,
+) -> Tuple[Tensor, Metrics]:
+    """DeepSeek-V3.2's off-policy sequence mask (OPSM), detached [B, T]: 0 on every token of a
+    response with a negative advantage whose mean over its valid tokens of
+    ``rollout_logp - sg(logp)`` exceeds ``delta``, 1 elsewhere (TRL ``get_off_policy_mask``:
+    keep where A >= 0 or the mean <= delta; an empty response keeps). ``adv_BT`` per token
+    [B, T] or per response [B]; with per-token advantages the sign test is per token.
+    Metric ``mismatch/opsm_masked_frac``: fraction of responses (every one counts) with a
+    dropped token."""
+    m = mask_BT.bool()
+    kl_BT = torch.where(m, rollout_logp_BT - logp_BT.detach(), torch.zeros_like(logp_BT))
+    kl_B = kl_BT.sum(-1) / m.sum(-1).clamp(min=1)
+    adv = adv_BT[:, None].expand_as(kl_BT) if adv_BT.dim() == 1 else adv_BT
+    keep_BT = ((adv >= 0) | (kl_B <= delta)[:, None]).to(logp_BT.dtype)
+    dropped_B = ((keep_BT == 0) & m).any(-1).to(torch.float64)
+    metrics = Metrics().add_masked("mismatch/opsm_masked_frac", dropped_B, torch.ones_like(dropped_B))
+    return keep_BT, metrics

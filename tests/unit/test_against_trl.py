@@ -18,8 +18,10 @@ Compared (float64 unless noted, deterministic data from seeded torch.Generators)
 - the vLLM importance-sampling correction: the four modes' ratios (with `clip_min`) against the
   `mismatch` weights, and the losses they enter;
 - clip metrics (`clip_ratio/*`, `entropy`, `kl`, `cispo_clip_ratio`); VESPO's `get_gamma_weights`.
+- DeepSeek-V3.2's off-policy sequence mask (`off_policy_mask_threshold`, `get_off_policy_mask`) against
+  `off_policy_mask`, with the KL in the loss.
 Not compared: `RLOOTrainer._compute_loss` (a PPO clip of the product of the token ratios, an
-objective no project surrogate implements) and `get_off_policy_mask` (no project equivalent).
+objective no project surrogate implements).
 
 Known differences (the seven the cross-check script flagged, and those docs/algorithms.md states). None
 is skipped: each is avoided by inputs under which both must agree, or asserted as the relation it implies.
@@ -122,7 +124,8 @@ def trl():
     ns = {"torch": torch, "math": math}
     for name, code in _cut_defs(text["utils"], ["nanstd", "nanmin", "nanmax"]).items():
         exec(compile(code, f"<trl utils.{name}>", "exec"), ns)
-    for name, code in _cut_defs(text["grpo_trainer"], ["_compute_loss", "get_gamma_weights"], "GRPOTrainer").items():
+    for name, code in _cut_defs(text["grpo_trainer"], ["_compute_loss", "get_gamma_weights", "get_off_policy_mask"],
+                                "GRPOTrainer").items():
         exec(compile(code, f"<trl GRPOTrainer.{name}>", "exec"), ns)
     grpo, rloo = text["grpo_trainer"], text["rloo_trainer"]
     return types.SimpleNamespace(
@@ -167,7 +170,7 @@ def _fake_trainer(**kw):
         beta=0.0, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, use_vllm=False,
         vllm_importance_sampling_correction=False, current_gradient_accumulation_steps=1,
         _entropy_bonus_enabled=False, aux_loss_enabled=False, max_completion_length=None,
-        get_gamma_weights=trl().ns["get_gamma_weights"],
+        get_gamma_weights=trl().ns["get_gamma_weights"], get_off_policy_mask=trl().ns["get_off_policy_mask"],
     )
     for k, v in kw.items():
         assert hasattr(s, k), f"not a GRPOTrainer attribute used here: {k}"
@@ -175,7 +178,8 @@ def _fake_trainer(**kw):
     return s
 
 
-def trl_loss(logp, old, adv_B, mask, *, ref=None, is_ratio=None, entropies=None, num_items=None, **kw):
+def trl_loss(logp, old, adv_B, mask, *, ref=None, is_ratio=None, entropies=None, num_items=None, sampling=None,
+             **kw):
     """TRL's GRPOTrainer._compute_loss: (loss, gradient wrt logp, last value of each metric)."""
     lp = logp.detach().clone().requires_grad_(True)
     s = _fake_trainer(**kw)
@@ -190,6 +194,8 @@ def trl_loss(logp, old, adv_B, mask, *, ref=None, is_ratio=None, entropies=None,
         inputs["ref_per_token_logps"] = ref
     if is_ratio is not None:
         inputs["importance_sampling_ratio"] = is_ratio
+    if sampling is not None:
+        inputs["sampling_per_token_logps"] = sampling
     loss = trl().ns["_compute_loss"](s, None, inputs)
     (g,) = torch.autograd.grad(loss, lp)
     return float(loss.detach()), g, {k: v[-1] for k, v in s._metrics["train"].items()}
@@ -700,3 +706,24 @@ def test_vespo_phi(params, tol, is_mode):
     ours = vespo_weights(lr, adv, d.mask, **params, log_is_B=log_is)
     assert got.max() > 0.1 and (got < 1e-6).any()  # both ends of phi are exercised
     assert maxdiff(got, ours) <= tol
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("delta", [0.02, 0.15])
+def test_off_policy_sequence_mask(delta, seed):
+    """TRL's OPSM (keep a response when A >= 0 or mean(sampling_logp - logp) <= delta) on the
+    surrogate, the k3 KL added after it, against ``off_policy_mask``."""
+    d = make_data(seed)
+    # the sampler further from the current policy response by response: mean KLs spread over the deltas
+    sampling = d.rollout + torch.linspace(0.0, 0.6, d.B, dtype=d.rollout.dtype)[:, None]
+    kw = dict(entropies=d.ent, ref=d.ref)
+    lt, gt, _ = trl_loss(d.logp, d.old, d.adv, d.mask, sampling=sampling, off_policy_mask_threshold=delta,
+                         beta=0.04, **kw)
+    lo, go, mo = ours_loss(AlgorithmConfig(preset="grpo", kl_beta=0.04, off_policy_mask=delta), d.logp, d.old, d.adv,
+                           d.mask, rollout=sampling, **kw)
+    lu, _, _ = ours_loss(AlgorithmConfig(preset="grpo", kl_beta=0.04), d.logp, d.old, d.adv, d.mask, **kw)
+    assert abs(lt - lo) <= 1e-14 and maxdiff(gt, go) <= 1e-14
+    # the mask acts on this data (some responses dropped), and not on all negative-advantage ones
+    n_neg = int(((d.adv.flatten() < 0) & d.mask.any(-1)).sum())
+    dropped = round(mo["mismatch/opsm_masked_frac"] * d.B)
+    assert lo != lu and 0 < dropped < n_neg, (dropped, n_neg)

@@ -346,6 +346,40 @@ def test_gmpo_takes_the_geometric_mean_of_the_mismatch_weights_as_verl(mismatch)
     assert torch.allclose(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(ref, logp)[0], atol=1e-12)
 
 
+@pytest.mark.parametrize("delta", [0.05, 0.3])
+def test_off_policy_sequence_mask_drops_negative_advantage_responses_far_from_the_sampler(delta):
+    """DeepSeek-V3.2's OPSM written out: response i keeps its loss unless A_i < 0 and
+    mean_t(rollout_logp - logp) > delta; the KL term is not masked."""
+    logp, logp_pad, old, adv, mask = _data(spread=0.3)
+    # mean KL per response 0.6, 0.5, 0.6, 0.1 (A = 1.3, -0.7, 0.5, -2.0): the A > 0 ones always stay,
+    # response 1 goes at both deltas, response 3 only at 0.05
+    shift = torch.tensor([0.6, 0.5, 0.6, 0.1], dtype=D)[:, None]
+    roll = logp.detach() + shift + 0.05 * torch.randn(B, T, generator=torch.Generator().manual_seed(11), dtype=D)
+    ref_lp = old - 0.1
+    cfg = AlgorithmConfig(preset="grpo", kl_beta=0.05, off_policy_mask=delta, loss_agg="token-mean")
+    n_tok = int(mask.sum())
+    loss, met = actor_loss(cfg, logp_pad, old, adv, mask, num_global_tokens=n_tok, num_global_seqs=B,
+                           ref_logp_BT=ref_lp, rollout_logp_BT=roll)
+    tok = ref_token_losses("ppo", logp, old, adv, mask, 0.2, 0.2)
+    dropped = []
+    ref = 0
+    for i, n in enumerate(LENS):
+        kl = sum(roll[i, t].item() - logp[i, t].item() for t in range(n)) / max(n, 1)
+        drop = adv[i, 0].item() < 0 and kl > delta
+        dropped.append(drop and n > 0)
+        for t in range(n):
+            x = logp[i, t] - ref_lp[i, t]
+            ref = ref + (0.0 if drop else 1.0) * tok[(i, t)] + 0.05 * (torch.exp(-x) + x - 1)
+    ref = ref / n_tok
+    assert dropped == [False, True, False, delta < 0.1]
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert torch.allclose(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(ref, logp)[0], atol=1e-12)
+    assert met.compute()["mismatch/opsm_masked_frac"] == pytest.approx(sum(dropped) / B)
+    with pytest.raises(ValueError, match="off_policy_mask needs rollout_logp_BT"):
+        actor_loss(cfg, logp_pad, old, adv, mask, num_global_tokens=n_tok, num_global_seqs=B, ref_logp_BT=ref_lp)
+    assert cfg.needs_rollout_logp and not AlgorithmConfig(preset="grpo").needs_rollout_logp
+
+
 def test_metrics_merge_is_exact_not_mean_of_means():
     vals = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0])]
     ms = [Metrics().add_masked("x", v, torch.ones_like(v, dtype=torch.bool), min_name="x_min", max_name="x_max")
