@@ -185,3 +185,32 @@ def test_v1_loads_is_sglangs_load_snapshot(server):
                      headers=auth, timeout=30).text
     m = parse(prom)
     assert value(m, "sglang_max_running_requests", dp_rank="0") == 4.0
+
+
+def test_v1_loads_follows_a_retraction(server):
+    """A running sample retracted by ``/pause_generation {"mode": "retract"}`` shows as a waiting,
+    retracted request whose prompt and output so far must be prefilled again."""
+    auth = {"Authorization": "Bearer k"}
+
+    def loads():
+        return httpx.get(server.url + "/v1/loads", headers=auth, timeout=30).json()["loads"][0]
+
+    with httpx.Client(timeout=120, headers=auth) as c:
+        t = threading.Thread(target=lambda: c.post(server.url + "/generate", json={
+            "input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}))
+        t.start()
+        for _ in range(400):
+            if loads()["num_running_reqs"] == 1:
+                break
+            t.join(0.02)
+        running = loads()
+        assert running["num_running_reqs"] == 1 and running["num_used_tokens"] > 3
+        assert httpx.post(server.url + "/pause_generation", json={"mode": "retract"}, headers=auth,
+                          timeout=30).status_code == 200
+        paused = loads()
+        assert (paused["num_running_reqs"], paused["num_waiting_reqs"], paused["queues"]["retracted"]) == (0, 1, 1)
+        assert paused["num_waiting_uncached_tokens"] > 3 and paused["num_used_tokens"] == 0
+        assert httpx.post(server.url + "/continue_generation", json={}, headers=auth, timeout=30).status_code == 200
+        t.join(120)
+    done = loads()
+    assert (done["num_running_reqs"], done["num_waiting_reqs"], done["queues"]["retracted"]) == (0, 0, 0)

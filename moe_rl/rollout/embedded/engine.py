@@ -388,6 +388,11 @@ class EmbeddedEngine:
         """Tokens (prompt + output so far) of the running samples: what their KV slots hold."""
         return sum(s.prompt_len + len(s.out_ids) for s in list(self._slots) if s is not None)
 
+    def waiting_counts(self) -> tuple[int, int]:
+        """(tokens to prefill again or for the first time, retracted samples) of the waiting list."""
+        waiting = list(self._waiting)
+        return sum(s.prompt_len + len(s.out_ids) for s in waiting), sum(s.retracted for s in waiting)
+
     @property
     def num_held(self) -> int:
         """Samples that arrived during a pause and wait for ``/continue_generation``."""

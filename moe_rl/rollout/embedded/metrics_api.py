@@ -98,11 +98,11 @@ def load_snapshot(ctx: ServerContext, gen_throughput: float, include: Optional[s
     engine, c = ctx.engine, ctx.engine.cfg
     capacity = c.max_running * engine.context_len
     used = engine.num_used_tokens
-    waiting = list(engine._waiting)
+    waiting_tokens, retracted = engine.waiting_counts()
     load = {
         "timestamp": time.time(), "dp_rank": 0, "num_running_reqs": engine.num_running,
         "num_waiting_reqs": engine.num_waiting,
-        "num_waiting_uncached_tokens": sum(s.prompt_len + len(s.out_ids) for s in waiting),
+        "num_waiting_uncached_tokens": waiting_tokens,
         "num_used_tokens": used, "num_total_tokens": used, "num_active_tokens": used,
         "num_prealloc_ready_tokens": 0, "max_total_num_tokens": capacity, "max_running_requests": c.max_running,
         "token_usage": used / capacity if capacity else 0.0, "gen_throughput": gen_throughput,
@@ -118,7 +118,7 @@ def load_snapshot(ctx: ServerContext, gen_throughput: float, include: Optional[s
                           "graph_gb": 0.0, "token_capacity": capacity}
     if every or "queues" in include:
         load["queues"] = {"waiting": engine.num_waiting, "grammar": 0, "paused": engine.num_held,
-                          "retracted": sum(s.retracted for s in waiting), "prealloc_ready": 0}
+                          "retracted": retracted, "prealloc_ready": 0}
     return load
 
 
