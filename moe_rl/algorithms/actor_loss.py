@@ -89,7 +89,7 @@ def actor_loss(
         if rollout_logp_BT is None:
             raise ValueError(f"mismatch={cfg.mismatch} needs rollout_logp_BT (the engine's log-probs)")
         weight_BT, mm = mismatch_weights(
-            old_logp_BT, rollout_logp_BT, m, cfg.mismatch, tis_cap=cfg.tis_cap,
+            old_logp_BT, rollout_logp_BT, m, cfg.mismatch, tis_cap=cfg.tis_cap, tis_floor=cfg.tis_floor,
             icepop_low=cfg.icepop_low, icepop_high=cfg.icepop_high,
             seq_mis_low=cfg.seq_mis_low, seq_mis_high=cfg.seq_mis_high,
         )

@@ -74,6 +74,7 @@ BASE_DEFAULTS: Dict[str, Any] = {
     "gfpo_metric": "length",
     "mismatch": "none",
     "tis_cap": 2.0,
+    "tis_floor": 0.0,
     "icepop_low": 0.5,
     "icepop_high": 5.0,
     "seq_mis_low": 0.5,
@@ -133,6 +134,7 @@ class AlgorithmConfig:
     # Axis 7: training-inference mismatch correction
     mismatch: Optional[str] = None  # none | tis | icepop | seq-mis | seq-tis | seq-icepop
     tis_cap: Optional[float] = None  # tis / seq-tis truncation C: loss weight min(w, C) (seq-tis: of the product W_i)
+    tis_floor: Optional[float] = None  # tis / seq-tis lower clamp: max(min(w, C), floor) (TRL clip_min); 0 = none
     icepop_low: Optional[float] = None  # icepop / seq-icepop: weight 0 where w (seq: W_i) < icepop_low
     icepop_high: Optional[float] = None  # icepop / seq-icepop: weight 0 where w (seq: W_i) > icepop_high
     seq_mis_low: Optional[float] = None  # seq-mis: drop responses whose geometric-mean w < this
@@ -304,6 +306,8 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.gfpo_keep ({self.gfpo_keep}) must be >= 0")
         if self.tis_cap <= 0:
             raise ValueError(f"algorithm.tis_cap ({self.tis_cap}) must be > 0")
+        if not 0 <= self.tis_floor < self.tis_cap:
+            raise ValueError(f"algorithm.tis_floor ({self.tis_floor}) must be >= 0 and < tis_cap ({self.tis_cap})")
         if not 0 <= self.icepop_low < self.icepop_high:
             raise ValueError(
                 f"algorithm.icepop_low ({self.icepop_low}) must be >= 0 and < icepop_high ({self.icepop_high})"

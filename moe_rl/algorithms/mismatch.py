@@ -3,7 +3,8 @@
 w_{i,t} = exp(old_logp - rollout_logp): the trainer's recomputed log-prob of the sampled
 token over the one the inference engine reported (kernels, precision, MoE routing
 differ). The result is a detached per-token weight that multiplies the token loss:
-- ``tis``: min(w, C) (truncated importance sampling);
+- ``tis``: min(w, C) (truncated importance sampling), raised to a floor when ``tis_floor`` > 0
+  (TRL's ``vllm_importance_sampling_clip_min``);
 - ``icepop``: w where alpha <= w <= beta, else 0 (token masking: M(k) = k inside the band,
   as the IcePop paper, verl's rollout_is "lo_hi" and TRL's token_mask; not 1);
 - ``seq-mis``: 1 for a response whose geometric-mean w lies in [lo, hi], else 0 for all
@@ -55,6 +56,7 @@ def mismatch_weights(
     mode: str,
     *,
     tis_cap: float = BASE_DEFAULTS["tis_cap"],
+    tis_floor: float = BASE_DEFAULTS["tis_floor"],
     icepop_low: float = BASE_DEFAULTS["icepop_low"],
     icepop_high: float = BASE_DEFAULTS["icepop_high"],
     seq_mis_low: float = BASE_DEFAULTS["seq_mis_low"],
@@ -70,7 +72,7 @@ def mismatch_weights(
     if mode == "none":
         weight = torch.ones_like(w)
     elif mode == "tis":
-        weight = w.clamp(max=tis_cap)
+        weight = w.clamp(min=tis_floor, max=tis_cap)
     elif mode == "icepop":
         weight = torch.where((w >= icepop_low) & (w <= icepop_high), w, torch.zeros_like(w))
     elif mode == "seq-mis":
@@ -81,7 +83,7 @@ def mismatch_weights(
     elif mode in ("seq-tis", "seq-icepop"):
         W_B = clamped_ratio(log_w.sum(-1))  # the product of the response's token weights
         if mode == "seq-tis":
-            wseq_B = W_B.clamp(max=tis_cap)
+            wseq_B = W_B.clamp(min=tis_floor, max=tis_cap)
         else:
             wseq_B = torch.where((W_B >= icepop_low) & (W_B <= icepop_high), W_B, torch.zeros_like(W_B))
         weight = wseq_B[:, None].expand_as(w).clone()

@@ -36,8 +36,8 @@ is skipped: each is avoided by inputs under which both must agree, or asserted a
    its tokens get TRL's gradient without the KL, every other token TRL's with it.
 6. Log-ratios are clamped to +-20 here (docs, notation): compared well inside; with one token at 25, our
    loss is TRL's with that token at 20, and that token alone has zero gradient here.
-7. `tis` has no lower clamp (TRL's `vllm_importance_sampling_clip_min` with a truncate mode): compared with
-   clip_min unset; with it set, TRL's ratio is asserted to be our weight clamped below.
+7. TRL's `vllm_importance_sampling_clip_min` with a truncate mode is our `tis_floor` (default 0, none):
+   compared with clip_min unset and with it set to `tis_floor`.
 8. TRL's bnpo divides by the micro-batch's own tokens and the accumulation steps, ours by the step's tokens:
    equal for micro-batches with equal token counts; otherwise ours reproduces TRL with num_global_tokens =
    local tokens * accumulation steps, and differs from it with the step's count.
@@ -653,12 +653,12 @@ def test_is_mask_clip_min(mode, ours, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("mode,ours", [("token_truncate", "tis"), ("sequence_truncate", "seq-tis")])
 def test_is_truncate_clip_min(mode, ours, seed):
-    # Documented difference 7: tis has no lower clamp; TRL's ratio is our weight clamped below at clip_min
+    # TRL's clip_min on the truncate modes is our tis_floor
     d = make_data(seed)
     isr = trl_is_ratio(d.old, d.rollout, d.mask, mode, 2.0, 0.8).expand(d.B, d.T)
-    w = _our_weights(d, dict(mismatch=ours, tis_cap=2.0))
-    assert ((w < 0.8) & d.mask).any()
-    assert maxdiff(isr[d.mask], w.clamp(min=0.8)[d.mask]) <= TOL
+    assert ((_our_weights(d, dict(mismatch=ours, tis_cap=2.0)) < 0.8) & d.mask).any()  # the floor acts
+    w = _our_weights(d, dict(mismatch=ours, tis_cap=2.0, tis_floor=0.8))
+    assert maxdiff(isr[d.mask], w[d.mask]) <= TOL
 
 
 # ----------------------------------------------------------------------------- metrics with a documented relation
