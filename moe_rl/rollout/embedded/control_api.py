@@ -65,7 +65,7 @@ def control_router(ctx: ServerContext) -> APIRouter:
             "skip_tokenizer_init": ctx.tokenizer is None, "page_size": 1,
             "max_running_requests": c.max_running, "context_length": engine.context_len,
             # the scheduler's: KV capacity in tokens (one context per slot), the longest prompt
-            "max_total_num_tokens": c.max_running * engine.context_len,
+            "max_total_num_tokens": engine.max_total_num_tokens,
             "max_req_input_len": max_req_input_len(engine.context_len),
             "enable_return_routed_experts": c.capture_routed_experts, "weight_version": ctx.version(),
             "internal_states": [{"num_running_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting,

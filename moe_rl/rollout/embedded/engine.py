@@ -388,6 +388,11 @@ class EmbeddedEngine:
         """Tokens (prompt + output so far) of the running samples: what their KV slots hold."""
         return sum(s.prompt_len + len(s.out_ids) for s in list(self._slots) if s is not None)
 
+    @property
+    def max_total_num_tokens(self) -> int:
+        """KV capacity in tokens, SGLang's ``max_total_num_tokens``: one context per slot."""
+        return self.cfg.max_running * self.context_len
+
     def waiting_counts(self) -> tuple[int, int]:
         """(tokens to prefill again or for the first time, retracted samples) of the waiting list."""
         waiting = list(self._waiting)

@@ -54,7 +54,7 @@ def render(ctx: ServerContext, gen_throughput: float) -> str:
     engine = ctx.engine
     tok = {"model_name": ctx.served_model_name, "engine_type": "unified"}
     sched = dict(tok, tp_rank="0", pp_rank="0", moe_ep_rank="0")
-    capacity = engine.cfg.max_running * engine.context_len  # as /server_info's max_total_num_tokens
+    capacity = engine.max_total_num_tokens
     lines: list[str] = []
     gauges = [
         ("sglang:num_running_reqs", "The number of running requests.", engine.num_running),
@@ -96,7 +96,7 @@ class _Rate:
 def load_snapshot(ctx: ServerContext, gen_throughput: float, include: Optional[set[str]]) -> dict:
     """SGLang's ``LoadSnapshot.to_dict(include)`` for the engine (its one DP rank)."""
     engine, c = ctx.engine, ctx.engine.cfg
-    capacity = c.max_running * engine.context_len
+    capacity = engine.max_total_num_tokens
     used = engine.num_used_tokens
     waiting_tokens, retracted = engine.waiting_counts()
     load = {
