@@ -186,9 +186,13 @@ class RLLoop:
         minibatches = tr.microbatches(batch, self.cfg.train.global_batch)
         flat = [mb for mbs in minibatches for mb in mbs]
         self.routing.attach(flat, batch.routes, batch.seq_lengths)
+        alg = self.cfg.algorithm
         with self.routing.old_pass(flat):  # R3: the engine's routes; records the routes used (R2's)
-            tr.score(flat, tr.built, "old_logp")
-        if self.cfg.algorithm.needs_reference and self.cfg.algorithm.kl_placement == "loss":
+            tr.score(flat, tr.built, "old_logp", entropy_key="old_entropy" if alg.selects_entropy else "")
+        if alg.selects_entropy:  # top_entropy_quantile: each optimizer step's high-entropy tokens
+            for mbs in minibatches:
+                tr.select_high_entropy(mbs, alg.top_entropy_quantile)
+        if alg.needs_reference and alg.kl_placement == "loss":
             tr.score(flat, tr.reference, "ref_logp")
         return minibatches
 

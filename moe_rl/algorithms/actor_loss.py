@@ -6,7 +6,9 @@ named algorithm. Call it once per micro-batch with the step's global denominator
 loss (see ``aggregation.py``) and the metrics merge exactly across micro-batches and
 ranks (``metrics.py``):
 
-- ``actor/pg_loss``, ``actor/kl_loss``: sums of the shares (the step value once summed);
+- ``actor/pg_loss``, ``actor/kl_loss``, ``actor/entropy_loss``: sums of the shares (the step
+  value once summed); ``actor/entropy_loss`` (with ``entropy_coeff``) is the entropy aggregated
+  like the policy loss, before the coefficient;
 - ``actor/entropy``: token mean; ``actor/ppo_kl``: token mean of -(logp - old_logp);
 - ``actor/ratio_mean|min|max``: token ratio for token-level surrogates, sequence ratio
   (one value per response) for gspo/gspo_token/gmpo;
@@ -16,12 +18,21 @@ ranks (``metrics.py``):
   responses with a clipped branch taken, over every response, empty ones included
   (sequence-level surrogates only); sapo and vespo clip nothing (all 0);
 - ``mismatch/*`` when ``rollout_logp_BT`` is given; ``mismatch/opsm_masked_frac`` with
-  ``off_policy_mask`` (DeepSeek-V3.2's off-policy sequence mask).
+  ``off_policy_mask`` (DeepSeek-V3.2's off-policy sequence mask);
+- ``actor/entropy_kept_frac`` with ``top_entropy_quantile`` < 1: the fraction of valid tokens
+  whose loss ``entropy_keep_BT`` keeps (``entropy_select.py`` makes that mask).
 
 Advantages may be per token [B, T] or per response [B]. With ``with_token_loss=True`` the
 per-token loss matrix comes back too: the surrogate times the mismatch weight plus
 kl_beta x the KL estimate when the KL is in the loss, detached, zero at padding;
 ``aggregate`` of it under ``cfg.loss_agg`` is the returned loss share.
+
+With ``cfg.entropy_coeff != 0`` the entropy bonus is part of the loss (verl's ``entropy_coeff``):
+``loss = pg - entropy_coeff * aggregate(entropy) + kl_beta * aggregate(KL)``, so ``entropy_BT``
+must be given and must carry the gradient of the policy's entropy; the per-token loss then
+includes ``-entropy_coeff * entropy``. With ``top_entropy_quantile`` < 1 the surrogate and the
+entropy bonus act only on the tokens of ``entropy_keep_BT`` (as TRL's entropy mask); the KL
+acts on every valid token.
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ def actor_loss(
     ref_logp_BT: Optional[Tensor] = None,
     rollout_logp_BT: Optional[Tensor] = None,
     entropy_BT: Optional[Tensor] = None,
+    entropy_keep_BT: Optional[Tensor] = None,
     with_token_loss: bool = False,
 ) -> Union[Tuple[Tensor, Metrics], Tuple[Tensor, Metrics, Tensor]]:
     """(loss share, metrics) for one micro-batch under ``cfg``; with ``with_token_loss``
@@ -118,6 +130,13 @@ def actor_loss(
         keep_BT, om = off_policy_sequence_mask(logp_BT, rollout_logp_BT, adv_BT, m, cfg.off_policy_mask)
         loss_BT = loss_BT * keep_BT
         metrics.merge(om)
+    if cfg.selects_entropy:  # the high-entropy tokens only (the KL below stays on every token, as TRL)
+        if entropy_keep_BT is None:
+            raise ValueError(f"top_entropy_quantile={cfg.top_entropy_quantile} needs entropy_keep_BT "
+                             "(moe_rl.algorithms.entropy_select.high_entropy_mask)")
+        keep_BT = entropy_keep_BT.bool() & m
+        loss_BT = loss_BT * keep_BT.to(loss_BT.dtype)
+        metrics.add_masked("actor/entropy_kept_frac", keep_BT.to(torch.float64), m)
 
     pg = aggregate(loss_BT, m, cfg.loss_agg, **denoms)
     total = pg
@@ -137,8 +156,19 @@ def actor_loss(
         if with_token_loss:
             loss_BT = loss_BT + cfg.kl_beta * kl_BT
 
+    if cfg.entropy_coeff != 0:
+        if entropy_BT is None:
+            raise ValueError(f"entropy_coeff={cfg.entropy_coeff} needs entropy_BT (the policy's entropy, with grad)")
+        ent_BT = entropy_BT
+        if cfg.selects_entropy:
+            ent_BT = entropy_BT * (entropy_keep_BT.bool() & m).to(entropy_BT.dtype)
+        ent = aggregate(ent_BT, m, cfg.loss_agg, **denoms)
+        total = total - cfg.entropy_coeff * ent
+        metrics.add_sum("actor/entropy_loss", ent.detach())
+        if with_token_loss:
+            loss_BT = loss_BT - cfg.entropy_coeff * ent_BT.detach()
     if entropy_BT is not None:
-        metrics.add_masked("actor/entropy", entropy_BT, m)
+        metrics.add_masked("actor/entropy", entropy_BT.detach(), m)
     delta = torch.where(m, logp_BT - old_logp_BT, torch.zeros_like(logp_BT)).detach()
     metrics.add_masked("actor/ppo_kl", -delta, m)
     if out.seq_ratio_B is not None:

@@ -65,6 +65,8 @@ BASE_DEFAULTS: Dict[str, Any] = {
     "kl_placement": "loss",
     "kl_ratio_weighted": False,
     "kl_straight_through": False,
+    "entropy_coeff": 0.0,
+    "top_entropy_quantile": 1.0,
     "dynamic_sampling": False,
     "max_extra_rounds": 0,
     "overlong_shaping": False,
@@ -123,6 +125,8 @@ class AlgorithmConfig:
     kl_placement: Optional[str] = None  # loss (beta*KL added to the token loss) | reward (r_t -= beta*k1)
     kl_ratio_weighted: Optional[bool] = None  # weight k3 by the current ratio rho (DeepSeek-V3.2)
     kl_straight_through: Optional[bool] = None  # the estimator's value with k2's gradient (verl "k3+")
+    entropy_coeff: Optional[float] = None  # entropy bonus: loss -= coeff * aggregate(entropy) (verl entropy_coeff); 0 = off
+    top_entropy_quantile: Optional[float] = None  # train only the top q of tokens by (old-policy) entropy (TRL); 1 = all
     # Axis 6: sampling and length shaping
     dynamic_sampling: Optional[bool] = None  # drop groups whose rewards all equal and regenerate (DAPO)
     max_extra_rounds: Optional[int] = None  # cap on extra generation rounds for dynamic sampling
@@ -191,6 +195,11 @@ class AlgorithmConfig:
         return self.mismatch != "none" or self.off_policy_mask > 0
 
     @property
+    def selects_entropy(self) -> bool:
+        """Whether the loss keeps only high-entropy tokens (the old pass must keep its entropies)."""
+        return self.top_entropy_quantile < 1
+
+    @property
     def sequence_level(self) -> bool:
         """Whether the surrogate is one value per response (needs per-response A)."""
         return self.policy_loss in SEQUENCE_LEVEL_LOSSES
@@ -214,6 +223,11 @@ class AlgorithmConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"algorithm.{name} ({v}) must be finite and >= 0")
+        if not math.isfinite(self.entropy_coeff):
+            raise ValueError(f"algorithm.entropy_coeff ({self.entropy_coeff}) must be finite")
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(f"algorithm.top_entropy_quantile ({self.top_entropy_quantile}) must be in (0, 1]; "
+                             "1 trains every token")
         for name in ("sapo_tau_pos", "sapo_tau_neg"):
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:

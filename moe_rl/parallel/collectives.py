@@ -49,6 +49,22 @@ def broadcast(t: torch.Tensor, src: int, group: Optional[dist.ProcessGroup] = No
     return _crossing(t, group, lambda x: dist.broadcast(x, src=src, group=group))
 
 
+def all_gather_values(x_N: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Every rank's 1-D ``x_N`` (lengths may differ) concatenated in group-rank order, on
+    ``x_N``'s device. The lengths cross as a host count vector, the values padded to the
+    longest, on the device the backend takes."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    counts = torch.zeros(world, dtype=torch.int64)
+    counts[me] = x_N.numel()
+    counts = all_reduce(counts, group=group).tolist()
+    dev, longest = comm_device(group), max(counts)
+    wire = torch.zeros(longest, dtype=x_N.dtype, device=dev)
+    wire[:x_N.numel()] = x_N.reshape(-1).to(dev)
+    parts = [torch.empty_like(wire) for _ in range(world)]
+    dist.all_gather(parts, wire, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(x_N.device)
+
+
 def max_over_world(x: float) -> float:
     """The largest ``x`` of all ranks (every rank calls it at the same point)."""
     return float(all_reduce(torch.tensor([x], dtype=torch.float64), op=dist.ReduceOp.MAX).item())

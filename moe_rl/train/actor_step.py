@@ -8,7 +8,8 @@ and are then sent from the last pipeline stage to every rank.
 
 Micro-batch contract (all [B, S]; position t scores ``targets[:, t]`` given ``tokens[:, :t+1]``):
 ``tokens``, ``targets``, ``mask`` (1 on response tokens that count), ``old_logp``, ``adv``
-([B, S], or [B]: one advantage per response), and optionally ``ref_logp``, ``rollout_logp``.
+([B, S], or [B]: one advantage per response), and optionally ``ref_logp``, ``rollout_logp``,
+``entropy_keep`` (``algorithm.top_entropy_quantile``: ``Trainer.select_high_entropy``).
 
 Parallel semantics: every rank calls :func:`actor_step` with its DP shard of the step's
 micro-batches (identical across TP/CP/PP/EP peers); every rank returns the same metrics.
@@ -46,7 +47,7 @@ def actor_step(state: TrainState, built: BuiltModel, microbatches: list[dict], c
         loss, metrics = actor_loss(
             cfg, logp, mb["old_logp"], mb["adv"], mb["mask"], **counts.as_kwargs(),
             ref_logp_BT=mb.get("ref_logp"), rollout_logp_BT=mb.get("rollout_logp"),
-            entropy_BT=ent.detach())
+            entropy_BT=ent if cfg.entropy_coeff != 0 else ent.detach(), entropy_keep_BT=mb.get("entropy_keep"))
         merged.merge(metrics)
         return loss, {}
 

@@ -20,10 +20,11 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from moe_rl.algorithms.entropy_select import entropy_threshold, high_entropy_mask
 from moe_rl.algorithms.kl import kl_estimate
 from moe_rl.config.run import RunConfig
 from moe_rl.data import train_batch as tb
-from moe_rl.parallel.collectives import all_reduce, broadcast
+from moe_rl.parallel.collectives import all_gather_values, all_reduce, broadcast
 
 
 def check_microbatching(cfg: RunConfig, dims) -> None:
@@ -113,24 +114,40 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def score(self, microbatches: List[dict], built, key: str) -> None:
-        """``mb[key]`` = log pi(targets) [B, S] of ``built`` for every micro-batch (forward only).
-        Only the last pipeline stage computes it; the others hold zeros (they never read it)."""
+    def score(self, microbatches: List[dict], built, key: str, entropy_key: str = "") -> None:
+        """``mb[key]`` = log pi(targets) [B, S] of ``built`` for every micro-batch (forward only),
+        and with ``entropy_key`` ``mb[entropy_key]`` = the entropy [B, S] at each position.
+        Only the last pipeline stage computes them; the others hold zeros (they never read them)."""
         from moe_rl.train.policy_head import emit_hidden_states, sequence_logprobs
         from moe_rl.train.schedule import forward_backward
 
         vocab = built.hf_config.vocab_size
 
         def loss_fn(hidden, mb):
-            logp, _ = sequence_logprobs(hidden, built.head, mb["targets"], self.groups, vocab_size=vocab,
-                                        temperature=self.cfg.temperature)
+            logp, ent = sequence_logprobs(hidden, built.head, mb["targets"], self.groups, vocab_size=vocab,
+                                          temperature=self.cfg.temperature)
             mb[key] = logp.detach()
+            if entropy_key:
+                mb[entropy_key] = ent.detach()
             return logp.sum() * 0.0, {}
 
         for mb in microbatches:
-            mb[key] = torch.zeros(mb["tokens"].shape, dtype=torch.float32, device=self.device)
+            for k in (key, entropy_key) if entropy_key else (key,):
+                mb[k] = torch.zeros(mb["tokens"].shape, dtype=torch.float32, device=self.device)
         with emit_hidden_states(built.head):
             forward_backward(built.chunks, microbatches, loss_fn, self.groups, forward_only=True)
+
+    def select_high_entropy(self, microbatches: List[dict], quantile: float) -> None:
+        """``mb["entropy_keep"]`` for the micro-batches of one optimizer step: the valid tokens whose
+        old-policy entropy (``mb["old_entropy"]``, from :meth:`score`) is in the top ``quantile``
+        of the step's valid tokens over every data-parallel rank (``algorithms.entropy_select``).
+        Collective over the DP group; on stages before the last the entropies are zeros, unread."""
+        vals = torch.cat([mb["old_entropy"][mb["mask"].bool()] for mb in microbatches])
+        if self.groups.dims.dp > 1:
+            vals = all_gather_values(vals, group=self.groups.dp_group)
+        threshold = entropy_threshold(vals, quantile)
+        for mb in microbatches:
+            mb["entropy_keep"] = high_entropy_mask(mb["old_entropy"], mb["mask"], threshold)
 
     def score_batch(self, batch: tb.TrainBatch, built) -> torch.Tensor:
         """Response-space log-probs [B, T] of the whole batch under ``built`` (every rank gets all)."""

@@ -3,7 +3,8 @@
 One launch for the module: 2 gloo ranks (127.0.0.1, free port) run every check and
 report max errors; the tests below read them.
 
-1. For each aggregation mode (and a config with KL in the loss and TIS on top), one
+1. For each aggregation mode (and configs with KL in the loss, mismatch corrections and the
+   entropy bonus on top; the entropy is the model's, with its gradient), one
    global batch (8 responses, ragged lengths) is trained as: one single-process batch
    (the reference), 1, 2 and 4 uneven micro-batches in one process, and 2 DP ranks each
    with 2 micro-batches of uneven sizes, gradients summed over ranks. All must give the
@@ -17,6 +18,8 @@ report max errors; the tests below read them.
 3. Vocab-parallel log-prob / entropy on 2 TP ranks (a padded vocab, so the last shard
    has fewer real rows) equal the single-process full-vocab log_softmax + gather and
    entropy, and so do the hidden gradient and each rank's slice of the weight gradient.
+4. ``all_gather_values`` of uneven (and empty) pieces is their concatenation in rank order, so
+   the high-entropy threshold of a step split over DP ranks is the whole step's.
 """
 
 import json
@@ -32,6 +35,8 @@ from moe_rl.algorithms.actor_loss import actor_loss
 from moe_rl.algorithms.config import AlgorithmConfig
 from moe_rl.algorithms.metrics import Metrics
 from moe_rl.algorithms.advantages import compute_advantages
+from moe_rl.algorithms.entropy_select import entropy_threshold
+from moe_rl.parallel.collectives import all_gather_values
 from moe_rl.train.global_counts import count_global, dp_batch_sum
 from moe_rl.train.logprobs import token_logprobs_and_entropy
 
@@ -53,6 +58,8 @@ CONFIGS = {
     "vespo+tis": dict(preset="grpo", policy_loss="vespo", kl_beta=0.0, loss_agg="token-mean", mismatch="tis"),
     "kl-abs-st+seq-icepop": dict(preset="grpo", kl_beta=0.1, kl_estimator="abs", kl_straight_through=True,
                                  mismatch="seq-icepop"),
+    "entropy-bonus+seq-mean-token-mean": dict(preset="grpo", kl_beta=0.0, entropy_coeff=0.3),
+    "entropy-bonus+token-mean+kl": dict(preset="dapo", kl_beta=0.05, entropy_coeff=0.3),
 }
 
 # advantages: 4 groups of 3 responses, rank 0 holds group 0, rank 1 groups 1-3
@@ -85,8 +92,7 @@ def _batch():
     ref = lp0 - 0.2 * torch.rand(B, T, generator=g, dtype=D)
     roll = old + 0.3 * torch.randn(B, T, generator=g, dtype=D)
     adv = torch.randn(B, generator=g, dtype=D)[:, None].expand(B, T).clone()
-    ent = torch.rand(B, T, generator=g, dtype=D)
-    return dict(x=x, tok=tok, mask=mask, old=old, ref=ref, roll=roll, adv=adv, ent=ent), w0
+    return dict(x=x, tok=tok, mask=mask, old=old, ref=ref, roll=roll, adv=adv), w0
 
 
 def _grad(cfg, data, w0, parts, dp_group=None):
@@ -95,10 +101,12 @@ def _grad(cfg, data, w0, parts, dp_group=None):
     counts = count_global([data["mask"][a:b] for a, b in parts], dp_group=dp_group)
     metrics = Metrics()
     for a, b in parts:
-        lp = torch.log_softmax(data["x"][a:b] @ w, -1).gather(-1, data["tok"][a:b, :, None]).squeeze(-1)
+        ls = torch.log_softmax(data["x"][a:b] @ w, -1)
+        lp = ls.gather(-1, data["tok"][a:b, :, None]).squeeze(-1)
+        ent = -(ls.exp() * ls).sum(-1)  # the policy's entropy, with its gradient (the entropy bonus uses it)
         loss, m = actor_loss(
             cfg, lp, data["old"][a:b], data["adv"][a:b], data["mask"][a:b], **counts.as_kwargs(),
-            ref_logp_BT=data["ref"][a:b], rollout_logp_BT=data["roll"][a:b], entropy_BT=data["ent"][a:b],
+            ref_logp_BT=data["ref"][a:b], rollout_logp_BT=data["roll"][a:b], entropy_BT=ent,
         )
         loss.backward()
         metrics.merge(m)
@@ -186,6 +194,16 @@ def _worker(rank, port, out_dir):
         "grad_hidden": (gh - gh_r).abs().max().item(),
         "grad_weight_shard": (gw - gw_r[rank * rows:(rank + 1) * rows]).abs().max().item(),
     }
+    # 4. all_gather_values: uneven lengths (one rank empty in the second round), and the high-entropy
+    #    threshold of a step held by two ranks = that of the whole step in one process
+    g = torch.Generator().manual_seed(4)
+    ent_all = torch.rand(5 + 9, generator=g, dtype=D)
+    mine = ent_all[:5] if rank == 0 else ent_all[5:]
+    got = all_gather_values(mine, group=group)
+    empty_round = all_gather_values(mine if rank == 1 else mine[:0], group=group)
+    res["gather"] = {"equal": bool(torch.equal(got, ent_all)), "empty_round": bool(torch.equal(empty_round, ent_all[5:])),
+                     "threshold": entropy_threshold(got, 0.2), "threshold_ref": entropy_threshold(ent_all, 0.2),
+                     "threshold_local": entropy_threshold(mine, 0.2)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     dist.destroy_process_group()
@@ -238,3 +256,11 @@ def test_advantage_batch_statistics_invariant_to_dp(results, name):
         assert e["err"] < 1e-12, (rank, name, e)
         if name not in GROUP_ONLY:  # the check is not vacuous: this rank's statistics alone differ
             assert max(results[r]["advantages"][name]["local_only_err"] for r in range(WORLD)) > 1e-3, name
+
+
+def test_all_gather_values_and_the_dp_entropy_threshold(results):
+    for rank in range(WORLD):
+        e = results[rank]["gather"]
+        assert e["equal"] and e["empty_round"]
+        assert e["threshold"] == e["threshold_ref"]
+        assert e["threshold_local"] != e["threshold_ref"]  # without the gather each rank would pick its own

@@ -20,6 +20,9 @@ Compared (float64 unless noted, deterministic data from seeded torch.Generators)
 - clip metrics (`clip_ratio/*`, `entropy`, `kl`, `cispo_clip_ratio`); VESPO's `get_gamma_weights`.
 - DeepSeek-V3.2's off-policy sequence mask (`off_policy_mask_threshold`, `get_off_policy_mask`) against
   `off_policy_mask`, with the KL in the loss.
+- the static entropy bonus (`entropy_coef`) against `entropy_coeff` under token-mean (dapo, bnpo), and
+  `top_entropy_quantile` (`get_high_entropy_mask` in `_compute_loss`, with and without the bonus) against
+  ours on one micro-batch, where TRL's current-policy entropies are our old-policy ones.
 Not compared: `RLOOTrainer._compute_loss` (a PPO clip of the product of the token ratios, an
 objective no project surrogate implements).
 
@@ -124,7 +127,8 @@ def trl():
     ns = {"torch": torch, "math": math}
     for name, code in _cut_defs(text["utils"], ["nanstd", "nanmin", "nanmax"]).items():
         exec(compile(code, f"<trl utils.{name}>", "exec"), ns)
-    for name, code in _cut_defs(text["grpo_trainer"], ["_compute_loss", "get_gamma_weights", "get_off_policy_mask"],
+    for name, code in _cut_defs(text["grpo_trainer"], ["_compute_loss", "get_gamma_weights", "get_off_policy_mask",
+                                                         "get_high_entropy_mask"],
                                 "GRPOTrainer").items():
         exec(compile(code, f"<trl GRPOTrainer.{name}>", "exec"), ns)
     grpo, rloo = text["grpo_trainer"], text["rloo_trainer"]
@@ -152,6 +156,10 @@ class _OneProcess:
     gather_for_metrics = gather
 
     @staticmethod
+    def pad_across_processes(x, dim=0, pad_index=0):
+        return x
+
+    @staticmethod
     def reduce(x, reduction="sum"):
         return x
 
@@ -169,9 +177,11 @@ def _fake_trainer(**kw):
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
         beta=0.0, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, use_vllm=False,
         vllm_importance_sampling_correction=False, current_gradient_accumulation_steps=1,
-        _entropy_bonus_enabled=False, aux_loss_enabled=False, max_completion_length=None,
+        _entropy_bonus_enabled=False, entropy_coef=0.0, use_adaptive_entropy=False,
+        _last_world_entropy=float("inf"), _entropy_window_stats=None, aux_loss_enabled=False, max_completion_length=None,
         get_gamma_weights=trl().ns["get_gamma_weights"], get_off_policy_mask=trl().ns["get_off_policy_mask"],
     )
+    s.get_high_entropy_mask = types.MethodType(trl().ns["get_high_entropy_mask"], s)
     for k, v in kw.items():
         assert hasattr(s, k), f"not a GRPOTrainer attribute used here: {k}"
         setattr(s, k, v)
@@ -727,3 +737,104 @@ def test_off_policy_sequence_mask(delta, seed):
     n_neg = int(((d.adv.flatten() < 0) & d.mask.any(-1)).sum())
     dropped = round(mo["mismatch/opsm_masked_frac"] * d.B)
     assert lo != lu and 0 < dropped < n_neg, (dropped, n_neg)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("loss_type,cfg", [("dapo", dict(preset="dapo")),
+                                           ("bnpo", dict(preset="grpo", kl_beta=0.0, loss_agg="token-mean"))])
+def test_entropy_bonus(loss_type, cfg, seed):
+    """TRL's static entropy bonus (`entropy_coef`, loss -= coef * token mean of H) against `entropy_coeff`
+    under token-mean, where TRL's token mean and our aggregation are the same; value and the gradients
+    wrt the log-probs and the entropies. (TRL's bonus is a token mean whatever the loss type; ours is
+    aggregated like the policy loss, as verl's: the two differ under the sequence-mean modes.)"""
+    d = make_data(seed)
+    coef = 0.05
+    kw = dict(entropy_coef=coef, _entropy_bonus_enabled=True)
+    if loss_type == "dapo":
+        kw["epsilon_high"] = 0.28
+    lp = d.logp.detach().clone().requires_grad_(True)
+    ent_t = d.ent.detach().clone().requires_grad_(True)
+    s = _fake_trainer(loss_type=loss_type, **kw)
+    s._get_per_token_logps_and_entropies = lambda *a, **k: (lp, ent_t, None)
+    B, T_ = d.mask.shape
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T_, dtype=torch.long), "completion_mask": d.mask.to(D),
+              "advantages": d.adv, "old_per_token_logps": d.old, "num_items_in_batch": torch.tensor(float(d.mask.sum()))}
+    theirs = trl().ns["_compute_loss"](s, None, inputs)
+    ent_o = d.ent.detach().clone().requires_grad_(True)
+    lo = d.logp.detach().clone().requires_grad_(True)
+    ours, _ = actor_loss(AlgorithmConfig(**cfg, entropy_coeff=coef), lo, d.old, d.adv, d.mask.bool(),
+                         num_global_tokens=float(d.mask.sum()), num_global_seqs=float(B), entropy_BT=ent_o)
+    assert abs(float(theirs) - float(ours)) <= TOL
+    gt = torch.autograd.grad(theirs, (lp, ent_t))
+    go = torch.autograd.grad(ours, (lo, ent_o))
+    assert gt[1].abs().max() > 1e-3  # the bonus has a gradient to compare
+    assert maxdiff(gt[0], go[0]) <= TOL and maxdiff(gt[1], go[1]) <= TOL
+    assert s._metrics["train"]["entropy_coef"][-1] == coef
+
+
+
+def _trl_loss_with_entropies(loss_type, d, ent, **kw):
+    """TRL's _compute_loss with `ent` as the entropies (a leaf): (loss, grad wrt logp, grad wrt ent, trainer)."""
+    lp = d.logp.detach().clone().requires_grad_(True)
+    ent_t = ent.detach().clone().requires_grad_(True)
+    s = _fake_trainer(loss_type=loss_type, **kw)
+    s._get_per_token_logps_and_entropies = lambda *a, **k: (lp, ent_t, None)
+    B, T_ = d.mask.shape
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T_, dtype=torch.long), "completion_mask": d.mask.to(D),
+              "advantages": d.adv, "old_per_token_logps": d.old, "ref_per_token_logps": d.ref,
+              "num_items_in_batch": torch.tensor(float(d.mask.sum()))}
+    loss = trl().ns["_compute_loss"](s, None, inputs)
+    g_lp, g_ent = torch.autograd.grad(loss, (lp, ent_t), allow_unused=True)
+    return float(loss), g_lp, g_ent, s
+
+
+def _ours_with_entropies(cfg, d, ent, keep):
+    lo = d.logp.detach().clone().requires_grad_(True)
+    ent_o = ent.detach().clone().requires_grad_(True)
+    loss, met = actor_loss(cfg, lo, d.old, d.adv, d.mask.bool(), num_global_tokens=float(d.mask.sum()),
+                           num_global_seqs=float(d.mask.shape[0]), ref_logp_BT=d.ref, entropy_BT=ent_o,
+                           entropy_keep_BT=keep)
+    g_lp, g_ent = torch.autograd.grad(loss, (lo, ent_o), allow_unused=True)
+    return float(loss), g_lp, g_ent, met.compute()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("q", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("loss_type,cfg", [("grpo", dict(preset="grpo", kl_beta=0.04)),
+                                           ("dapo", dict(preset="dapo", kl_beta=0.04))])
+def test_top_entropy_quantile(loss_type, cfg, q, seed):
+    """TRL's high-entropy mask (the 1 - q quantile of the valid tokens' entropies, torch.quantile) in its
+    loss, the KL on every token, against top_entropy_quantile with the mask from entropy_select; the
+    entropies are float32 values, as TRL casts them before its quantile. Then the entropy bonus on the
+    kept tokens: TRL divides it by the kept tokens, ours by the step's tokens (every mask here leaves
+    the denominators alone): asserted as that relation, and equal at q = 1 under token-mean."""
+    from moe_rl.algorithms.entropy_select import entropy_threshold, high_entropy_mask
+
+    d = make_data(seed)
+    ent = d.ent.float().double()
+    m = d.mask.bool()
+    keep = high_entropy_mask(ent, m, entropy_threshold(ent[m], q))
+    kw = dict(top_entropy_quantile=q, beta=0.04, **(dict(epsilon_high=0.28) if loss_type == "dapo" else {}))
+    lt, gt, _, s = _trl_loss_with_entropies(loss_type, d, ent, **kw)
+    assert torch.equal(keep, s.get_high_entropy_mask(ent, d.mask, 1 - q))
+    lo, go, _, met = _ours_with_entropies(AlgorithmConfig(**cfg, top_entropy_quantile=q), d, ent, keep)
+    assert abs(lt - lo) <= TOL and maxdiff(gt, go) <= TOL
+    if q == 1.0:
+        assert "actor/entropy_kept_frac" not in met and keep.sum() == m.sum()
+    else:
+        assert met["actor/entropy_kept_frac"] == pytest.approx(float(keep.sum()) / float(m.sum()), abs=1e-15)
+        assert 0 < met["actor/entropy_kept_frac"] < 1
+    if loss_type != "dapo":
+        return
+    coef = 0.05
+    lt_b, gt_b, gte_b, _ = _trl_loss_with_entropies(loss_type, d, ent, entropy_coef=coef, _entropy_bonus_enabled=True,
+                                                    **kw)
+    lo_b, go_b, goe_b, met_b = _ours_with_entropies(
+        AlgorithmConfig(**cfg, top_entropy_quantile=q, entropy_coeff=coef), d, ent, keep)
+    n_kept, n_tok = float(keep.sum()), float(m.sum())
+    assert abs((lt_b - lt) * n_kept - (lo_b - lo) * n_tok) <= 1e-13
+    assert maxdiff(gte_b * n_kept, goe_b * n_tok) <= 1e-13 and gte_b.abs().max() > 1e-3
+    assert maxdiff(gt_b, go_b) <= TOL  # the bonus does not touch the log-prob gradient
+    assert met_b["actor/entropy_loss"] == pytest.approx(float((ent * keep).sum()) / n_tok, rel=1e-14)

@@ -691,3 +691,28 @@ def test_actor_loss(verl, bt, case):
         theirs = theirs + coef * verl.agg_loss(verl.kl_penalty(bt.logp, bt.ref, kl_name), bt.maskf, agg, **GBI)
     close(ours, theirs, tol_for(agg))
     close(grad(ours, bt.logp), grad(theirs, bt.logp), tol_for(agg))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_actor_loss_with_entropy_bonus(verl, bt, agg):
+    """entropy_coeff as verl's ppo_loss (verl/workers/utils/losses.py) composes it: pg_loss -
+    entropy_coeff * agg_loss(entropy, global batch info) + kl_loss_coef * agg_loss(kl); the entropy
+    carries its gradient (a leaf here), and actor/entropy_loss is verl's metric of that name."""
+    coeff = 0.03
+    cfg = AlgorithmConfig(preset="grpo", dual_clip_c=3.0, loss_agg=agg, max_response_len=T, entropy_coeff=coeff)
+    g = torch.Generator().manual_seed(7)
+    ent = (torch.rand(B, T, generator=g, dtype=D) * 2).requires_grad_(True)
+    ours, met = actor_loss(cfg, bt.logp, bt.old, bt.adv, bt.mask, num_global_tokens=N_TOK, num_global_seqs=N_SEQ,
+                           ref_logp_BT=bt.ref, entropy_BT=ent)
+    pg, _ = verl.compute_policy_loss_vanilla(old_log_prob=bt.old, log_prob=bt.logp, advantages=bt.adv,
+                                             response_mask=bt.maskf, loss_agg_mode=agg,
+                                             config=actor_cfg(clip_ratio_high=0.2, loss_agg_mode=agg),
+                                             rollout_is_weights=None)
+    entropy_loss = verl.agg_loss(ent, bt.maskf, agg, **GBI)
+    theirs = pg - coeff * entropy_loss + 0.04 * verl.agg_loss(verl.kl_penalty(bt.logp, bt.ref, "low_var_kl"),
+                                                            bt.maskf, agg, **GBI)
+    close(ours, theirs, tol_for(agg))
+    close(grad(ours, bt.logp), grad(theirs, bt.logp), tol_for(agg))
+    close(grad(ours, ent), grad(theirs, ent), tol_for(agg))
+    assert grad(theirs, ent).abs().max() > 1e-4
+    close(met.compute()["actor/entropy_loss"], entropy_loss.detach(), tol_for(agg))

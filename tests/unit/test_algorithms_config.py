@@ -94,6 +94,7 @@ def test_unknown_preset_lists_allowed():
     (dict(seq_mis_low=2.0, seq_mis_high=1.0), r"seq_mis_low"),
     (dict(tis_cap=0.0), r"tis_cap"),
     (dict(tis_floor=2.0), r"tis_floor \(2.0\) must be >= 0 and < tis_cap \(2.0\)"),
+    (dict(entropy_coeff=float("inf")), r"entropy_coeff \(inf\) must be finite"),
     (dict(off_policy_mask=-0.1), r"off_policy_mask"),
     (dict(std_scope="global"), r"std_scope='global' is not one of group, batch"),
     (dict(advantage="rloo", std_scope="batch"), r"std_scope=batch applies only to advantage=grpo"),

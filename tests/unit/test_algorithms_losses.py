@@ -380,6 +380,67 @@ def test_off_policy_sequence_mask_drops_negative_advantage_responses_far_from_th
     assert cfg.needs_rollout_logp and not AlgorithmConfig(preset="grpo").needs_rollout_logp
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("coeff", [0.01, -0.5])
+def test_entropy_bonus_written_out(agg, coeff):
+    """loss = pg - entropy_coeff * agg(H) + beta * agg(KL), H the policy's entropy with its gradient,
+    aggregated like the policy loss (verl's entropy_coeff); the entropy on padding never counts."""
+    logp, logp_pad, old, adv, mask = _data()
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(B, T, 7, generator=g, dtype=D, requires_grad=True)  # logits behind the entropy
+    ls = torch.log_softmax(z, -1)
+    ent = -(ls.exp() * ls).sum(-1)
+    ent_pad = torch.where(mask, ent, torch.full_like(ent, float("nan")))
+    ref_lp = old - 0.1
+    cfg = AlgorithmConfig(preset="grpo", kl_beta=0.05, loss_agg=agg, max_response_len=T, entropy_coeff=coeff)
+    n_tok, n_seq = int(mask.sum()), B + 1  # one empty response elsewhere in the step
+    loss, met, tok_loss = actor_loss(cfg, logp_pad, old, adv, mask, num_global_tokens=n_tok, num_global_seqs=n_seq,
+                                     ref_logp_BT=ref_lp, entropy_BT=ent_pad, with_token_loss=True)
+    tok = ref_token_losses("ppo", logp, old, adv, mask, 0.2, 0.2)
+    ref, ref_ent = 0, 0
+    for i, n in enumerate(LENS):
+        per_seq, per_seq_ent = 0, 0
+        for t in range(n):
+            x = logp[i, t] - ref_lp[i, t]
+            per_seq = per_seq + tok[(i, t)] + 0.05 * (torch.exp(-x) + x - 1) - coeff * ent[i, t]
+            per_seq_ent = per_seq_ent + ent[i, t]
+        if agg == "token-mean":
+            ref, ref_ent = ref + per_seq / n_tok, ref_ent + per_seq_ent / n_tok
+        elif agg == "seq-mean-token-mean":
+            ref, ref_ent = ref + per_seq / max(n, 1) / n_seq, ref_ent + per_seq_ent / max(n, 1) / n_seq
+        else:
+            ref, ref_ent = ref + per_seq / (n_seq * T), ref_ent + per_seq_ent / (n_seq * T)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    got = torch.autograd.grad(loss, (logp, z), retain_graph=True)
+    want = torch.autograd.grad(ref, (logp, z))
+    assert want[1].abs().max() > 1e-4  # the bonus reaches the logits
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-12)
+    m = met.compute()
+    assert m["actor/entropy_loss"] == pytest.approx(ref_ent.item(), rel=1e-12)
+    assert m["actor/entropy"] == pytest.approx(ent[mask].mean().item(), rel=1e-12)
+    # the per-token loss holds the bonus: aggregated it is the loss share
+    agg_tok = aggregate(tok_loss, mask, agg, num_global_tokens=n_tok, num_global_seqs=n_seq, max_response_len=T)
+    assert agg_tok.item() == pytest.approx(ref.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="entropy_coeff=.* needs entropy_BT"):
+        actor_loss(cfg, logp_pad, old, adv, mask, num_global_tokens=n_tok, num_global_seqs=n_seq, ref_logp_BT=ref_lp)
+
+
+def test_entropy_bonus_off_leaves_the_loss_and_entropy_gradient_alone():
+    logp, logp_pad, old, adv, mask = _data()
+    z = torch.randn(B, T, 7, dtype=D, requires_grad=True)
+    ls = torch.log_softmax(z, -1)
+    ent = -(ls.exp() * ls).sum(-1)
+    cfg = AlgorithmConfig(preset="grpo", kl_beta=0.0)
+    kw = dict(num_global_tokens=int(mask.sum()), num_global_seqs=B)
+    with_ent, met = actor_loss(cfg, logp_pad, old, adv, mask, entropy_BT=ent, **kw)
+    without, _ = actor_loss(cfg, logp_pad, old, adv, mask, **kw)
+    assert with_ent.item() == without.item() and "actor/entropy_loss" not in met.compute()
+    assert not with_ent.requires_grad or torch.autograd.grad(with_ent, z, allow_unused=True)[0] is None
+    with pytest.raises(ValueError, match="entropy_coeff"):
+        AlgorithmConfig(preset="grpo", entropy_coeff=float("nan"))
+
+
 def test_metrics_merge_is_exact_not_mean_of_means():
     vals = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0])]
     ms = [Metrics().add_masked("x", v, torch.ones_like(v, dtype=torch.bool), min_name="x_min", max_name="x_max")

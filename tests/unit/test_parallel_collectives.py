@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEVICE_TENSOR_SITES = {
     "moe_rl/parallel/collectives.py::all_reduce": "the helpers themselves",
     "moe_rl/parallel/collectives.py::broadcast": "the helpers themselves",
+    "moe_rl/parallel/collectives.py::all_gather_values": "the helpers themselves",
     "moe_rl/train/logprobs.py::forward": "vocab-parallel logits (max, sums) on the model's device",
     "moe_rl/train/logprobs.py::backward": "the hidden-state gradient",
     "moe_rl/models/cp_attention.py::forward": "attention activations",
