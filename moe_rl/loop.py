@@ -12,7 +12,8 @@ runs stages 3-7 of step k, so a sample is at most ``loop.max_staleness`` version
 Differences from the papers' loops, and why:
 - old-policy log-probs are recomputed by the trainer once per rollout batch (stage 5), not
   taken from the engine: the engine's own log-probs (``rollout_logp``) only feed the
-  mismatch correction and its metrics.
+  mismatch correction and its metrics. With ``train.ppo_epochs`` > 1 every pass after the
+  first trains on the same batch with those same old log-probs (PPO's epochs, GRPO's mu).
 - DAPO dynamic sampling draws extra rounds of prompts (at most ``max_extra_rounds``); when
   the cap is hit the batch is completed with non-informative groups (zero advantage), so
   every step trains the same number of responses and the step's shapes stay fixed.
@@ -93,11 +94,12 @@ class RLLoop:
         with t("logprobs"):                                      # (5) old (and reference) log-probs
             minibatches = self.logprobs(batch)
         records = []
-        with t("train"), self.p.rollout.offloaded():             # (6) loss + optimizer step per mini-batch
-            for mbs in minibatches:
-                with self.routing.train_pass(mbs):               #     (R2/R3: the recorded routes)
-                    m = self.p.trainer.step(mbs)
-                records.append(self.skips.count(m))
+        with t("train"), self.p.rollout.offloaded():             # (6) loss + optimizer step per mini-batch,
+            for _ in range(self.cfg.train.ppo_epochs):           #     train.ppo_epochs passes over the batch
+                for mbs in minibatches:
+                    with self.routing.train_pass(mbs):           #     (R2/R3: the recorded routes)
+                        m = self.p.trainer.step(mbs)
+                    records.append(self.skips.count(m))
         with t("routing"):                                       #     routing drift and load
             rollout_m.update(self.route_metrics(step, minibatches))
         self.version += 1
@@ -232,8 +234,10 @@ class RLLoop:
         if self.cfg.metrics.gpu_stats:
             timing.update(gpu_stats())
         out = []
+        per_epoch = len(records) // self.cfg.train.ppo_epochs
         for i, m in enumerate(records):
-            rec = {"step": int(m.pop("train/optimizer_step")), "policy_version": step, "minibatch": i}
+            rec = {"step": int(m.pop("train/optimizer_step")), "policy_version": step, "minibatch": i % per_epoch,
+                   "epoch": i // per_epoch}
             rec.update(rollout_m)
             rec.update(adv_m)
             rec.update(m)

@@ -130,10 +130,10 @@ def check_identity(path: str, current: Dict[str, Any]) -> None:
 # Config fields (dotted, or a section ending in ".") that set what a run trains or the data it
 # sees: changed on resume, the run would silently mix two experiments, so a resume that changes
 # one is refused unless ``checkpoint.resume_changes`` lists it.
-RESUME_FIXED = ("model.", "optim.", "algorithm.", "data.", "rewards.rewards", "train.global_batch", "train.seq_len",
-                "train.seed", "train.moe_aux_loss_coeff", "rollout.n_samples_per_prompt", "rollout.max_new_tokens",
-                "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.stop", "rollout.stop_token_ids",
-                "loop.rollout_batch_size", "loop.mode", "loop.max_staleness", "routing.replay")
+RESUME_FIXED = ("model.", "optim.", "algorithm.", "data.", "rewards.rewards", "train.global_batch", "train.ppo_epochs",
+                "train.seq_len", "train.seed", "train.moe_aux_loss_coeff", "rollout.n_samples_per_prompt",
+                "rollout.max_new_tokens", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.stop",
+                "rollout.stop_token_ids", "loop.rollout_batch_size", "loop.mode", "loop.max_staleness", "routing.replay")
 # ... but not these (where the model is read from, performance switches)
 RESUME_FREE = ("model.hf_dir", "optim.use_distributed_optimizer", "optim.overlap_grad_reduce", "data.cache_dir")
 # restored from the optimizer's own state: never changeable on resume

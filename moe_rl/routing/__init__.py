@@ -29,9 +29,10 @@ outside: the reference routes live)::
 
 Stage 6, the training passes, then the old -> new pass and the step's metrics::
 
-    for mbs in minibatches:
-        with self.routing.train_pass(mbs):  # r2: routes_old, r3: routes_rollout (gaps: routes_old)
-            records.append(tr.step(mbs))
+    for _ in range(cfg.train.ppo_epochs):
+        for mbs in minibatches:
+            with self.routing.train_pass(mbs):  # r2: routes_old, r3: routes_rollout (gaps: routes_old)
+                records.append(tr.step(mbs))
     if self.routing.active and cfg.routing.old_new and cfg.routing.records_old:
         with self.routing.new_pass(flat):   # live routing after the update, same batch
             tr.score(flat, tr.built, "new_logp")

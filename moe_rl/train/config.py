@@ -58,6 +58,7 @@ class TrainConfig:
 
     steps: int = 4  # loop steps: each one rollout batch, rollout_batch_size / global_batch optimizer steps, a sync
     global_batch: int = 8  # sequences per optimizer step (over all data-parallel ranks)
+    ppo_epochs: int = 1  # passes over each rollout batch (verl ppo_epochs, TRL num_iterations); later passes are off-policy
     micro_batch: int = 2  # sequences per micro-batch on one rank
     seq_len: int = 64  # tokens per sequence (padded)
     seed: int = 1234  # seed of data sampling and model-parallel RNG
@@ -67,7 +68,7 @@ class TrainConfig:
     moe_aux_loss_coeff: float = 0.0  # weight of Megatron's MoE load-balancing aux loss (0 = off)
 
     def __post_init__(self):
-        for k in ("steps", "global_batch", "micro_batch", "seq_len"):
+        for k in ("steps", "global_batch", "ppo_epochs", "micro_batch", "seq_len"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         if self.moe_aux_loss_coeff < 0:

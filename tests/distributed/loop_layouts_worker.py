@@ -25,12 +25,14 @@ import sys
 BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16", "train.micro_batch=4",
         "train.seq_len=16", "train.seed=3", "optim.lr=3e-3", "optim.weight_decay=0.0", "rollout.n_samples_per_prompt=4",
         "rollout.max_new_tokens=3", "loop.rollout_batch_size=32", "data.toy_task=max_digit", "data.toy_num_prompts=64",
-        "algorithm.kl_beta=0.04", "routing.replay=r3", "rewards.rewards=[{name: correct, fn: 'moe_rl.data.toy_tasks:exact_answer_reward'}]",
+        "algorithm.kl_beta=0.04", "algorithm.entropy_coeff=0.01", "algorithm.top_entropy_quantile=0.5",
+        "routing.replay=r3", "rewards.rewards=[{name: correct, fn: 'moe_rl.data.toy_tasks:exact_answer_reward'}]",
         "rewards.executor=serial", "rewards.progress=false", "metrics.progress=false", "checkpoint.save_at_end=false"]
 VPP = ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"]
 RUNS = {"plain": [],
         "vpp": VPP + ["checkpoint.interval=1"],
-        "cp": ["parallel.context_parallel=2"]}
+        "cp": ["parallel.context_parallel=2"],
+        "epochs": ["train.steps=1", "train.ppo_epochs=2"]}
 
 
 def main():

@@ -1,7 +1,10 @@
 """The RL loop at the virtual-pipeline (PP2 x VPP2) and context-parallel (CP2) layouts on 2 gloo
-ranks (CPU), with routing replay R3 and capture: the same steps, routing metrics and weight-probe
-log-probs as the plain layout (EP1/PP1), and a VPP run resumed from its own checkpoint; the
-layout rules refuse what cannot work, naming the numbers."""
+ranks (CPU), with routing replay R3 and capture, the KL, the entropy bonus and the high-entropy
+token selection (its threshold over the step's tokens on every DP rank) in the loss: the same
+steps, routing metrics and weight-probe log-probs as the plain layout (EP1/PP1), and a VPP run
+resumed from its own checkpoint; the layout rules refuse what cannot work, naming the numbers.
+Also at the plain layout: two passes over one rollout batch (train.ppo_epochs=2), whose first pass
+is the plain run's first step."""
 
 from __future__ import annotations
 
@@ -15,12 +18,13 @@ from launcher import ROOT, torchrun
 pytestmark = pytest.mark.distributed
 
 LAYOUT_TOL = 1e-5  # relative, as tests/distributed/test_loop.py: fp32, the same math at another layout
-COMPARED = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl", "actor/clipfrac", "actor/kl_loss")
+COMPARED = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl", "actor/clipfrac", "actor/kl_loss",
+            "actor/entropy_loss", "actor/entropy_kept_frac")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One launch: plain, vpp (checkpoint every step), vpp_resumed (from vpp's first), cp."""
+    """One launch: plain, vpp (checkpoint every step), vpp_resumed (from vpp's first), cp, epochs."""
     work = tmp_path_factory.mktemp("loop_layouts")
     out = work / "out.json"
     torchrun(ROOT / "tests/distributed/loop_layouts_worker.py", 2, str(out), str(work), timeout=300)
@@ -40,6 +44,10 @@ def test_layout_gives_the_plain_layouts_steps(runs, layout):
     assert [r["step"] for r in other] == [r["step"] for r in ref] == [0, 1, 2, 3]  # 2 steps x 2 mini-batches
     assert all(r["actor/grad_norm"] > 0 for r in ref)  # something was learned and is compared
     assert ref[1]["actor/kl_loss"] > 0  # the reference's log-probs enter the loss
+    assert ref[0]["actor/entropy_loss"] > 0  # the entropy bonus (its gradient through the head) is on
+    # top_entropy_quantile=0.5: about half the tokens train, the threshold taken over both DP ranks (plain)
+    # or one (vpp, cp), the old pass's entropies gathered over the CP ranks' halves (cp)
+    assert all(0.3 < r["actor/entropy_kept_frac"] < 0.7 for r in ref)
     for a, b in zip(ref, other):
         assert a["rollout/reward_mean"] == b["rollout/reward_mean"]
         assert a["rollout/response_len_mean"] == b["rollout/response_len_mean"]
@@ -107,3 +115,20 @@ def test_layout_rules_refuse_with_the_numbers():
                                          r"train.micro_batch \(4\) x pipeline_parallel \(2\) = 8"):
         check_microbatching(cfg, SimpleNamespace(dp=2, pp=2, vpp=2))
     check_microbatching(cfg, SimpleNamespace(dp=2, pp=2, vpp=1))  # 1F1B takes any count and shape
+
+
+def test_ppo_epochs_pass_twice_over_the_batch(runs):
+    """train.ppo_epochs=2: the step's two mini-batches are trained twice, four optimizer steps on one
+    rollout batch. The first pass is the plain run's first loop step, bit for bit; the second pass
+    trains on the same batch against the same old log-probs, so it is off-policy (the ratio moved)."""
+    from moe_rl.observability import is_volatile
+
+    plain, ep = runs["plain"], runs["epochs"]
+    assert [(r["step"], r["policy_version"], r["epoch"], r["minibatch"]) for r in ep] == [
+        (0, 0, 0, 0), (1, 0, 0, 1), (2, 0, 1, 0), (3, 0, 1, 1)]
+    for a, b in zip(plain[:2], ep[:2]):
+        keys = [k for k in a if not is_volatile(k) and not k.startswith(("weights/", "routing/"))]
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    for r in ep[2:]:
+        assert r["rollout/reward_mean"] == ep[0]["rollout/reward_mean"]  # the same batch
+        assert r["actor/ppo_kl"] != 0.0 and r["actor/ratio_max"] != r["actor/ratio_min"]

@@ -34,6 +34,8 @@ def _cfg(*overrides):
     ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
     ("optim.min_lr=-1e-9", "optim: need 0 <= min_lr (-1e-09) <= lr"),
     ("data.toy_num_prompts=0", "data.toy_num_prompts (0) must be >= 1"),
+    ("train.ppo_epochs=0", "train.ppo_epochs must be >= 1, got 0"),
+    ("algorithm.entropy_coeff=nan", "algorithm.entropy_coeff (nan) must be finite"),
 ])
 def test_value_ranges_are_checked_at_load_naming_field_and_value(override, message):
     """Out-of-range sampling and optimizer values stop at config load, not in the first rollout
