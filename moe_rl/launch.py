@@ -282,6 +282,7 @@ def build_parts(cfg):
         check_stop_tokenizer(cfg, cfg.rollout.embedded.model_path or hf_dir)
     try:  # data errors before minutes of model building, as the config errors they are (exit 2)
         tokenizer, prompts = load_prompts_for(cfg, hf_dir, hf_config)
+        evaluation = load_evaluation(cfg, tokenizer, hf_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dims = ParallelDims.build(cfg.parallel, world, family_for(hf_config).shape(hf_config))
@@ -329,7 +330,8 @@ def build_parts(cfg):
         report(f"[moe_rl] {hf_config.model_type} at {dims.describe()}, {cfg.loop.mode} mode, "
                f"{cfg.train.steps} steps of {cfg.loop.rollout_batch_size} responses; output {cfg.output_dir}")
     return Parts(prompts=prompts, rollout=rollout, scorer=Scorer(cfg, tokenizer, evaluator), trainer=trainer,
-                 writer=writer, start_step=start, skipped=skipped, show_progress=show, hf_dir=hf_dir)
+                 writer=writer, start_step=start, skipped=skipped, show_progress=show, hf_dir=hf_dir,
+                 evaluation=evaluation)
 
 
 def tokenizer_dir(cfg, hf_dir: str) -> str:
@@ -361,13 +363,30 @@ def load_prompts_for(cfg, hf_dir: str, hf_config):
         raise ValueError(f"train.seq_len ({cfg.train.seq_len}) is shorter than the longest prompt ({prompts.longest} "
                          f"tokens) + rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) - 1 = {need}; raise it "
                          f"or set data.max_prompt_tokens")
+    check_engine_context(cfg, hf_config, prompts.longest, "prompt")
+    return tokenizer, prompts
+
+
+def check_engine_context(cfg, hf_config, longest: int, what: str) -> None:
+    """ValueError when the longest prompt (``what``: which ones) fills the engines' context."""
     context = (cfg.rollout.embedded.max_context_len if cfg.rollout.backend == "embedded" else 0) \
         or int(hf_config.max_position_embeddings)
-    if prompts.longest >= context:
-        raise ValueError(f"the longest prompt ({prompts.longest} tokens) leaves no room for a response in the engines' "
+    if longest >= context:
+        raise ValueError(f"the longest {what} ({longest} tokens) leaves no room for a response in the engines' "
                          f"context of {context} tokens (rollout.embedded.max_context_len, else the model's "
                          "max_position_embeddings); set data.max_prompt_tokens to drop longer prompts")
-    return tokenizer, prompts
+
+
+def load_evaluation(cfg, tokenizer, hf_config):
+    """The run's held-out evaluation (``moe_rl.evaluation``), or None when ``eval.interval`` is 0;
+    ValueError for a bad ``eval.path`` or prompts that fill the engines' context."""
+    from moe_rl.evaluation import Evaluation, load_eval_prompts
+
+    if cfg.eval.interval == 0:
+        return None
+    prompts = load_eval_prompts(cfg, tokenizer)
+    check_engine_context(cfg, hf_config, max(p.num_tokens for p in prompts), "eval prompt")
+    return Evaluation(cfg, prompts)
 
 
 def ensure_model(cfg, hf_dir: str) -> None:
@@ -433,6 +452,11 @@ def summarize(cfg) -> None:
         print(f"[moe_rl] reward: first {k} steps {sum(curve[:k]) / k:.3f}, last {k} steps "
               f"{sum(curve[-k:]) / k:.3f} (step 0: {curve[0]:.3f}, step {len(curve) - 1}: {curve[-1]:.3f})", flush=True)
         print("[moe_rl] reward curve: " + " ".join(f"{x:.2f}" for x in curve), flush=True)
+    evals = read_metrics(os.path.join(cfg.output_dir, "eval.jsonl"))
+    if evals:
+        print("[moe_rl] held-out eval reward by policy version: "
+              + " ".join(f"{r['policy_version']}: {r['eval/reward_mean']:.3f}" for r in evals)
+              + f" ({os.path.join(cfg.output_dir, 'eval.jsonl')})", flush=True)
     print(f"[moe_rl] metrics: {os.path.join(cfg.output_dir, 'metrics.jsonl')} (one JSON object per optimizer step)\n"
           f"[moe_rl] tensorboard: {os.path.join(cfg.output_dir, 'tb')} -> .venv/bin/tensorboard --logdir "
           f"{os.path.join(cfg.output_dir, 'tb')}", flush=True)

@@ -21,6 +21,9 @@ Differences from the papers' loops, and why:
   before stage 5's micro-batches exist; its policy log-probs route live, as the reference's do,
   even under R3/R2 (replaying there would need the trainer's whole-batch scoring to carry routes).
 
+Held-out evaluation (``moe_rl/evaluation.py``, ``eval.interval``) runs before a step's
+rollout with the weights that rollout uses, and once more after the last step.
+
 The stages live with their components: rollout and sync in ``rollout/in_process.py`` (an
 engine inside every rank) or ``rollout/http_rollout.py`` (engine servers: the embedded one
 or SGLang), rewards in ``rewards/scoring.py``, log-probs and steps in ``train/trainer.py``,
@@ -76,9 +79,11 @@ class RLLoop:
         bar.update(self.p.start_step)
         try:
             for step in range(self.p.start_step, self.cfg.train.steps):
+                self.evaluate(step)                              # held-out prompts, this step's policy
                 records += self.step(step)
                 bar.update(1)
                 bar.set_postfix(reward=f"{records[-1]['rollout/reward_mean']:.3f}")
+            self.evaluate(self.cfg.train.steps)                  # the final policy
         finally:
             self.routing.close()
         bar.close()
@@ -210,6 +215,20 @@ class RLLoop:
             self.routing.dump(flat, self.cfg.output_dir, step)
         return self.routing.metrics(flat)
 
+    # ------------------------------------------------------------------ held-out evaluation
+    def evaluate(self, version: int) -> None:
+        """``eval/*`` of policy version ``version`` (the engines' weights now) when it is due;
+        to eval.jsonl and tensorboard at the optimizer steps done (collective)."""
+        ev = self.p.evaluation
+        if ev is None or not ev.due(version):
+            return
+        m = ev.run(self.p.rollout, self.p.scorer, version)
+        self.p.writer.write_eval({"step": self.p.trainer.state.step, "policy_version": version, **m})
+        n = self.cfg.eval.n_samples
+        best = f", best@{n} {m['eval/reward_best_mean']:.3f}" if "eval/reward_best_mean" in m else ""
+        report(f"[moe_rl] eval of policy version {version}: reward {m['eval/reward_mean']:.3f}{best} "
+               f"on {len(ev.prompts)} held-out prompts")
+
     # ------------------------------------------------------------------ checkpoint, metrics
     def _checkpoint_due(self, step: int) -> bool:
         c = self.cfg.checkpoint
@@ -263,6 +282,7 @@ class Parts:
     skipped: tuple = (0, 0)  # (total, consecutive) skipped optimizer steps at the resume point
     show_progress: bool = False
     hf_dir: str = ""  # the policy's HF directory: its config and tokenizer go into every checkpoint
+    evaluation: Any = None  # moe_rl.evaluation.Evaluation, or None (eval.interval = 0)
 
 
 def report(msg: str) -> None:

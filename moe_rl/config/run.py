@@ -57,6 +57,42 @@ class LoopConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation of the policy (``moe_rl/evaluation.py``): generate on prompts that are
+    never trained on, score them with ``rewards``, log ``eval/*`` to ``eval.jsonl`` and tensorboard.
+    The responses are as long as the rollout's (``rollout.max_new_tokens``) and stop where they do."""
+
+    interval: int = 0  # evaluate every N policy versions: version 0 before training, each multiple, the final (0 = off; verl test_freq)
+    path: str = ""  # held-out prompt file(s), read like data.path with data's keys and chat template; "" = toy tasks
+    num_prompts: int = 64  # prompts evaluated: the file's first N (0 = all of it); toy tasks: N generated with seed data.seed + 1
+    n_samples: int = 1  # responses per prompt: eval/reward_mean is mean@n, eval/reward_best_mean best@n
+    temperature: float = 0.0  # 0 = greedy (verl's validation default); > 0 samples with top_p and top_k
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
+    top_k: int = -1  # top-k sampling when temperature > 0 (-1 = all tokens)
+
+    def __post_init__(self) -> None:
+        import math
+
+        if self.interval < 0:
+            raise ValueError(f"eval.interval ({self.interval}) must be >= 0 (0 = no evaluation)")
+        if self.num_prompts < 0:
+            raise ValueError(f"eval.num_prompts ({self.num_prompts}) must be >= 0 (0 = the whole file)")
+        if self.n_samples < 1:
+            raise ValueError(f"eval.n_samples ({self.n_samples}) must be >= 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"eval.temperature ({self.temperature}) must be a finite number >= 0")
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ValueError(f"eval.n_samples ({self.n_samples}) > 1 with eval.temperature 0: greedy decoding gives the "
+                             "same response every time; set eval.temperature > 0 for mean@n / best@n")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"eval.top_p ({self.top_p}) must be in (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"eval.top_k ({self.top_k}) must be >= 1, or -1 for all tokens")
+        if not self.path and self.num_prompts == 0:
+            raise ValueError("eval.num_prompts must be >= 1 for generated toy tasks (eval.path is empty)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the policy model
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # parallel layout of the trainer
@@ -72,6 +108,7 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # JSONL, tensorboard, wandb, progress
     routing: RoutingConfig = field(default_factory=RoutingConfig)  # MoE routing capture, drift and load metrics, replay (R2/R3)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # fail fast when a rollout server dies
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation every eval.interval policy versions
     output_dir: str = "runs/quickstart"  # where the run writes metrics, tensorboard files and checkpoints
 
     @staticmethod

@@ -1,7 +1,9 @@
 """The metric writer: ``<output_dir>/metrics.jsonl`` and tensorboard event files under
 ``<output_dir>/tb``, plus wandb when asked for and installed.
 
-One record per optimizer step, ``{"step": <optimizer step>, "<namespace>/<name>": value, ...}``.
+One record per optimizer step, ``{"step": <optimizer step>, "<namespace>/<name>": value, ...}``;
+held-out evaluations (``moe_rl.evaluation``) go to ``<output_dir>/eval.jsonl``, one record each,
+and to the same tensorboard and wandb run on the same step axis.
 Only the process constructed with ``enabled=True`` (rank 0) writes; elsewhere every method is
 a no-op, so callers need no rank checks.
 
@@ -30,8 +32,10 @@ class MetricWriter:
         self.cfg = cfg
         self.enabled = enabled
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
+        self.eval_path = os.path.join(output_dir, "eval.jsonl")
         self.tb_dir = os.path.join(output_dir, "tb")
         self._file = None
+        self._eval_file = None
         self._tb = None
         self._wandb = None
         if not enabled:
@@ -39,6 +43,7 @@ class MetricWriter:
         os.makedirs(output_dir, exist_ok=True)
         if cfg.jsonl:
             keep_records_before(self.jsonl_path, start_step)
+            keep_records_before(self.eval_path, start_step)
             self._file = open(self.jsonl_path, "a")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -58,13 +63,25 @@ class MetricWriter:
         """Write one optimizer step's metrics; ``record["step"]`` is the step (an int)."""
         if not self.enabled:
             return
-        step = int(record["step"])
         if self._file is not None:
-            self._file.write(json.dumps(dict(record)) + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            _append(self._file, record)
+        self._scalars(record)
+
+    def write_eval(self, record: Mapping[str, Any]) -> None:
+        """Write one evaluation's metrics to ``eval.jsonl`` (opened at the first one) and the
+        scalar sinks; ``record["step"]`` is the optimizer steps done when it ran."""
+        if not self.enabled:
+            return
+        if self.cfg.jsonl:
+            if self._eval_file is None:
+                self._eval_file = open(self.eval_path, "a")
+            _append(self._eval_file, record)
+        self._scalars(record, skip=("policy_version",))  # a scalar would join the training records' curve
+
+    def _scalars(self, record: Mapping[str, Any], skip: tuple = ()) -> None:
+        step = int(record["step"])
         scalars = {k: float(v) for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                   if k != "step" and k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, global_step=step)
@@ -73,9 +90,10 @@ class MetricWriter:
             self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for name in ("_file", "_eval_file"):
+            if getattr(self, name) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -88,6 +106,13 @@ class MetricWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _append(f, record: Mapping[str, Any]) -> None:
+    """One JSON line, flushed and fsynced: after a kill the file holds every record written."""
+    f.write(json.dumps(dict(record)) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:

@@ -26,8 +26,10 @@ class Scorer:
     def __init__(self, cfg: RunConfig, tokenizer, evaluator) -> None:
         self.cfg, self.tokenizer, self.evaluator = cfg, tokenizer, evaluator
 
-    def score(self, prompts, samples: List[Sample], rnd: int) -> List[Dict[str, Any]]:
-        G = self.cfg.rollout.n_samples_per_prompt
+    def score(self, prompts, samples: List[Sample], rnd: int, *, group_size: int = 0) -> List[Dict[str, Any]]:
+        """One dict per prompt: its ``group_size`` samples (default ``rollout.n_samples_per_prompt``),
+        total and named rewards, and the reward errors (collective: every rank scores a share)."""
+        G = group_size or self.cfg.rollout.n_samples_per_prompt
         share = my_share(len(samples), dist.get_rank(), dist.get_world_size())
         inputs = [RewardInput(response=self.tokenizer.decode(samples[i].response_ids, skip_special_tokens=True),
                               label=prompts[samples[i].group_id].record.label, prompt=prompts[samples[i].group_id].text,

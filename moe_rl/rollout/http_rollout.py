@@ -98,6 +98,17 @@ class ServerRollout:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def run_requests(self, reqs, desc: str, *, keep_routes: bool | None = None) -> List[Sample]:
+        """Every request's samples on every rank, in request order (collective: rank 0 sends them
+        to the servers and broadcasts the samples). Not for the step's own batch, which may be
+        in flight already (:meth:`generate`)."""
+        box: List[Any] = [None]
+        if dist.get_rank() == 0:
+            samples = self.client.generate(reqs)
+            box[0] = samples if (self.keep_routes if keep_routes is None else keep_routes) else without_routes(samples)
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def prefetch(self, step: int, prompts) -> None:
         fut = self.pool.submit(self._generate_rank0, step, 0, prompts) if self.pool is not None else None
         self.pending = (step, fut)

@@ -50,12 +50,15 @@ class InProcessRollout:
         self.last_sync: Dict[str, float] = {}
 
     def generate(self, step: int, rnd: int, prompts) -> List[Sample]:
-        reqs = make_requests(self.cfg, step, rnd, prompts)
+        return self.run_requests(make_requests(self.cfg, step, rnd, prompts), f"rollout {step}")
+
+    def run_requests(self, reqs, desc: str, *, keep_routes: bool | None = None) -> List[Sample]:
+        """Every request's samples on every rank, in request order (collective: each rank
+        generates its share on its engine)."""
         mine = [reqs[i] for i in my_share(len(reqs), dist.get_rank(), dist.get_world_size())]
-        bar = progress_bar(len(reqs) * self.cfg.rollout.n_samples_per_prompt, f"rollout {step}",
-                           enabled=self.show_progress)
+        bar = progress_bar(sum(r.sampling.n for r in reqs), desc, enabled=self.show_progress)
         local = self.engine.generate(mine, tokenizer=self.tokenizer) if mine else []
-        if not self.keep_routes:
+        if not (self.keep_routes if keep_routes is None else keep_routes):
             local = without_routes(local)
         out = gather_lists(local)
         bar.update(len(out))

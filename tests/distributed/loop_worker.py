@@ -5,7 +5,8 @@
 Scenarios (each a fresh build of every part, in this process):
 - sync: GRPO with KL to a reference (identical at step 0), TIS, 2 mini-batches per step,
   responses of up to 3 tokens; the metrics of every optimizer step.
-- layouts: the same 2 steps at EP2, EP1 (DP2) and TP2+SP (KL off); their metrics.
+- layouts: the same 2 steps at EP2, EP1 (DP2) and TP2+SP (KL off); their metrics; EP2 also
+  evaluates every version on 8 held-out prompts with the in-process engines.
 - uninterrupted: the kill-and-resume test's reference run (``resume_worker.CONFIG``), run
   first so the process is as fresh as the killed and resumed launches; its final weights.
 - ckpt: ``run_checkpoint_checks.checkpoint_checks``.
@@ -14,7 +15,8 @@ Scenarios (each a fresh build of every part, in this process):
 - servers: ``rollout.backend=sglang`` with ``rollout.client.server_urls`` naming a running
   server (the embedded engine's, standing in for SGLang: same HTTP protocol) that holds other
   weights than the policy's (another random tiny model), sync mode,
-  weights over the distributed transport (gloo); the loop must not start a server itself.
+  weights over the distributed transport (gloo); the loop must not start a server itself. It
+  evaluates every version on the held-out prompts through the server, as EP2 does in-process.
 - routing: 2 steps with routing replay R3 (the embedded engines' routes in the old-policy and
   training passes; bf16 engines, inference precision), routes dumped every step (the test
   runs ``tools/routing_report.py`` on them).
@@ -35,6 +37,7 @@ BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16",
         "rewards.rewards=[{name: correct, fn: 'moe_rl.data.toy_tasks:exact_answer_reward'}]",
         "rewards.executor=serial", "rewards.progress=false", "metrics.progress=false", "checkpoint.save_at_end=false"]
 LAYOUTS = {"ep2": ["parallel.expert_parallel=2"], "ep1": [], "tp2": ["parallel.tensor_parallel=2"]}
+EVAL = ["eval.interval=1", "eval.num_prompts=8"]  # held-out evaluation in "ep2" (in-process) and "servers" (HTTP)
 
 
 def run_named(res: dict, name: str, args: list, after=None) -> None:
@@ -81,6 +84,9 @@ def main():
 
     def loop(name, overrides):
         run_named(res, name, BASE + overrides + [f"output_dir={os.path.join(work, name)}"])
+        evals = os.path.join(work, name, "eval.jsonl")
+        if dist.get_rank() == 0 and os.path.exists(evals):
+            res[name + "_eval"] = [json.loads(line) for line in open(evals)]
 
     for sc in scenarios:
         if sc == "uninterrupted":
@@ -148,7 +154,7 @@ def main():
             from moe_rl.rollout import http_rollout
 
             overrides = ["parallel.expert_parallel=2", "algorithm.kl_beta=0.0", "weights.transport=distributed",
-                         "rollout.backend=sglang"]
+                         "rollout.backend=sglang"] + EVAL
             cfg = load_config(RunConfig, None, BASE + overrides + [f"output_dir={os.path.join(work, 'servers')}"])
             box = [None]
             if dist.get_rank() == 0:  # the server holds other weights than the policy's
@@ -188,7 +194,7 @@ def main():
                              "routing.dump_every=1", "rollout.embedded.dtype=bfloat16"])
         elif sc == "layouts":
             for name, lay in LAYOUTS.items():
-                loop(name, lay + ["algorithm.kl_beta=0.0"])
+                loop(name, lay + ["algorithm.kl_beta=0.0"] + (EVAL if name == "ep2" else []))
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(res, f, indent=1)

@@ -63,7 +63,7 @@ def test_sync_run_logs_every_metric_and_starts_on_policy(loop_runs):
 def test_every_logged_metric_is_documented(loop_runs):
     """docs/metrics.md names (in backticks) every key any run of the launch logged; per-layer
     keys as ``.../layer_<i>``, per-reward ones as ``rollout/reward_mean/<name>`` (and
-    ``reward_error_frac``)."""
+    ``reward_error_frac``, and their ``eval/`` forms: evaluation records are in the launch too)."""
     import re
 
     def records(x):
@@ -78,8 +78,8 @@ def test_every_logged_metric_is_documented(loop_runs):
                 yield from records(v)
 
     recs = list(records(loop_runs[1]))
-    per_reward = r"^rollout/(reward_mean|reward_error_frac)/.+$"
-    keys = {re.sub(per_reward, r"rollout/\1/<name>", re.sub(r"layer_\d+$", "layer_<i>", k)) for r in recs for k in r}
+    per_reward = r"^(rollout|eval)/(reward_mean|reward_error_frac)/.+$"
+    keys = {re.sub(per_reward, r"\1/\2/<name>", re.sub(r"layer_\d+$", "layer_<i>", k)) for r in recs for k in r}
     assert len(recs) > 40 and any(k.startswith("routing/") for k in keys), (len(recs), sorted(keys))
     doc = (ROOT / "docs" / "metrics.md").read_text()
     missing = sorted(k for k in keys if f"`{k}`" not in doc)
@@ -283,3 +283,17 @@ def test_sglang_backend_with_given_servers_generates_and_syncs_through_them(loop
     for r in recs:
         assert r["weights/probe_logprob_diff"] < 1e-3 and r["weights/bytes"] > 0, r
         assert "routing/flip_frac/rollout_old" in r  # routes from the given server, with the trainer's layout
+
+
+def test_held_out_evaluation_through_the_server_equals_the_in_process_engines(loop_runs):
+    """eval.interval=1 with the run's engines behind HTTP (run_requests on rank 0, broadcast) and
+    in-process (each rank its share, gathered): versions 0, 1, 2 recorded at optimizer steps 0, 2, 4.
+    Version 0 is the same policy (the server was synced to it before any rollout): the same greedy
+    answers, so the same metrics; training was not disturbed (ep2's steps equal ep1's and tp2's)."""
+    res = loop_runs[1]
+    srv, local = res["servers_eval"], res["ep2_eval"]
+    for ev in (srv, local):
+        assert [(r["policy_version"], r["step"], r["eval/num_prompts"]) for r in ev] == [(0, 0, 8), (1, 2, 8), (2, 4, 8)]
+    keys = ("eval/reward_mean", "eval/response_len_mean", "eval/truncated_frac")
+    assert {k: srv[0][k] for k in keys} == {k: local[0][k] for k in keys}
+    assert 0 < srv[0]["eval/response_len_mean"] <= 3

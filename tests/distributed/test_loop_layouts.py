@@ -4,7 +4,8 @@ token selection (its threshold over the step's tokens on every DP rank) in the l
 steps, routing metrics and weight-probe log-probs as the plain layout (EP1/PP1), and a VPP run
 resumed from its own checkpoint; the layout rules refuse what cannot work, naming the numbers.
 Also at the plain layout: two passes over one rollout batch (train.ppo_epochs=2), whose first pass
-is the plain run's first step."""
+is the plain run's first step (that run has no held-out evaluation, the others evaluate every
+version: it changes nothing of training), and the held-out evaluation against HF transformers."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def runs(tmp_path_factory):
     res = json.loads(out.read_text())
     errors = {k: v for k, v in res.items() if k.endswith("_error")}
     assert not errors, errors
+    res["work"] = str(work)
     return res
 
 
@@ -132,3 +134,53 @@ def test_ppo_epochs_pass_twice_over_the_batch(runs):
     for r in ep[2:]:
         assert r["rollout/reward_mean"] == ep[0]["rollout/reward_mean"]  # the same batch
         assert r["actor/ppo_kl"] != 0.0 and r["actor/ratio_max"] != r["actor/ratio_min"]
+
+
+def test_held_out_evaluation_every_version(runs, tmp_path):
+    """eval.interval=1: versions 0, 1 and 2 (the final) evaluated on 16 held-out prompts, the same at every
+    layout (each engine got the same synced weights). Version 0 is the untrained tiny model: its greedy
+    answers from HF transformers' own generate, scored by the toy task's exact-answer reward, give the same
+    eval/reward_mean, and the same mean of a text-hash reward (weight 0), which any differing response
+    would move (the embedded engine, its scheduler and the reward executor are not in that path)."""
+    import transformers
+
+    from moe_rl.config import load_config
+    from moe_rl.config.run import RunConfig
+    from moe_rl.data.toy_tasks import exact_answer_reward
+    from moe_rl.evaluation import load_eval_prompts
+    from moe_rl.launch import model_dir
+    from moe_rl.rewards.types import RewardInput
+    import torch
+    from loop_layouts_worker import BASE, EVAL, text_hash_reward
+
+    for name in ("plain", "vpp", "cp"):
+        ev = runs[name + "_eval"]
+        assert [(r["policy_version"], r["step"]) for r in ev] == [(0, 0), (1, 2), (2, 4)], name
+        assert all(r["eval/num_prompts"] == 16 and r["eval/reward_error_frac/correct"] == 0.0 for r in ev)
+        for a, b in zip(runs["plain_eval"], ev):
+            assert a["eval/reward_mean"] == b["eval/reward_mean"] and a["eval/response_len_mean"] == b["eval/response_len_mean"]
+    # the resumed run evaluates from its resume point on: versions 1 and 2, as the uninterrupted one did
+    assert [(r["policy_version"], r["eval/reward_mean"]) for r in runs["vpp_resumed_eval"]] == [
+        (r["policy_version"], r["eval/reward_mean"]) for r in runs["vpp_eval"][1:]]
+
+    cfg = load_config(RunConfig, None, BASE + EVAL + [f"output_dir={runs['work']}/plain"])
+    hf = model_dir(cfg)
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    prompts = load_eval_prompts(cfg, tok)
+    assert len(prompts) == 16
+
+    scores, hashes = [], []
+    for p in prompts:
+        ids = torch.tensor([p.input_ids])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.rollout.max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        scores.append(exact_answer_reward(RewardInput(response=text, label=p.record.label)))
+        hashes.append(text_hash_reward(RewardInput(response=text, label=p.record.label)))
+    v0 = runs["plain_eval"][0]
+    assert v0["eval/reward_mean"] == pytest.approx(sum(scores) / len(scores), abs=1e-12)
+    # rewards are kept in float32 (the scorer's tensors): 1e-6, far below the 1/16000 one differing response moves it
+    assert v0["eval/reward_mean/text"] == pytest.approx(sum(hashes) / len(hashes), abs=1e-6)
+    assert len(set(hashes)) > 4  # the responses differ from prompt to prompt

@@ -1,0 +1,100 @@
+"""Held-out evaluation: how the policy does on prompts it never trains on (config section ``eval``).
+
+When: with ``eval.interval = N > 0``, policy version 0 before the first update, every version
+that is a multiple of N (at the start of the loop step that samples with it), and the final
+policy after the last step. What: the engines that serve the rollouts generate
+``eval.n_samples`` responses to each held-out prompt with the weights of that version and the
+``eval`` sampling (greedy by default, as verl validates), as long as the rollout's responses
+(``rollout.max_new_tokens``, ``rollout.stop``); the run's own rewards score them. Nothing of it
+reaches training: the samples are dropped after scoring, and their seeds are their own.
+
+The prompts: ``eval.path`` read as ``data.path`` is (its keys, chat template and prompt-length
+limit), the first ``eval.num_prompts`` rows (0 = all); without a path, ``eval.num_prompts`` toy
+tasks of ``data.toy_task`` generated with seed ``data.seed + 1`` (the training prompts use
+``data.seed``).
+
+Where: one record per evaluation in ``<output_dir>/eval.jsonl`` and the same scalars in the run's
+tensorboard, on the training records' x-axis: ``step`` = optimizer steps done when the version
+was evaluated (``policy_version`` says which). A resumed run drops the records at and after its
+resume step and evaluates again from there, as the metric writer does for training records.
+
+Metrics (P prompts, n responses each, r_pj the reward of response j to prompt p):
+- ``eval/reward_mean``: mean of r_pj over all responses (mean@n);
+- ``eval/reward_best_mean``: mean over prompts of max_j r_pj (best@n; pass@n for 0/1 rewards), n > 1;
+- ``eval/reward_mean/<name>``: the mean of each named reward;
+- ``eval/response_len_mean``, ``eval/truncated_frac`` (responses that hit ``max_new_tokens``);
+- ``eval/reward_error_frac/<name>``: responses whose reward failed and scored 0;
+- ``eval/num_prompts``; ``timing/eval_s`` (wall time of the evaluation).
+verl groups its validation metrics by data source (``val-core/<source>/<reward>/mean@n``); here
+one held-out set gives one set of names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Dict, List
+
+import torch
+
+from moe_rl.config.run import RunConfig
+from moe_rl.data.dataset import load_prompts, tokenize_prompts
+from moe_rl.data.types import TokenizedPrompt
+from moe_rl.rollout.requests import eval_requests
+from moe_rl.rollout.types import FinishReason
+
+# toy-task prompts for evaluation are generated with data.seed + this (training uses data.seed)
+EVAL_TOY_SEED_OFFSET = 1
+
+
+def load_eval_prompts(cfg: RunConfig, tokenizer: Any) -> List[TokenizedPrompt]:
+    """The held-out prompts, rendered and tokenized as the training prompts are; a ValueError
+    for a bad file names ``eval.path``."""
+    e = cfg.eval
+    data = dataclasses.replace(cfg.data, path=e.path, extra_paths=[], shuffle=False,
+                               seed=cfg.data.seed + EVAL_TOY_SEED_OFFSET, toy_num_prompts=e.num_prompts or 1)
+    try:
+        records = load_prompts(data)
+    except ValueError as err:
+        raise ValueError(str(err).replace("data.path", "eval.path")) from None
+    if e.num_prompts:
+        records = records[:e.num_prompts]
+    return tokenize_prompts(records, tokenizer, cfg.data.max_prompt_tokens)
+
+
+def eval_metrics(groups: List[Dict[str, Any]], error_frac: Dict[str, float]) -> Dict[str, float]:
+    """``eval/*`` of scored groups (``Scorer.score``: one dict per prompt with its ``samples``,
+    ``rewards`` [n] and ``named`` rewards); ``error_frac`` from ``Scorer.error_metrics``."""
+    rewards_PN = torch.stack([g["rewards"].to(torch.float64) for g in groups])
+    samples = [s for g in groups for s in g["samples"]]
+    out = {"eval/reward_mean": float(rewards_PN.mean()), "eval/num_prompts": float(len(groups)),
+           "eval/response_len_mean": sum(len(s.response_ids) for s in samples) / len(samples),
+           "eval/truncated_frac": sum(s.finish_reason == FinishReason.LENGTH for s in samples) / len(samples)}
+    if rewards_PN.shape[1] > 1:
+        out["eval/reward_best_mean"] = float(rewards_PN.max(dim=1).values.mean())
+    for name in groups[0]["named"]:
+        out[f"eval/reward_mean/{name}"] = float(torch.cat([g["named"][name].to(torch.float64) for g in groups]).mean())
+    out.update({k.replace("rollout/", "eval/", 1): v for k, v in error_frac.items()})
+    return out
+
+
+class Evaluation:
+    """The held-out prompts of a run and the schedule of its evaluations."""
+
+    def __init__(self, cfg: RunConfig, prompts: List[TokenizedPrompt]) -> None:
+        self.cfg, self.prompts = cfg, prompts
+
+    def due(self, version: int) -> bool:
+        n = self.cfg.eval.interval
+        return n > 0 and (version % n == 0 or version == self.cfg.train.steps)
+
+    def run(self, rollout, scorer, version: int) -> Dict[str, float]:
+        """Generate, score and measure with the engines' current weights (collective: every rank
+        calls it; every rank returns the same metrics)."""
+        t0 = time.perf_counter()
+        reqs = eval_requests(self.cfg, version, self.prompts)
+        samples = rollout.run_requests(reqs, f"eval {version}", keep_routes=False)
+        groups = scorer.score(self.prompts, samples, 0, group_size=self.cfg.eval.n_samples)
+        out = eval_metrics(groups, scorer.error_metrics(groups)[0])
+        out["timing/eval_s"] = time.perf_counter() - t0
+        return out
