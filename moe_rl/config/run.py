@@ -21,7 +21,7 @@ from moe_rl.observability.config import MetricsConfig
 from moe_rl.parallel.dims import ParallelConfig
 from moe_rl.parallel.watchdog import WatchdogConfig
 from moe_rl.rewards.config import RewardConfig
-from moe_rl.rollout.config import RolloutConfig
+from moe_rl.rollout.config import RolloutConfig, check_sampling
 from moe_rl.routing.config import RoutingConfig
 from moe_rl.train.config import OptimConfig, TrainConfig
 from moe_rl.weights.config import WeightSyncConfig
@@ -71,23 +71,16 @@ class EvalConfig:
     top_k: int = -1  # top-k sampling when temperature > 0 (-1 = all tokens)
 
     def __post_init__(self) -> None:
-        import math
-
         if self.interval < 0:
             raise ValueError(f"eval.interval ({self.interval}) must be >= 0 (0 = no evaluation)")
         if self.num_prompts < 0:
             raise ValueError(f"eval.num_prompts ({self.num_prompts}) must be >= 0 (0 = the whole file)")
         if self.n_samples < 1:
             raise ValueError(f"eval.n_samples ({self.n_samples}) must be >= 1")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"eval.temperature ({self.temperature}) must be a finite number >= 0")
+        check_sampling("eval", self.temperature, self.top_p, self.top_k)
         if self.n_samples > 1 and self.temperature == 0:
             raise ValueError(f"eval.n_samples ({self.n_samples}) > 1 with eval.temperature 0: greedy decoding gives the "
                              "same response every time; set eval.temperature > 0 for mean@n / best@n")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"eval.top_p ({self.top_p}) must be in (0, 1]")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"eval.top_k ({self.top_k}) must be >= 1, or -1 for all tokens")
         if not self.path and self.num_prompts == 0:
             raise ValueError("eval.num_prompts must be >= 1 for generated toy tasks (eval.path is empty)")
 

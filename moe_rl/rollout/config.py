@@ -143,6 +143,17 @@ class ClientConfig:
                              f"[0, retry_backoff_max_s={self.retry_backoff_max_s}]")
 
 
+def check_sampling(section: str, temperature: float, top_p: float, top_k: int) -> None:
+    """The ranges ``SamplingParams`` (rollout/types.py) checks per request, checked where a config
+    section sets them (``section``: its name in the message), before any work."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{section}.temperature ({temperature}) must be a finite number >= 0 (0 = greedy)")
+    if not 0.0 < top_p <= 1.0:  # also refuses NaN
+        raise ValueError(f"{section}.top_p ({top_p}) must be in (0, 1]")
+    if top_k < 1 and top_k != -1:
+        raise ValueError(f"{section}.top_k ({top_k}) must be >= 1, or -1 for all tokens")
+
+
 @dataclasses.dataclass
 class RolloutConfig:
     """The rollout stage: engine kind, its settings, and the client's."""
@@ -171,13 +182,7 @@ class RolloutConfig:
             raise ValueError(f"rollout.n_samples_per_prompt ({self.n_samples_per_prompt}) must be >= 1")
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens ({self.max_new_tokens}) must be >= 1")
-        # the ranges SamplingParams (rollout/types.py) checks per request, here before any work
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"rollout.temperature ({self.temperature}) must be a finite number >= 0 (0 = greedy)")
-        if not 0.0 < self.top_p <= 1.0:  # also refuses NaN
-            raise ValueError(f"rollout.top_p ({self.top_p}) must be in (0, 1]")
-        if self.top_k < 1 and self.top_k != -1:
-            raise ValueError(f"rollout.top_k ({self.top_k}) must be >= 1, or -1 for all tokens")
+        check_sampling("rollout", self.temperature, self.top_p, self.top_k)
         if self.sglang.api_key and self.client.api_key and self.sglang.api_key != self.client.api_key:
             raise ValueError("rollout.sglang.api_key and rollout.client.api_key differ; set one (the client "
                              "uses the key of the servers it launched)")
