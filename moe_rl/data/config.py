@@ -19,8 +19,8 @@ class DataConfig:
     path: str = ""  # local .jsonl/.json or .parquet file (or glob); "" = generated toy tasks
     extra_paths: List[str] = field(default_factory=list)  # more local files of the same format
     format: str = "auto"  # auto | json | parquet (auto: from the file extension)
-    prompt_key: str = "prompt"  # column with a prompt string or a list of chat messages
-    answer_key: str = "answer"  # column with the ground truth handed to the rewards
+    prompt_key: str = "prompt"  # column with a prompt string or a list of chat messages (a.b: nested field)
+    answer_key: str = "answer"  # column with the ground truth for the rewards (verl files: reward_model.ground_truth)
     system_prompt: str = ""  # prepended as a system message to string prompts ("" = none)
     cache_dir: str = ""  # HF datasets cache for the Arrow conversion ("" = datasets' default)
     max_prompt_tokens: int = 0  # prompts longer than this are dropped (0 = no limit)

@@ -3,7 +3,8 @@
 Only the packaged ``json``/``parquet`` builders are used with local ``data_files``; no
 hub is contacted. Every row becomes a :class:`PromptRecord`: the ``prompt_key`` column
 (a string, or a list of ``{"role", "content"}`` messages) becomes chat messages, the
-``answer_key`` column the reward label, the other columns metadata. Arrow gives each
+``answer_key`` column the reward label, the other columns metadata; a dotted key reads a nested
+field (``reward_model.ground_truth`` in verl's parquet files). Arrow gives each
 column one type, so a file must not mix, say, string and object answers.
 
 Errors are ``ValueError`` naming the file and, for a bad row, its line (JSON) or row
@@ -148,16 +149,30 @@ def rows_to_records(rows: Sequence[Dict[str, Any]], cfg: DataConfig) -> List[Pro
     is reported as missing (``load_prompts`` then tells missing from null in a JSON line)."""
     out = []
     for i, row in enumerate(rows):
-        for key in (cfg.prompt_key, cfg.answer_key):
-            if key not in row:
-                raise RowError(i, f"no column {key!r} (columns: {sorted(row)}); set data.prompt_key / data.answer_key")
-        if row[cfg.prompt_key] is None:
+        values = [column_value(row, key, i) for key in (cfg.prompt_key, cfg.answer_key)]
+        if values[0] is None:
             raise RowError(i, f"column {cfg.prompt_key!r} missing (or null); columns with a value: "
                               f"{sorted(k for k, v in row.items() if v is not None)}")
         meta = {k: v for k, v in row.items() if k not in (cfg.prompt_key, cfg.answer_key)}
-        out.append(PromptRecord(index=i, messages=to_messages(row[cfg.prompt_key], cfg.system_prompt, row=i),
-                                label=row[cfg.answer_key], metadata=meta))
+        out.append(PromptRecord(index=i, messages=to_messages(values[0], cfg.system_prompt, row=i),
+                                label=values[1], metadata=meta))
     return out
+
+
+def column_value(row: Dict[str, Any], key: str, i: int) -> Any:
+    """``row[key]``; a dotted key whose whole name is not a column reads nested fields (verl's
+    files keep the answer in ``reward_model.ground_truth``). RowError names what is missing."""
+    if key in row:
+        return row[key]
+    node, walked = row, []
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            where = f"column {walked[0]!r} has no field {'.'.join(walked[1:] + [part])!r}" if walked else \
+                f"no column {part!r} (columns: {sorted(row)})"
+            raise RowError(i, f"{where}; set data.prompt_key / data.answer_key")
+        node = node[part]
+        walked.append(part)
+    return node
 
 
 def load_rows(cfg: DataConfig) -> List[Dict[str, Any]]:

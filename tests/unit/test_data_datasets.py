@@ -41,6 +41,29 @@ def test_parquet(tmp_path):
     _check(load_prompts(DataConfig(path=str(p), cache_dir=str(tmp_path / "c"))))
 
 
+def test_verl_style_parquet_with_a_nested_answer(tmp_path):
+    """verl's RL parquet layout (data_source, prompt as messages, ability, reward_model with the
+    ground truth, extra_info) reads with answer_key=reward_model.ground_truth; a dotted key that is
+    a column's whole name is that column; a missing nested field is named."""
+    p = tmp_path / "train.parquet"
+    rows = [{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": f"Q{i}"}], "ability": "math",
+             "reward_model": {"style": "rule", "ground_truth": str(i * 7)}, "extra_info": {"index": i}}
+            for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), p)
+    recs = load_prompts(DataConfig(path=str(p), answer_key="reward_model.ground_truth", cache_dir=str(tmp_path / "c")))
+    assert [r.label for r in recs] == ["0", "7", "14"]
+    assert recs[1].messages == [{"role": "user", "content": "Q1"}]
+    assert recs[2].metadata["data_source"] == "openai/gsm8k" and recs[2].metadata["extra_info"] == {"index": 2}
+    with pytest.raises(ValueError, match="column 'reward_model' has no field 'answer'"):
+        load_prompts(DataConfig(path=str(p), answer_key="reward_model.answer", cache_dir=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="no column 'solution'"):
+        load_prompts(DataConfig(path=str(p), answer_key="solution.text", cache_dir=str(tmp_path / "c")))
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text(json.dumps({"prompt": "x", "a.b": "whole-name column"}) + "\n")
+    assert load_prompts(DataConfig(path=str(flat), answer_key="a.b", cache_dir=str(tmp_path / "c")))[0].label == \
+        "whole-name column"
+
+
 def test_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         load_prompts(DataConfig(path=str(tmp_path / "missing.jsonl")))
