@@ -8,8 +8,9 @@ policy after the last step. What: the engines that serve the rollouts generate
 (``rollout.max_new_tokens``, ``rollout.stop``); the run's own rewards score them. Nothing of it
 reaches training: the samples are dropped after scoring, and their seeds are their own.
 
-The prompts: ``eval.path`` read as ``data.path`` is (its keys, chat template and prompt-length
-limit), the first ``eval.num_prompts`` rows (0 = all); without a path, ``eval.num_prompts`` toy
+The prompts: ``eval.path`` read as ``data.path`` is (chat template, prompt-length limit; its
+columns ``eval.prompt_key`` / ``eval.answer_key``, by default data's), the first
+``eval.num_prompts`` rows (0 = all); without a path, ``eval.num_prompts`` toy
 tasks of ``data.toy_task`` generated with seed ``data.seed + 1`` (the training prompts use
 ``data.seed``).
 
@@ -24,16 +25,17 @@ Metrics (P prompts, n responses each, r_pj the reward of response j to prompt p)
 - ``eval/reward_mean/<name>``: the mean of each named reward;
 - ``eval/response_len_mean``, ``eval/truncated_frac`` (responses that hit ``max_new_tokens``);
 - ``eval/reward_error_frac/<name>``: responses whose reward failed and scored 0;
-- ``eval/num_prompts``; ``timing/eval_s`` (wall time of the evaluation).
-verl groups its validation metrics by data source (``val-core/<source>/<reward>/mean@n``); here
-one held-out set gives one set of names.
+- ``eval/num_prompts``; ``timing/eval_s`` (wall time of the evaluation);
+- when the prompts carry a ``data_source`` column (verl's files do): ``eval/by_source/<source>/``
+  ``reward_mean``, ``reward_best_mean`` (n > 1) and ``num_prompts`` for each source, as verl's
+  ``val-core/<source>/reward/mean@n`` and ``best@n``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -52,7 +54,9 @@ def load_eval_prompts(cfg: RunConfig, tokenizer: Any) -> List[TokenizedPrompt]:
     for a bad file names ``eval.path``."""
     e = cfg.eval
     data = dataclasses.replace(cfg.data, path=e.path, extra_paths=[], shuffle=False,
-                               seed=cfg.data.seed + EVAL_TOY_SEED_OFFSET, toy_num_prompts=e.num_prompts or 1)
+                               seed=cfg.data.seed + EVAL_TOY_SEED_OFFSET, toy_num_prompts=e.num_prompts or 1,
+                               prompt_key=e.prompt_key or cfg.data.prompt_key,
+                               answer_key=e.answer_key or cfg.data.answer_key)
     try:
         records = load_prompts(data)
     except ValueError as err:
@@ -62,9 +66,11 @@ def load_eval_prompts(cfg: RunConfig, tokenizer: Any) -> List[TokenizedPrompt]:
     return tokenize_prompts(records, tokenizer, cfg.data.max_prompt_tokens)
 
 
-def eval_metrics(groups: List[Dict[str, Any]], error_frac: Dict[str, float]) -> Dict[str, float]:
+def eval_metrics(groups: List[Dict[str, Any]], error_frac: Dict[str, float],
+                 sources: Optional[List[Optional[str]]] = None) -> Dict[str, float]:
     """``eval/*`` of scored groups (``Scorer.score``: one dict per prompt with its ``samples``,
-    ``rewards`` [n] and ``named`` rewards); ``error_frac`` from ``Scorer.error_metrics``."""
+    ``rewards`` [n] and ``named`` rewards); ``error_frac`` from ``Scorer.error_metrics``;
+    ``sources``: each prompt's ``data_source`` (or None), for the per-source means."""
     rewards_PN = torch.stack([g["rewards"].to(torch.float64) for g in groups])
     samples = [s for g in groups for s in g["samples"]]
     out = {"eval/reward_mean": float(rewards_PN.mean()), "eval/num_prompts": float(len(groups)),
@@ -75,6 +81,13 @@ def eval_metrics(groups: List[Dict[str, Any]], error_frac: Dict[str, float]) -> 
     for name in groups[0]["named"]:
         out[f"eval/reward_mean/{name}"] = float(torch.cat([g["named"][name].to(torch.float64) for g in groups]).mean())
     out.update({k.replace("rollout/", "eval/", 1): v for k, v in error_frac.items()})
+    for src in dict.fromkeys(x for x in (sources or []) if x is not None):
+        rows = [p for p, x in enumerate(sources) if x == src]
+        sub = rewards_PN[rows]
+        out[f"eval/by_source/{src}/reward_mean"] = float(sub.mean())
+        out[f"eval/by_source/{src}/num_prompts"] = float(len(rows))
+        if sub.shape[1] > 1:
+            out[f"eval/by_source/{src}/reward_best_mean"] = float(sub.max(dim=1).values.mean())
     return out
 
 
@@ -95,6 +108,8 @@ class Evaluation:
         reqs = eval_requests(self.cfg, version, self.prompts)
         samples = rollout.run_requests(reqs, f"eval {version}", keep_routes=False)
         groups = scorer.score(self.prompts, samples, 0, group_size=self.cfg.eval.n_samples)
-        out = eval_metrics(groups, scorer.error_metrics(groups)[0])
+        sources = [p.record.metadata.get("data_source") for p in self.prompts]
+        out = eval_metrics(groups, scorer.error_metrics(groups)[0],
+                           [None if x is None else str(x) for x in sources])
         out["timing/eval_s"] = time.perf_counter() - t0
         return out

@@ -63,7 +63,9 @@ class EvalConfig:
     The responses are as long as the rollout's (``rollout.max_new_tokens``) and stop where they do."""
 
     interval: int = 0  # evaluate every N policy versions: version 0 before training, each multiple, the final (0 = off; verl test_freq)
-    path: str = ""  # held-out prompt file(s), read like data.path with data's keys and chat template; "" = toy tasks
+    path: str = ""  # held-out prompt file(s), read like data.path with data's chat template; "" = toy tasks
+    prompt_key: str = ""  # eval.path's prompt column ("" = data.prompt_key; a.b: nested field)
+    answer_key: str = ""  # eval.path's answer column ("" = data.answer_key; verl files: reward_model.ground_truth)
     num_prompts: int = 64  # prompts evaluated: the file's first N (0 = all of it); toy tasks: N generated with seed data.seed + 1
     n_samples: int = 1  # responses per prompt: eval/reward_mean is mean@n, eval/reward_best_mean best@n
     temperature: float = 0.0  # 0 = greedy (verl's validation default); > 0 samples with top_p and top_k

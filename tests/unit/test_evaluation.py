@@ -44,6 +44,11 @@ def test_metrics_are_the_formulas():
     assert m["eval/reward_mean/fmt"] == pytest.approx(4 / 6)
     assert m["eval/response_len_mean"] == pytest.approx(17 / 6) and m["eval/truncated_frac"] == pytest.approx(1 / 6)
     assert m["eval/num_prompts"] == 2 and m["eval/reward_error_frac/fmt"] == pytest.approx(1 / 6)
+    by = eval_metrics(groups, {}, ["gsm8k", "math"])
+    assert by["eval/by_source/gsm8k/reward_mean"] == pytest.approx(1.5 / 3)
+    assert by["eval/by_source/math/reward_best_mean"] == pytest.approx(0.25)
+    assert by["eval/by_source/math/num_prompts"] == 1
+    assert not any(k.startswith("eval/by_source/") for k in eval_metrics(groups, {}, [None, None]))
     one = eval_metrics([{**g, "samples": g["samples"][:1], "rewards": g["rewards"][:1],
                          "named": {k: v[:1] for k, v in g["named"].items()}} for g in groups], {})
     assert "eval/reward_best_mean" not in one  # best@1 is mean@1
@@ -63,6 +68,15 @@ def test_toy_prompts_are_held_out_and_a_file_gives_its_first_rows(tmp_path):
     first = load_eval_prompts(_cfg(f"eval.path={path}", "eval.num_prompts=3", "eval.interval=1"), tok)
     assert [p.record.label for p in first] == ["0", "1", "2"]
     assert len(load_eval_prompts(_cfg(f"eval.path={path}", "eval.num_prompts=0", "eval.interval=1"), tok)) == 7
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    verl_style = tmp_path / "held.parquet"  # the training data keep their own keys (toy tasks here)
+    pq.write_table(pa.Table.from_pylist([{"data_source": "s", "prompt": [{"role": "user", "content": f"Q{i}"}],
+                                          "reward_model": {"ground_truth": str(9 - i)}} for i in range(4)]), verl_style)
+    nested = load_eval_prompts(_cfg(f"eval.path={verl_style}", "eval.answer_key=reward_model.ground_truth",
+                                    "eval.num_prompts=0", "eval.interval=1"), tok)
+    assert [p.record.label for p in nested] == ["9", "8", "7", "6"] and nested[0].record.metadata["data_source"] == "s"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok", "answer": "1"}\nnot json\n')
     with pytest.raises(ValueError, match=r"eval\.path.*bad\.jsonl"):
