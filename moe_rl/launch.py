@@ -331,7 +331,7 @@ def build_parts(cfg):
                f"{cfg.train.steps} steps of {cfg.loop.rollout_batch_size} responses; output {cfg.output_dir}")
     return Parts(prompts=prompts, rollout=rollout, scorer=Scorer(cfg, tokenizer, evaluator), trainer=trainer,
                  writer=writer, start_step=start, skipped=skipped, show_progress=show, hf_dir=hf_dir,
-                 evaluation=evaluation)
+                 evaluation=evaluation, plan=plan)
 
 
 def tokenizer_dir(cfg, hf_dir: str) -> str:

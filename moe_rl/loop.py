@@ -240,6 +240,7 @@ class RLLoop:
         return ckpt.save(ckpt.checkpoint_root(self.cfg.output_dir), next_step, train_state=tr.state,
                          built=tr.built, groups=tr.groups, keep=self.cfg.checkpoint.keep,
                          config_text=to_yaml(self.cfg), hf_files=self.p.hf_dir or None,
+                         hf_plan=self.p.plan if self.cfg.checkpoint.save_hf else None,
                          run_state={"weight_version": self.version, "sampler": self.resume_sampler,
                                     "skipped": [self.skips.total, self.skips.run],
                                     "model": ckpt.model_identity(tr.built.hf_config),
@@ -283,6 +284,7 @@ class Parts:
     show_progress: bool = False
     hf_dir: str = ""  # the policy's HF directory: its config and tokenizer go into every checkpoint
     evaluation: Any = None  # moe_rl.evaluation.Evaluation, or None (eval.interval = 0)
+    plan: Any = None  # moe_rl.weights.plan.ExportPlan of this layout (weight sync, checkpoint.save_hf)
 
 
 def report(msg: str) -> None:

@@ -15,6 +15,7 @@ class CheckpointConfig:
     interval: int = 0  # save every this many steps (0 = only at the end of the run)
     save_at_end: bool = True  # save after the last step
     keep: int = 2  # newest complete checkpoints kept on disk (0 = keep all)
+    save_hf: bool = False  # also write the policy's HF weights into each checkpoint's hf/ (transformers / SGLang load it)
     resume: bool = True  # re-running with the same output_dir resumes from its newest complete checkpoint
     resume_changes: list = field(default_factory=list)  # fields a resume may change, e.g. [optim.lr, data]
     save_on_signal: str = "SIGUSR1"  # on this signal: finish the step, save, exit 5 ('' = off; see slurm/)

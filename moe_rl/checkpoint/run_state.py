@@ -226,11 +226,14 @@ def _sharded_state(train_state, built, *, is_loading: bool) -> Dict[str, Any]:
 
 
 def save(root: str, step: int, *, train_state, built, groups, run_state: Dict[str, Any], config_text: str,
-         keep: int = 0, hf_files: str | None = None) -> str:
+         keep: int = 0, hf_files: str | None = None, hf_plan=None) -> str:
     """Write checkpoint ``step`` atomically (collective); returns its path.
 
     ``hf_files``: the policy's HF directory, whose config and tokenizer files (not its
-    weights) are copied into the checkpoint's ``hf/``.
+    weights) are copied into the checkpoint's ``hf/``. ``hf_plan``: an export plan
+    (``moe_rl.weights.plan``) of this layout; with it the policy's weights are written there
+    too, by the export stream the weight sync uses (each sender rank its buckets), so ``hf/``
+    is a model directory ``transformers`` and SGLang load as it is.
 
     ``run_state`` is the loop's own state (JSON-serialisable; rank 0's is written); the
     optimizer step and LR schedule are added here."""
@@ -245,9 +248,16 @@ def save(root: str, step: int, *, train_state, built, groups, run_state: Dict[st
         shutil.rmtree(tmp, ignore_errors=True)  # a write of this step that was interrupted
         os.makedirs(os.path.join(tmp, "rng"))
         os.makedirs(os.path.join(tmp, "model_optim"))
+        if hf_files or hf_plan is not None:
+            os.makedirs(os.path.join(tmp, "hf"))
     dist.barrier()
     dist_checkpointing.save(_sharded_state(train_state, built, is_loading=False), os.path.join(tmp, "model_optim"))
     write_file(os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"), lambda f: torch.save(rng, f))
+    if hf_plan is not None:
+        from moe_rl.weights.export import export_buckets
+        from moe_rl.weights.transport.disk import write_hf_weights
+
+        write_hf_weights(hf_plan, export_buckets(hf_plan, built, groups), Path(tmp) / "hf")
     dist.barrier()
     if rank == 0:
         state = dict(run_state, format=FORMAT_VERSION, step=step, optimizer_step=train_state.step,
@@ -257,7 +267,6 @@ def save(root: str, step: int, *, train_state, built, groups, run_state: Dict[st
         if hf_files:
             from moe_rl.checkpoint.hf_format import copy_side_files
 
-            os.makedirs(os.path.join(tmp, "hf"))
             copy_side_files(Path(hf_files), Path(tmp) / "hf")
         fsync_tree(tmp)
         if os.path.exists(final):  # an earlier write of this step that never got its marker

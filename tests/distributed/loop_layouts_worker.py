@@ -32,7 +32,7 @@ BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16",
 VPP = ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"]
 EVAL = ["eval.interval=1", "eval.num_prompts=16"]  # held-out evaluation of versions 0, 1, 2 (not in "epochs")
 RUNS = {"plain": EVAL,
-        "vpp": EVAL + VPP + ["checkpoint.interval=1"],
+        "vpp": EVAL + VPP + ["checkpoint.interval=1", "checkpoint.save_hf=true"],
         "cp": EVAL + ["parallel.context_parallel=2"],
         "epochs": ["train.steps=1", "train.ppo_epochs=2"]}
 

@@ -6,7 +6,8 @@ Scenarios (each a fresh build of every part, in this process):
 - sync: GRPO with KL to a reference (identical at step 0), TIS, 2 mini-batches per step,
   responses of up to 3 tokens; the metrics of every optimizer step.
 - layouts: the same 2 steps at EP2, EP1 (DP2) and TP2+SP (KL off); their metrics; EP2 also
-  evaluates every version on 8 held-out prompts with the in-process engines.
+  evaluates every version on 8 held-out prompts with the in-process engines, and saves a final
+  checkpoint with the policy's HF weights in it (checkpoint.save_hf).
 - uninterrupted: the kill-and-resume test's reference run (``resume_worker.CONFIG``), run
   first so the process is as fresh as the killed and resumed launches; its final weights.
 - ckpt: ``run_checkpoint_checks.checkpoint_checks``.
@@ -38,6 +39,7 @@ BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16",
         "rewards.executor=serial", "rewards.progress=false", "metrics.progress=false", "checkpoint.save_at_end=false"]
 LAYOUTS = {"ep2": ["parallel.expert_parallel=2"], "ep1": [], "tp2": ["parallel.tensor_parallel=2"]}
 EVAL = ["eval.interval=1", "eval.num_prompts=8"]  # held-out evaluation in "ep2" (in-process) and "servers" (HTTP)
+HF_AT_END = ["checkpoint.save_at_end=true", "checkpoint.save_hf=true"]  # "ep2": a final checkpoint with HF weights
 
 
 def run_named(res: dict, name: str, args: list, after=None) -> None:
@@ -194,7 +196,7 @@ def main():
                              "routing.dump_every=1", "rollout.embedded.dtype=bfloat16"])
         elif sc == "layouts":
             for name, lay in LAYOUTS.items():
-                loop(name, lay + ["algorithm.kl_beta=0.0"] + (EVAL if name == "ep2" else []))
+                loop(name, lay + ["algorithm.kl_beta=0.0"] + (EVAL + HF_AT_END if name == "ep2" else []))
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(res, f, indent=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -297,3 +298,34 @@ def test_held_out_evaluation_through_the_server_equals_the_in_process_engines(lo
     keys = ("eval/reward_mean", "eval/response_len_mean", "eval/truncated_frac")
     assert {k: srv[0][k] for k in keys} == {k: local[0][k] for k in keys}
     assert 0 < srv[0]["eval/response_len_mean"] <= 3
+
+
+def test_checkpoint_hf_weights_at_ep2_equal_the_converters(loop_runs, tmp_path):
+    """checkpoint.save_hf at EP2 (each rank exports its own experts): the final checkpoint's hf/ holds
+    exactly the tensors tools/convert_checkpoint.py makes of that checkpoint's Megatron state (another
+    code path: the distributed checkpoint read back in one process), bit for bit, and transformers
+    loads it."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from moe_rl.checkpoint import run_state as rs
+    from moe_rl.checkpoint.convert import convert
+
+    work, _ = loop_runs
+    step = rs.step_dir(rs.checkpoint_root(str(work / "ep2")), 2)
+    ours, ref_dir = Path(step) / "hf", tmp_path / "converted"
+    convert(step, ref_dir, to="hf")
+
+    def tensors(d):
+        out = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    a, b = tensors(ours), tensors(ref_dir)
+    assert a.keys() == b.keys() and any(".mlp.experts." in k for k in a)
+    bad = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not bad, bad[:5]
+    model = transformers.AutoModelForCausalLM.from_pretrained(ours)
+    assert model.config.model_type == "qwen3_moe"

@@ -184,3 +184,29 @@ def test_held_out_evaluation_every_version(runs, tmp_path):
     # rewards are kept in float32 (the scorer's tensors): 1e-6, far below the 1/16000 one differing response moves it
     assert v0["eval/reward_mean/text"] == pytest.approx(sum(hashes) / len(hashes), abs=1e-6)
     assert len(set(hashes)) > 4  # the responses differ from prompt to prompt
+
+
+def test_checkpoints_hold_the_policy_as_an_hf_model(runs):
+    """checkpoint.save_hf at PP2 x VPP2: each checkpoint's hf/ is a model directory transformers loads
+    by itself (config, tokenizer, safetensors shards + index written by the export stream of every
+    stage); the last one scores the probe tokens as the trainer's final policy does."""
+    import os
+
+    import torch
+    import transformers
+
+    from moe_rl.checkpoint import run_state as rs
+
+    root = rs.checkpoint_root(f"{runs['work']}/vpp")
+    for step in (1, 2):
+        files = set(os.listdir(os.path.join(rs.step_dir(root, step), "hf")))
+        assert {"config.json", "model.safetensors.index.json"} <= files and any(f.startswith("tokenizer") for f in files)
+    hf = rs.step_dir(root, 2) + "/hf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(tokens).logits.float()[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
+    torch.testing.assert_close(logp, torch.tensor(runs["vpp_probe"]), rtol=LAYOUT_TOL, atol=LAYOUT_TOL)
+    # the step-1 checkpoint holds other weights (one loop step earlier)
+    first = transformers.AutoModelForCausalLM.from_pretrained(rs.step_dir(root, 1) + "/hf", dtype=torch.float32)
+    assert not torch.equal(first.lm_head.weight, model.lm_head.weight)

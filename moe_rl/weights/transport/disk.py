@@ -37,6 +37,37 @@ def write_safetensors(path: Path, named: list, metadata: dict | None = None) -> 
     fsync_file(path)
 
 
+def write_bucket(directory: Path, b: ExportedBucket, num_buckets: int) -> dict[str, str]:
+    """Bucket ``b`` as the safetensors shard of its index; returns tensor name -> file name."""
+    fname = f"model-{b.index + 1:05d}-of-{num_buckets:05d}.safetensors"
+    write_safetensors(directory / fname, b.named())
+    return {name: fname for name in b.names}
+
+
+def write_index(directory: Path, weight_map: dict[str, str], plan) -> None:
+    """``model.safetensors.index.json`` of the plan's shards (what transformers and SGLang read)."""
+    index = {"metadata": {"total_size": plan.nbytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def write_hf_weights(plan, stream, directory: Path) -> None:
+    """Collective: this rank's buckets of ``stream`` (every rank iterates it) as safetensors shards
+    in ``directory`` (which exists and every sender rank sees), and rank 0 writes the index. Every
+    rank raises if any failed."""
+    files: dict[str, str] = {}
+    error = drain(stream, lambda b: files.update(write_bucket(directory, b, len(plan.buckets))),
+                  SyncRound(version="", stage_id=None, verify=False))
+    parts = job.gather_objects((error, files))
+    if job.rank() == 0 and not any(p[0] for p in parts):
+        try:
+            write_index(directory, {k: v for p in parts for k, v in p[1].items()}, plan)
+        except OSError as e:
+            error = f"rank 0: {e}"
+    joined = job.first_error(error)
+    if joined:
+        raise RuntimeError(f"writing the HF weights to {directory} failed: {joined}")
+
+
 class DiskTransport(Transport):
     name = "disk"
 
@@ -67,9 +98,7 @@ class DiskTransport(Transport):
         sums: dict[str, str] = {}
 
         def send(b: ExportedBucket) -> None:
-            fname = f"model-{b.index + 1:05d}-of-{n:05d}.safetensors"
-            write_safetensors(tmp / fname, b.named())
-            files.update({name: fname for name in b.names})
+            files.update(write_bucket(tmp, b, n))
             if rnd.verify:
                 sums.update(checksum.checksums(b.named()))
 
@@ -95,8 +124,7 @@ class DiskTransport(Transport):
         raise_if_failed(error)
 
     def _publish(self, tmp: Path, final: Path, weight_map: dict[str, str], plan) -> None:
-        index = {"metadata": {"total_size": plan.nbytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        write_index(tmp, weight_map, plan)
         if self.config_dir:
             for f in CONFIG_FILES:
                 src = Path(self.config_dir) / f
