@@ -143,8 +143,7 @@ class Trainer:
         of the step's valid tokens over every data-parallel rank (``algorithms.entropy_select``).
         Collective over the DP group; on stages before the last the entropies are zeros, unread."""
         vals = torch.cat([mb["old_entropy"][mb["mask"].bool()] for mb in microbatches])
-        if self.groups.dims.dp > 1:
-            vals = all_gather_values(vals, group=self.groups.dp_group)
+        vals = all_gather_values(vals, group=self.groups.dp_group)  # (also at DP 1: one code path on every layout)
         threshold = entropy_threshold(vals, quantile)
         for mb in microbatches:
             mb["entropy_keep"] = high_entropy_mask(mb["old_entropy"], mb["mask"], threshold)
