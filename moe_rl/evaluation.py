@@ -12,7 +12,8 @@ The prompts: ``eval.path`` read as ``data.path`` is (chat template, prompt-lengt
 columns ``eval.prompt_key`` / ``eval.answer_key``, by default data's), the first
 ``eval.num_prompts`` rows (0 = all); without a path, ``eval.num_prompts`` toy
 tasks of ``data.toy_task`` generated with seed ``data.seed + 1`` (the training prompts use
-``data.seed``).
+``data.seed``), leaving out any the training set holds (a toy task's space can be small: four
+digits have 10,000 prompts).
 
 Where: one record per evaluation in ``<output_dir>/eval.jsonl`` and the same scalars in the run's
 tensorboard, on the training records' x-axis: ``step`` = optimizer steps done when the version
@@ -34,6 +35,7 @@ Metrics (P prompts, n responses each, r_pj the reward of response j to prompt p)
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Dict, List, Optional
 
@@ -57,6 +59,19 @@ def load_eval_prompts(cfg: RunConfig, tokenizer: Any) -> List[TokenizedPrompt]:
                                seed=cfg.data.seed + EVAL_TOY_SEED_OFFSET, toy_num_prompts=e.num_prompts or 1,
                                prompt_key=e.prompt_key or cfg.data.prompt_key,
                                answer_key=e.answer_key or cfg.data.answer_key)
+    if not e.path:  # toy tasks: candidates with another seed, those the training set holds left out
+        trained = {_prompt_key(r) for r in load_prompts(cfg.data)} if not cfg.data.path else set()
+        data = dataclasses.replace(data, toy_num_prompts=4 * e.num_prompts + len(trained))
+        seen, records = set(trained), []
+        for r in load_prompts(data):  # distinct, and not trained on
+            if _prompt_key(r) not in seen and len(records) < e.num_prompts:
+                seen.add(_prompt_key(r))
+                records.append(r)
+        if len(records) < e.num_prompts:
+            raise ValueError(f"eval.num_prompts ({e.num_prompts}): data.toy_task={cfg.data.toy_task!r} has only "
+                             f"{len(records)} distinct prompts outside the {len(trained)} it trains on; ask for fewer or "
+                             "give eval.path")
+        return tokenize_prompts(records, tokenizer, cfg.data.max_prompt_tokens)
     try:
         records = load_prompts(data)
     except ValueError as err:
@@ -64,6 +79,10 @@ def load_eval_prompts(cfg: RunConfig, tokenizer: Any) -> List[TokenizedPrompt]:
     if e.num_prompts:
         records = records[:e.num_prompts]
     return tokenize_prompts(records, tokenizer, cfg.data.max_prompt_tokens)
+
+
+def _prompt_key(record) -> str:
+    return json.dumps(record.messages, sort_keys=True)
 
 
 def eval_metrics(groups: List[Dict[str, Any]], error_frac: Dict[str, float],

@@ -66,7 +66,7 @@ class EvalConfig:
     path: str = ""  # held-out prompt file(s), read like data.path with data's chat template; "" = toy tasks
     prompt_key: str = ""  # eval.path's prompt column ("" = data.prompt_key; a.b: nested field)
     answer_key: str = ""  # eval.path's answer column ("" = data.answer_key; verl files: reward_model.ground_truth)
-    num_prompts: int = 64  # prompts evaluated: the file's first N (0 = all of it); toy tasks: N generated with seed data.seed + 1
+    num_prompts: int = 64  # prompts evaluated: the file's first N (0 = all of it); toy tasks: N distinct, none trained on
     n_samples: int = 1  # responses per prompt: eval/reward_mean is mean@n, eval/reward_best_mean best@n
     temperature: float = 0.0  # 0 = greedy (verl's validation default); > 0 samples with top_p and top_k
     top_p: float = 1.0  # nucleus sampling when temperature > 0

@@ -56,13 +56,16 @@ def test_metrics_are_the_formulas():
 
 def test_toy_prompts_are_held_out_and_a_file_gives_its_first_rows(tmp_path):
     tok = build_tokenizer(vocab_size=400)
-    cfg = _cfg("eval.interval=5", "eval.num_prompts=20", "data.toy_num_prompts=256")
+    # four digits have 10,000 prompts: 4096 training draws cover a third of them, so another seed alone
+    # would repeat about a third of the training prompts
+    cfg = _cfg("eval.interval=5", "eval.num_prompts=256", "data.toy_num_prompts=4096")
     held = load_eval_prompts(cfg, tok)
-    assert len(held) == 20
     from moe_rl.data.prompts import PromptStream
 
-    train = PromptStream(cfg.data, tok).prompts
-    assert [p.input_ids for p in held] != [p.input_ids for p in train[:20]]  # another seed, other tasks
+    train = {p.text for p in PromptStream(cfg.data, tok).prompts}
+    assert len(held) == len({p.text for p in held}) == 256 and not train & {p.text for p in held}
+    with pytest.raises(ValueError, match=r"eval.num_prompts \(9000\): data.toy_task='max_digit' has only \d+ distinct"):
+        load_eval_prompts(_cfg("eval.interval=5", "eval.num_prompts=9000", "data.toy_num_prompts=4096"), tok)
     path = tmp_path / "held.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Q{i}?", "answer": str(i)}) + "\n" for i in range(7)))
     first = load_eval_prompts(_cfg(f"eval.path={path}", "eval.num_prompts=3", "eval.interval=1"), tok)
