@@ -308,7 +308,7 @@ def build_parts(cfg):
     evaluator = RewardEvaluator(dataclasses.replace(cfg.rewards, progress=cfg.rewards.progress and show))
     evaluator.start()
 
-    start, skipped = 0, (0, 0)
+    start, skipped, kl_coef = 0, (0, 0), None
     root = ckpt.checkpoint_root(cfg.output_dir)
     found = ckpt.scan(root)
     for p in found.partial:
@@ -320,7 +320,7 @@ def build_parts(cfg):
             report(f"[checkpoint] resuming with {change} (checkpoint.resume_changes)")
         saved = ckpt.load(path, train_state=state, built=built, groups=groups)
         prompts.load_state_dict(saved["sampler"])
-        start, skipped = int(saved["step"]), tuple(saved["skipped"])
+        start, skipped, kl_coef = int(saved["step"]), tuple(saved["skipped"]), saved.get("kl_coef")
         rollout.sync_weights(int(saved["weight_version"]))
         report(f"[checkpoint] resumed from {path} (step {start}, optimizer step {state.step})")
     writer = MetricWriter(cfg.output_dir, cfg.metrics, enabled=rank == 0, start_step=state.step,
@@ -331,7 +331,7 @@ def build_parts(cfg):
                f"{cfg.train.steps} steps of {cfg.loop.rollout_batch_size} responses; output {cfg.output_dir}")
     return Parts(prompts=prompts, rollout=rollout, scorer=Scorer(cfg, tokenizer, evaluator), trainer=trainer,
                  writer=writer, start_step=start, skipped=skipped, show_progress=show, hf_dir=hf_dir,
-                 evaluation=evaluation, plan=plan)
+                 evaluation=evaluation, plan=plan, kl_coef=kl_coef)
 
 
 def tokenizer_dir(cfg, hf_dir: str) -> str:

@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from moe_rl.algorithms import compute_advantages
+from moe_rl.algorithms.kl import adaptive_kl_coef, sequence_mean_kl
 from moe_rl.algorithms.sampling import fill_informative, rollout_metrics
 from moe_rl.checkpoint import run_state as ckpt
 from moe_rl.config import to_yaml
@@ -68,6 +69,10 @@ class RLLoop:
                                  checkpoints=ckpt.checkpoint_root(cfg.output_dir))
         self.next_prompts = None  # async: the prompts the engine is already generating for
         self.resume_sampler = parts.prompts.state_dict()  # the data position a checkpoint records
+        # KL-in-reward beta: algorithm.kl_beta, or adaptive with algorithm.kl_target (then the
+        # checkpoint's value continues it on resume)
+        adaptive = cfg.algorithm.kl_target > 0 and parts.kl_coef is not None
+        self.kl_coef = parts.kl_coef if adaptive else cfg.algorithm.kl_beta
         tr = parts.trainer  # the policy's routers (collective under PP; a no-op for a dense model)
         self.routing = RoutingSession(cfg.routing, tr.built.chunks, tr.groups, tr.built.hf_config)
 
@@ -176,14 +181,20 @@ class RLLoop:
 
     # ------------------------------------------------------------------ (4) advantages
     def advantages(self, batch: tb.TrainBatch) -> Dict[str, float]:
-        alg = self.cfg.algorithm
+        alg, kl_m = self.cfg.algorithm, {}
         if alg.kl_beta > 0 and alg.kl_placement == "reward":  # r_t -= beta * k1 needs the reference first
-            batch.token_penalty_BT = self.p.trainer.kl_penalty(batch, alg.kl_beta)
+            k1_BT = self.p.trainer.reward_kl(batch)
+            batch.token_penalty_BT = self.kl_coef * k1_BT
+            current = sequence_mean_kl(k1_BT, batch.mask_BT)
+            kl_m = {"actor/reward_kl_penalty": current, "actor/reward_kl_penalty_coeff": self.kl_coef}
+            if alg.kl_target > 0:  # the next batch's beta (adaptive, as verl's controller)
+                self.kl_coef = adaptive_kl_coef(self.kl_coef, current, target=alg.kl_target,
+                                                n_responses=batch.size, horizon=alg.kl_horizon)
         rewards = batch.named_rewards if alg.advantage == "gdpo" else batch.rewards_B
         adv, m = compute_advantages(alg, rewards, batch.group_ids_B, batch.mask_BT,
                                     token_penalty_BT=batch.token_penalty_BT)
         batch.adv_BT = adv
-        return m.compute()
+        return {**m.compute(), **kl_m}
 
     # ------------------------------------------------------------------ (5) log-probs
     def logprobs(self, batch: tb.TrainBatch) -> List[List[dict]]:
@@ -242,6 +253,7 @@ class RLLoop:
                          config_text=to_yaml(self.cfg), hf_files=self.p.hf_dir or None,
                          hf_plan=self.p.plan if self.cfg.checkpoint.save_hf else None,
                          run_state={"weight_version": self.version, "sampler": self.resume_sampler,
+                                    "kl_coef": self.kl_coef,
                                     "skipped": [self.skips.total, self.skips.run],
                                     "model": ckpt.model_identity(tr.built.hf_config),
                                     "layout": tr.groups.dims.to_dict()})
@@ -285,6 +297,7 @@ class Parts:
     hf_dir: str = ""  # the policy's HF directory: its config and tokenizer go into every checkpoint
     evaluation: Any = None  # moe_rl.evaluation.Evaluation, or None (eval.interval = 0)
     plan: Any = None  # moe_rl.weights.plan.ExportPlan of this layout (weight sync, checkpoint.save_hf)
+    kl_coef: Optional[float] = None  # the KL-in-reward beta at the resume point (None: algorithm.kl_beta)
 
 
 def report(msg: str) -> None:

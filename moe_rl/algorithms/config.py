@@ -65,6 +65,8 @@ BASE_DEFAULTS: Dict[str, Any] = {
     "kl_placement": "loss",
     "kl_ratio_weighted": False,
     "kl_straight_through": False,
+    "kl_target": 0.0,
+    "kl_horizon": 10000,
     "entropy_coeff": 0.0,
     "top_entropy_quantile": 1.0,
     "dynamic_sampling": False,
@@ -125,6 +127,8 @@ class AlgorithmConfig:
     kl_placement: Optional[str] = None  # loss (beta*KL added to the token loss) | reward (r_t -= beta*k1)
     kl_ratio_weighted: Optional[bool] = None  # weight k3 by the current ratio rho (DeepSeek-V3.2)
     kl_straight_through: Optional[bool] = None  # the estimator's value with k2's gradient (verl "k3+")
+    kl_target: Optional[float] = None  # KL in the reward: adapt beta toward this KL (verl kl_ctrl adaptive); 0 = fixed
+    kl_horizon: Optional[int] = None  # adaptive beta: responses over which it moves by at most 20% (verl kl_ctrl.horizon)
     entropy_coeff: Optional[float] = None  # entropy bonus: loss -= coeff * aggregate(entropy) (verl entropy_coeff); 0 = off
     top_entropy_quantile: Optional[float] = None  # train only the top q of tokens by (old-policy) entropy (TRL); 1 = all
     # Axis 6: sampling and length shaping
@@ -223,6 +227,13 @@ class AlgorithmConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"algorithm.{name} ({v}) must be finite and >= 0")
+        if not (math.isfinite(self.kl_target) and self.kl_target >= 0):
+            raise ValueError(f"algorithm.kl_target ({self.kl_target}) must be finite and >= 0 (0 = a fixed kl_beta)")
+        if self.kl_target > 0 and (self.kl_placement != "reward" or self.kl_beta <= 0):
+            raise ValueError("algorithm.kl_target adapts the KL-in-reward coefficient: it needs kl_placement=reward and "
+                             f"kl_beta > 0 as its start (got kl_placement={self.kl_placement}, kl_beta={self.kl_beta})")
+        if self.kl_horizon < 1:
+            raise ValueError(f"algorithm.kl_horizon ({self.kl_horizon}) must be >= 1")
         if not math.isfinite(self.entropy_coeff):
             raise ValueError(f"algorithm.entropy_coeff ({self.entropy_coeff}) must be finite")
         if not 0 < self.top_entropy_quantile <= 1:

@@ -18,7 +18,9 @@ gradient here: d/dtheta E_old[rho * k3] is exactly the gradient of E_theta[k3]; 
 detached rho would drop the score-function term and bias the gradient.
 
 KL in the reward uses k1 on the old policy (no gradient): ``reward_penalty`` gives beta*k1
-per token for ``advantages.*(token_penalty_BT=...)``.
+per token for ``advantages.*(token_penalty_BT=...)``. Its beta is fixed, or adaptive
+(``kl_target`` > 0; Ziegler et al. 2019, verl's ``kl_ctrl.type=adaptive``): after each batch
+``adaptive_kl_coef`` moves beta toward the target by the measured ``sequence_mean_kl``.
 """
 
 from __future__ import annotations
@@ -69,3 +71,18 @@ def reward_penalty(old_logp_BT: Tensor, ref_logp_BT: Tensor, mask_BT: Tensor, *,
     """beta * k1 per token (detached), zero on padding: subtract from the token rewards."""
     pen = beta * (old_logp_BT - ref_logp_BT).detach()
     return torch.where(mask_BT.bool(), pen, torch.zeros_like(pen))
+
+
+def sequence_mean_kl(kl_BT: Tensor, mask_BT: Tensor) -> float:
+    """The batch's KL as verl measures it for its controller: each response's mean over its valid
+    tokens (0 for an empty response), averaged over responses."""
+    m = mask_BT.to(torch.float64)
+    per_B = (kl_BT.detach().to(torch.float64) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    return float(per_B.mean()) if per_B.numel() else 0.0
+
+
+def adaptive_kl_coef(beta: float, current_kl: float, *, target: float, n_responses: int, horizon: int) -> float:
+    """The next beta: beta * (1 + clip(current_kl / target - 1, -0.2, 0.2) * n_responses / horizon),
+    n_responses the batch just measured (Ziegler et al.'s adaptive controller, as verl's)."""
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_responses / horizon)

@@ -161,12 +161,12 @@ class Trainer:
             out = broadcast(out, src=pipeline_first_last_ranks(self.groups)[1], group=self.groups.pp_group)
         return out
 
-    def kl_penalty(self, batch: tb.TrainBatch, beta: float) -> torch.Tensor:
-        """``beta * k1(policy, reference)`` per response token [B, T], for KL placed in the
-        reward (every rank gets all of it)."""
+    def reward_kl(self, batch: tb.TrainBatch) -> torch.Tensor:
+        """``k1(policy, reference)`` per response token [B, T], zero on padding, for KL placed in
+        the reward (every rank gets all of it)."""
         ref = self.score_batch(batch, self.reference)
         old = self.score_batch(batch, self.built)
-        return beta * kl_estimate(old, ref, "k1").detach() * batch.mask_BT
+        return kl_estimate(old, ref, "k1").detach() * batch.mask_BT
 
     def step(self, mbs: List[dict]) -> Dict[str, float]:
         """One optimizer step of the actor on this rank's micro-batches (collective: every

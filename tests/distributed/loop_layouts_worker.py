@@ -31,10 +31,16 @@ BASE = ["model.tiny_family=qwen3_moe", "train.steps=2", "train.global_batch=16",
         "rewards.executor=serial", "rewards.progress=false", "metrics.progress=false", "checkpoint.save_at_end=false"]
 VPP = ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"]
 EVAL = ["eval.interval=1", "eval.num_prompts=16"]  # held-out evaluation of versions 0, 1, 2 (not in "epochs")
+RPP = ["algorithm.preset=reinforce_pp", "algorithm.kl_beta=0.05", "algorithm.kl_target=0.002", "algorithm.kl_horizon=64",
+       "train.steps=3"]
 RUNS = {"plain": EVAL,
         "vpp": EVAL + VPP + ["checkpoint.interval=1", "checkpoint.save_hf=true"],
         "cp": EVAL + ["parallel.context_parallel=2"],
-        "epochs": ["train.steps=1", "train.ppo_epochs=2"]}
+        "epochs": ["train.steps=1", "train.ppo_epochs=2"],
+        # KL in the reward (REINFORCE++), the adaptive beta: plain, and PP2 x VPP2 resumed from step 1
+        "rpp": RPP,
+        "rpp_vpp": RPP + VPP + ["checkpoint.interval=1", "checkpoint.keep=0"]}
+RESUMED = {"vpp": EVAL + VPP, "rpp_vpp": RPP + VPP}  # run again from the checkpoint of loop step 1
 
 
 def text_hash_reward(sample) -> float:
@@ -85,14 +91,14 @@ def main():
 
     for name, overrides in RUNS.items():
         loop(name, overrides)
-        if name == "vpp":
-            src, dst = rs.checkpoint_root(os.path.join(work, "vpp")), rs.checkpoint_root(os.path.join(work, "vpp_resumed"))
+        if name in RESUMED:
+            src, dst = rs.checkpoint_root(os.path.join(work, name)), rs.checkpoint_root(os.path.join(work, name + "_resumed"))
             if dist.get_rank() == 0:
-                res["vpp_checkpoints"] = sorted(os.listdir(src)) if os.path.isdir(src) else []
+                res[name + "_checkpoints"] = sorted(os.listdir(src)) if os.path.isdir(src) else []
                 if os.path.isdir(rs.step_dir(src, 1)):
                     shutil.copytree(rs.step_dir(src, 1), rs.step_dir(dst, 1))
             dist.barrier()
-            loop("vpp_resumed", EVAL + VPP + ["checkpoint.resume=true"])
+            loop(name + "_resumed", RESUMED[name] + ["checkpoint.resume=true"])
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(res, f, indent=1)

@@ -25,7 +25,8 @@ COMPARED = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl",
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One launch: plain, vpp (checkpoint every step), vpp_resumed (from vpp's first), cp, epochs."""
+    """One launch: plain, vpp (checkpoint every step), vpp_resumed (from vpp's first), cp, epochs, rpp,
+    rpp_vpp and rpp_vpp_resumed (KL in the reward)."""
     work = tmp_path_factory.mktemp("loop_layouts")
     out = work / "out.json"
     torchrun(ROOT / "tests/distributed/loop_layouts_worker.py", 2, str(out), str(work), timeout=300)
@@ -210,3 +211,32 @@ def test_checkpoints_hold_the_policy_as_an_hf_model(runs):
     # the step-1 checkpoint holds other weights (one loop step earlier)
     first = transformers.AutoModelForCausalLM.from_pretrained(rs.step_dir(root, 1) + "/hf", dtype=torch.float32)
     assert not torch.equal(first.lm_head.weight, model.lm_head.weight)
+
+
+def test_kl_in_the_reward_with_the_adaptive_beta(runs):
+    """REINFORCE++ with the KL in the reward and kl_target: at step 0 the policy is its reference (KL 0);
+    each batch's beta is the previous one moved by the controller's formula, written out here from the
+    logged KLs; PP2 x VPP2 (the whole-batch scoring broadcast from the last stage) gives the plain
+    layout's steps; a run resumed from loop step 1 continues with the saved beta, not kl_beta."""
+    from moe_rl.observability import is_volatile
+
+    target, horizon, n = 0.002, 64, 32  # RPP's kl_target, kl_horizon; 32 responses per batch
+    recs = runs["rpp"]
+    by_version = {r["policy_version"]: r for r in recs}
+    assert sorted(by_version) == [0, 1, 2]
+    assert by_version[0]["actor/reward_kl_penalty"] == 0.0 and by_version[0]["actor/reward_kl_penalty_coeff"] == 0.05
+    for v in (1, 2):
+        prev, cur = by_version[v - 1], by_version[v]
+        err = min(max(prev["actor/reward_kl_penalty"] / target - 1, -0.2), 0.2)
+        assert cur["actor/reward_kl_penalty_coeff"] == pytest.approx(
+            prev["actor/reward_kl_penalty_coeff"] * (1 + err * n / horizon), rel=1e-12)
+    # k1 can be negative on a sample; after one update the policy has left its reference
+    assert by_version[1]["actor/reward_kl_penalty"] != 0 and by_version[2]["actor/reward_kl_penalty_coeff"] != 0.05
+    for a, b in zip(recs, runs["rpp_vpp"]):
+        for k in ("actor/reward_kl_penalty", "actor/reward_kl_penalty_coeff", "actor/pg_loss", "actor/grad_norm"):
+            assert _close(a[k], b[k]), (a["step"], k, a[k], b[k])
+    assert runs["rpp_vpp_checkpoints"][0] == "step_00000001"
+    whole, resumed = runs["rpp_vpp"][2:], runs["rpp_vpp_resumed"]
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [2, 3, 4, 5]
+    for a, b in zip(whole, resumed):
+        assert {k: v for k, v in a.items() if not is_volatile(k)} == {k: v for k, v in b.items() if not is_volatile(k)}

@@ -175,7 +175,7 @@ CORE_FNS = {
     "compute_gpg_outcome_advantage", "compute_grpo_passk_outcome_advantage", "compute_gdpo_outcome_advantage",
     "compute_rewards", "agg_loss", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
     "compute_policy_loss_sapo", "compute_policy_loss_gpg", "compute_policy_loss_geo_mean",
-    "compute_policy_loss_cispo", "kl_penalty", "kl_penalty_forward",
+    "compute_policy_loss_cispo", "kl_penalty", "kl_penalty_forward", "AdaptiveKLController",
 }
 ROLLOUT_FNS = {
     "SAFETY_BOUND", "SUPPORTED_ROLLOUT_RS_OPTIONS", "TOKEN_LEVEL_ROLLOUT_RS_OPTIONS", "_parse_rollout_is_threshold",
@@ -716,3 +716,23 @@ def test_actor_loss_with_entropy_bonus(verl, bt, agg):
     close(grad(ours, ent), grad(theirs, ent), tol_for(agg))
     assert grad(theirs, ent).abs().max() > 1e-4
     close(met.compute()["actor/entropy_loss"], entropy_loss.detach(), tol_for(agg))
+
+
+
+def test_adaptive_kl_controller(verl, bt):
+    """The adaptive KL-in-reward beta against verl's AdaptiveKLController over a run of batches whose KL
+    goes below, near and far above the target (both clip sides and the linear part), and the batch
+    KL it reads as verl's apply_kl_penalty measures it (masked mean per response, then the mean)."""
+    from moe_rl.algorithms.kl import adaptive_kl_coef, sequence_mean_kl
+
+    theirs = verl.AdaptiveKLController(init_kl_coef=0.05, target_kl=0.01, horizon=1000)
+    ours = 0.05
+    for current, n in ((0.0, 64), (0.002, 64), (0.0095, 128), (0.011, 256), (0.5, 64), (0.02, 1000)):
+        theirs.update(current_kl=current, n_steps=n)
+        ours = adaptive_kl_coef(ours, current, target=0.01, n_responses=n, horizon=1000)
+        assert ours == pytest.approx(theirs.value, rel=1e-15)
+    kld = verl.kl_penalty(bt.old, bt.ref, "kl") * bt.maskf
+    verl_F = verl.compute_rewards.__globals__["verl_F"]
+    per_B = verl_F.masked_mean(kld, mask=bt.maskf, axis=-1)
+    # verl's masked mean divides by (n + 1e-8): each response's mean is off by at most 1e-8 of itself
+    close(sequence_mean_kl(kld, bt.mask), float(per_B.mean()), dict(rtol=0, atol=1e-8 * float(per_B.abs().max())))
