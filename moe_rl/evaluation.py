@@ -2,7 +2,8 @@
 
 When: with ``eval.interval = N > 0``, policy version 0 before the first update, every version
 that is a multiple of N (at the start of the loop step that samples with it), and the final
-policy after the last step. What: the engines that serve the rollouts generate
+policy after the last step. With ``train.steps=0`` only that last one: the policy as loaded (a
+resumed checkpoint's, in an output_dir that has one), evaluated without training. What: the engines that serve the rollouts generate
 ``eval.n_samples`` responses to each held-out prompt with the weights of that version and the
 ``eval`` sampling (greedy by default, as verl validates), as long as the rollout's responses
 (``rollout.max_new_tokens``, ``rollout.stop``); the run's own rewards score them. Nothing of it
@@ -116,9 +117,10 @@ class Evaluation:
     def __init__(self, cfg: RunConfig, prompts: List[TokenizedPrompt]) -> None:
         self.cfg, self.prompts = cfg, prompts
 
-    def due(self, version: int) -> bool:
+    def due(self, version: int, *, final: bool = False) -> bool:
+        """Whether policy ``version`` is evaluated: every ``eval.interval``-th, and the ``final`` one."""
         n = self.cfg.eval.interval
-        return n > 0 and (version % n == 0 or version == self.cfg.train.steps)
+        return n > 0 and (final or version % n == 0)
 
     def run(self, rollout, scorer, version: int) -> Dict[str, float]:
         """Generate, score and measure with the engines' current weights (collective: every rank

@@ -88,7 +88,7 @@ class RLLoop:
                 records += self.step(step)
                 bar.update(1)
                 bar.set_postfix(reward=f"{records[-1]['rollout/reward_mean']:.3f}")
-            self.evaluate(self.cfg.train.steps)                  # the final policy
+            self.evaluate(self.version, final=True)              # the final policy
         finally:
             self.routing.close()
         bar.close()
@@ -227,11 +227,11 @@ class RLLoop:
         return self.routing.metrics(flat)
 
     # ------------------------------------------------------------------ held-out evaluation
-    def evaluate(self, version: int) -> None:
+    def evaluate(self, version: int, *, final: bool = False) -> None:
         """``eval/*`` of policy version ``version`` (the engines' weights now) when it is due;
         to eval.jsonl and tensorboard at the optimizer steps done (collective)."""
         ev = self.p.evaluation
-        if ev is None or not ev.due(version):
+        if ev is None or not ev.due(version, final=final):
             return
         m = ev.run(self.p.rollout, self.p.scorer, version)
         self.p.writer.write_eval({"step": self.p.trainer.state.step, "policy_version": version, **m})

@@ -122,6 +122,9 @@ class RunConfig:
             alg.overlong_cache_len = max(1, L // 5)
 
     def __post_init__(self) -> None:
+        if self.train.steps == 0 and self.eval.interval == 0:
+            raise ValueError("train.steps=0 trains nothing; with eval.interval > 0 it evaluates the policy (a "
+                             "checkpoint's, when the output_dir has one) on the held-out prompts and stops")
         self._one_response_length()
         n = self.rollout.n_samples_per_prompt
         if self.loop.rollout_batch_size % n:

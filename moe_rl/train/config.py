@@ -56,7 +56,7 @@ class OptimConfig:
 class TrainConfig:
     """Step counts, batch shapes and the loss terms the trainer adds beside the objective."""
 
-    steps: int = 4  # loop steps: each one rollout batch, rollout_batch_size / global_batch optimizer steps, a sync
+    steps: int = 4  # loop steps: each one rollout batch, rollout_batch_size / global_batch optimizer steps, a sync (0: evaluate only)
     global_batch: int = 8  # sequences per optimizer step (over all data-parallel ranks)
     ppo_epochs: int = 1  # passes over each rollout batch (verl ppo_epochs, TRL num_iterations); later passes are off-policy
     micro_batch: int = 2  # sequences per micro-batch on one rank
@@ -68,7 +68,9 @@ class TrainConfig:
     moe_aux_loss_coeff: float = 0.0  # weight of Megatron's MoE load-balancing aux loss (0 = off)
 
     def __post_init__(self):
-        for k in ("steps", "global_batch", "ppo_epochs", "micro_batch", "seq_len"):
+        if self.steps < 0:
+            raise ValueError(f"train.steps must be >= 0, got {self.steps}")
+        for k in ("global_batch", "ppo_epochs", "micro_batch", "seq_len"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         if self.moe_aux_loss_coeff < 0:

@@ -99,6 +99,11 @@ def main():
                     shutil.copytree(rs.step_dir(src, 1), rs.step_dir(dst, 1))
             dist.barrier()
             loop(name + "_resumed", RESUMED[name] + ["checkpoint.resume=true"])
+        if name == "vpp":  # evaluate only (train.steps=0): the finished run's policy, from its newest checkpoint
+            run_named(res, "vpp_eval_only", BASE + EVAL + VPP + ["train.steps=0", f"output_dir={os.path.join(work, name)}"])
+            if dist.get_rank() == 0:
+                res["vpp_eval_again"] = [json.loads(line) for line in open(os.path.join(work, name, "eval.jsonl"))]
+                res["vpp_metrics_again"] = len(open(os.path.join(work, name, "metrics.jsonl")).readlines())
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(res, f, indent=1)

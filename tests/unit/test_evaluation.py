@@ -104,8 +104,13 @@ def test_schedule_and_requests():
     cfg = _cfg("eval.interval=3", "train.steps=7", "eval.n_samples=4", "eval.temperature=0.7", "eval.top_k=5",
                "rollout.max_new_tokens=9", "rollout.stop=[END]")
     ev = Evaluation(cfg, [])
-    assert [v for v in range(9) if ev.due(v)] == [0, 3, 6, 7]  # 7: the final policy
-    assert not Evaluation(_cfg(), []).due(0)  # interval 0: off
+    assert [v for v in range(9) if ev.due(v)] == [0, 3, 6] and ev.due(7, final=True)  # 7: the final policy
+    assert not Evaluation(_cfg(), []).due(0) and not Evaluation(_cfg(), []).due(7, final=True)  # interval 0: off
+    with pytest.raises(Exception, match=r"train.steps=0 trains nothing; with eval.interval > 0 it evaluates"):
+        _cfg("train.steps=0")
+    with pytest.raises(Exception, match=r"train.steps must be >= 0, got -1"):
+        _cfg("train.steps=-1", "eval.interval=1")
+    assert _cfg("train.steps=0", "eval.interval=1").train.steps == 0
 
     class P:
         input_ids = [5, 6, 7]
