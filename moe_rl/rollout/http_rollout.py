@@ -82,9 +82,12 @@ class ServerRollout:
             self.sync_weights(0)
 
     def _generate_rank0(self, step: int, rnd: int, prompts) -> List[Sample]:
-        reqs = make_requests(self.cfg, step, rnd, prompts)
+        return self._client_samples(make_requests(self.cfg, step, rnd, prompts), self.keep_routes)
+
+    def _client_samples(self, reqs, keep_routes: bool) -> List[Sample]:
+        """Rank 0: the servers' samples of ``reqs`` (their routes dropped unless kept)."""
         samples = self.client.generate(reqs)
-        return samples if self.keep_routes else without_routes(samples)
+        return samples if keep_routes else without_routes(samples)
 
     def generate(self, step: int, rnd: int, prompts) -> List[Sample]:
         box: List[Any] = [None]
@@ -104,8 +107,7 @@ class ServerRollout:
         in flight already (:meth:`generate`)."""
         box: List[Any] = [None]
         if dist.get_rank() == 0:
-            samples = self.client.generate(reqs)
-            box[0] = samples if (self.keep_routes if keep_routes is None else keep_routes) else without_routes(samples)
+            box[0] = self._client_samples(reqs, self.keep_routes if keep_routes is None else keep_routes)
         dist.broadcast_object_list(box, src=0)
         return box[0]
 

@@ -85,9 +85,6 @@ def main():
 
     def loop(name, overrides):
         run_named(res, name, BASE + overrides + [f"output_dir={os.path.join(work, name)}"], after=probe)
-        evals = os.path.join(work, name, "eval.jsonl")
-        if dist.get_rank() == 0 and os.path.exists(evals):
-            res[name + "_eval"] = [json.loads(line) for line in open(evals)]
 
     for name, overrides in RUNS.items():
         loop(name, overrides)
@@ -101,8 +98,7 @@ def main():
             loop(name + "_resumed", RESUMED[name] + ["checkpoint.resume=true"])
         if name == "vpp":  # evaluate only (train.steps=0): the finished run's policy, from its newest checkpoint
             run_named(res, "vpp_eval_only", BASE + EVAL + VPP + ["train.steps=0", f"output_dir={os.path.join(work, name)}"])
-            if dist.get_rank() == 0:
-                res["vpp_eval_again"] = [json.loads(line) for line in open(os.path.join(work, name, "eval.jsonl"))]
+            if dist.get_rank() == 0:  # (its eval.jsonl, rewritten in place: res["vpp_eval_only_eval"])
                 res["vpp_metrics_again"] = len(open(os.path.join(work, name, "metrics.jsonl")).readlines())
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

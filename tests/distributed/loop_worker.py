@@ -43,9 +43,10 @@ HF_AT_END = ["checkpoint.save_at_end=true", "checkpoint.save_hf=true"]  # "ep2":
 
 
 def run_named(res: dict, name: str, args: list, after=None) -> None:
-    """One RL run of a launch (collective): its records go to ``res[name]``, or its traceback
-    to ``res[name + "_error"]`` so the launch goes on with the next run; ``after(name)`` runs
-    on success, before the run's process groups are torn down."""
+    """One RL run of a launch (collective): its records go to ``res[name]`` (and its held-out
+    evaluations, when it wrote eval.jsonl, to ``res[name + "_eval"]``), or its traceback to
+    ``res[name + "_error"]`` so the launch goes on with the next run; ``after(name)`` runs on
+    success, before the run's process groups are torn down."""
     import torch.distributed as dist
 
     from moe_rl.config import load_config
@@ -58,6 +59,9 @@ def run_named(res: dict, name: str, args: list, after=None) -> None:
         print(f"[worker] {name}", file=sys.stderr, flush=True)
     try:
         res[name] = run_loop(cfg)
+        evals = os.path.join(cfg.output_dir, "eval.jsonl")
+        if dist.get_rank() == 0 and os.path.exists(evals):
+            res[name + "_eval"] = [json.loads(line) for line in open(evals)]
         if after is not None:
             after(name)
     except Exception:
@@ -86,9 +90,6 @@ def main():
 
     def loop(name, overrides):
         run_named(res, name, BASE + overrides + [f"output_dir={os.path.join(work, name)}"])
-        evals = os.path.join(work, name, "eval.jsonl")
-        if dist.get_rank() == 0 and os.path.exists(evals):
-            res[name + "_eval"] = [json.loads(line) for line in open(evals)]
 
     for sc in scenarios:
         if sc == "uninterrupted":

@@ -163,7 +163,7 @@ def test_held_out_evaluation_every_version(runs, tmp_path):
     # train.steps=0 in the finished run's output_dir: its newest checkpoint (version 2) evaluated again, the
     # same record rewritten in place, no training record added
     assert runs["vpp_eval_only"] == [] and runs["vpp_metrics_again"] == 4
-    assert [{k: v for k, v in r.items() if k != "timing/eval_s"} for r in runs["vpp_eval_again"]] == [
+    assert [{k: v for k, v in r.items() if k != "timing/eval_s"} for r in runs["vpp_eval_only_eval"]] == [
         {k: v for k, v in r.items() if k != "timing/eval_s"} for r in runs["vpp_eval"]]
     # the resumed run evaluates from its resume point on: versions 1 and 2, as the uninterrupted one did
     assert [(r["policy_version"], r["eval/reward_mean"]) for r in runs["vpp_resumed_eval"]] == [
